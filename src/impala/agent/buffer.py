@@ -1,0 +1,180 @@
+"""The global buffer between explorers and learners: its layout, FIFO batching and the seed's
+round-robin replay buffer.
+
+Every unroll has the same layout (`rollout_spec`), time-major, one column per environment of the
+explorer that made it. The runtime pre-allocates the storage (plain or shared memory) and moves
+unrolls by index; these functions only read and write tensors.
+
+Batches handed to the learner:
+- V-trace: time-major sequences, `obs [T+1, B, *obs]`, other fields `[T, B, ...]`;
+- REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import numpy as np
+import torch
+
+from impala.envs import EnvInfo
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def rollout_spec(env: EnvInfo, unroll_length: int, num_envs: int) -> Spec:
+    """Field name -> (shape, dtype) of one unroll of `num_envs` environments."""
+    T, E, A = unroll_length, num_envs, env.num_actions
+    obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
+    return {
+        "obs": ((T + 1, E, *env.obs_shape), obs_dtype),
+        "action": ((T, E), torch.int64),
+        "behaviour_logits": ((T, E, A), torch.float32),
+        "reward": ((T, E), torch.float32),
+        "discount": ((T, E), torch.float32),
+        "truncation_value": ((T, E), torch.float32),
+        "mc_return": ((T, E), torch.float32),
+        "policy_version": ((T, E), torch.int64),
+    }
+
+
+def allocate(spec: Spec, num_slots: int, *, shared: bool = False) -> dict[str, torch.Tensor]:
+    """`num_slots` unrolls of `spec`, as tensors `[num_slots, *shape]` (shared memory if asked)."""
+    storage = {k: torch.zeros((num_slots, *shape), dtype=dtype) for k, (shape, dtype) in spec.items()}
+    if shared:
+        for tensor in storage.values():
+            tensor.share_memory_()
+    return storage
+
+
+def numpy_views(storage: dict[str, torch.Tensor], slot: int) -> dict[str, np.ndarray]:
+    """Numpy views of one slot (writes go straight into the storage)."""
+    return {k: v[slot].numpy() for k, v in storage.items()}
+
+
+def slots_to_batch(storage: dict[str, torch.Tensor], slots: list[int], algo: str) -> dict[str, torch.Tensor]:
+    """Gathers whole unrolls into one learner batch (a copy; the slots can be reused at once)."""
+    index = torch.as_tensor(slots, dtype=torch.int64)
+    if algo == "reinforce":
+        # [S, T(+1), E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
+        T = storage["action"].shape[1]
+        return {
+            k: v.index_select(0, index)[:, :T].flatten(0, 2)
+            for k, v in storage.items()
+            if k in _REINFORCE_FIELDS
+        }
+    # [S, T(+1), E, ...] -> [T(+1), S * E, ...]
+    return {
+        k: v.index_select(0, index).transpose(0, 1).flatten(1, 2)
+        for k, v in storage.items()
+        if k in _VTRACE_FIELDS
+    }
+
+
+_VTRACE_FIELDS = (
+    "obs", "action", "behaviour_logits", "reward", "discount", "truncation_value", "policy_version"
+)
+_REINFORCE_FIELDS = ("obs", "action", "behaviour_logits", "mc_return", "policy_version")
+
+
+class ReplayBuffer:
+    """The seed prototype's global buffer: each explorer owns a slice of `slots_per_explorer`
+    unrolls (its `-b` time steps), overwritten round robin by its uploads; learners sample at
+    random from everything uploaded so far.
+
+    `storage` is `[num_explorers * slots_per_explorer, ...]` (see `allocate`), `filled` an int64
+    tensor `[num_explorers]` counting the uploaded slots of each slice; the runtime supplies
+    both and a lock shared by writers and readers so that a sample never sees half an upload.
+    """
+
+    def __init__(
+        self,
+        storage: dict[str, torch.Tensor],
+        filled: torch.Tensor,
+        slots_per_explorer: int,
+        lock: ContextManager | None = None,
+    ) -> None:
+        self.storage = storage
+        self.filled = filled
+        self.slots_per_explorer = slots_per_explorer
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+
+    @property
+    def num_slots_filled(self) -> int:
+        return int(self.filled.sum())
+
+    def upload(self, explorer: int, local: dict[str, np.ndarray], count: int) -> None:
+        """Copies an explorer's local buffer (`count` valid slots) into its slice."""
+        start = explorer * self.slots_per_explorer
+        with self._lock:
+            for k, v in self.storage.items():
+                v[start : start + count].copy_(torch.from_numpy(local[k][:count]))
+            self.filled[explorer] = count
+
+    def _filled_slots(self) -> torch.Tensor:
+        ranges = [
+            torch.arange(i * self.slots_per_explorer, i * self.slots_per_explorer + int(n))
+            for i, n in enumerate(self.filled.tolist())
+        ]
+        return torch.cat(ranges)
+
+    def sample(
+        self, learn_batch_size: int, algo: str, generator: torch.Generator
+    ) -> dict[str, torch.Tensor] | None:
+        """`learn_batch_size` time steps drawn uniformly at random, or None while empty.
+
+        REINFORCE draws single steps. V-trace needs sequences, so it draws
+        `max(1, learn_batch_size // T)` whole environment columns of length T.
+        """
+        with self._lock:
+            if self.num_slots_filled == 0:
+                return None
+            slots = self._filled_slots()
+            T, E = self.storage["action"].shape[1:3]
+            if algo == "reinforce":
+                n = learn_batch_size
+                slot = slots[torch.randint(len(slots), (n,), generator=generator)]
+                t = torch.randint(T, (n,), generator=generator)
+                e = torch.randint(E, (n,), generator=generator)
+                return {k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}
+            n = max(1, learn_batch_size // T)
+            slot = slots[torch.randint(len(slots), (n,), generator=generator)]
+            e = torch.randint(E, (n,), generator=generator)
+            # storage[k][slot, :, e] is [n, T(+1), ...]; the learner wants time-major.
+            return {k: self.storage[k][slot, :, e].transpose(0, 1) for k in _VTRACE_FIELDS}
+
+
+class ReplayStaging:
+    """An explorer's local round-robin buffer, uploaded to its slice every `upload_frequency`
+    episodes (the seed prototype's `-f`)."""
+
+    def __init__(
+        self, spec: Spec, slots: int, explorer: int, buffer: ReplayBuffer, upload_frequency: int
+    ) -> None:
+        self.local = {
+            k: np.zeros((slots, *shape), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            for k, (shape, dtype) in spec.items()
+        }
+        self.slots = slots
+        self.explorer = explorer
+        self.buffer = buffer
+        self.upload_frequency = upload_frequency
+        self._next = 0
+        self._count = 0
+        self._episodes_since_upload = 0
+
+    def next_slot(self) -> dict[str, np.ndarray]:
+        """Views of the local slot the next unroll goes to (the oldest one)."""
+        return {k: v[self._next] for k, v in self.local.items()}
+
+    def commit(self, episodes_finished: int) -> bool:
+        """Marks the slot from `next_slot` as written; uploads when enough episodes ended."""
+        self._next = (self._next + 1) % self.slots
+        self._count = min(self._count + 1, self.slots)
+        self._episodes_since_upload += episodes_finished
+        if self._episodes_since_upload >= self.upload_frequency:
+            self.buffer.upload(self.explorer, self.local, self._count)
+            self._episodes_since_upload = 0
+            return True
+        return False

@@ -1,0 +1,193 @@
+"""The explorer role: acts in its environments with a local copy mu of pi and emits unrolls.
+
+An explorer owns `E` environments stepped together (one batched policy call per step) and a copy
+of the policy network (mu, the behaviour policy). It refreshes mu from the parameter store at the
+start of every unroll (the paper) or whenever an episode starts (the seed prototype), and writes
+trajectories into the arrays it is given (a shared-memory slot or a local buffer), with the
+behaviour logits and the version of the weights that produced each action.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+from torch import nn
+
+from impala.agent.params import ParameterStore
+
+
+@dataclasses.dataclass
+class UnrollInfo:
+    """What an explorer reports with each unroll: steps made and the episodes it finished."""
+
+    explorer: int
+    steps: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    policy_version: int
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class _Step:
+    """One time step kept until its episode ends (REINFORCE needs the whole episode's return)."""
+
+    obs: np.ndarray
+    action: int
+    reward: float
+    logits: np.ndarray
+    version: int
+
+
+class Explorer:
+    """Steps `vec_env` with mu and fills unrolls.
+
+    `fill(out)` fills one unroll into `out`, a dict of arrays laid out by `rollout_spec`
+    (time-major `[T(+1), E, ...]`), and returns an `UnrollInfo`. With `algo="vtrace"` the unroll is
+    the last T steps of every environment (episodes may end inside it); with
+    `algo="reinforce"` it holds T x E steps of finished episodes, each with its discounted return.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        vec_env: VectorEnv,
+        model: nn.Module,
+        store: ParameterStore,
+        *,
+        unroll_length: int,
+        gamma: float,
+        algo: str = "vtrace",
+        sync: str = "unroll",
+        seed: int = 0,
+    ) -> None:
+        self.index = index
+        self.vec_env = vec_env
+        self.model = model
+        self.store = store
+        self.unroll_length = unroll_length
+        self.gamma = gamma
+        self.algo = algo
+        self.sync = sync
+        self.num_envs = vec_env.num_envs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = -1
+        self.obs, _ = vec_env.reset(seed=seed)
+        self.episode_return = np.zeros(self.num_envs, dtype=np.float64)
+        self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
+        self._open_episodes: list[list[_Step]] = [[] for _ in range(self.num_envs)]
+        self._finished_steps: deque[tuple[_Step, float]] = deque()
+        self._finished_episodes: deque[tuple[float, int]] = deque()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Copies pi into mu if the store holds a newer version."""
+        version = self.store.load_into(self.model, self.version)
+        if version is not None:
+            self.version = version
+
+    @torch.no_grad()
+    def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, _ = self.model(torch.from_numpy(obs))
+        actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)
+        return actions.squeeze(1).numpy(), logits.numpy()
+
+    @torch.no_grad()
+    def _values(self, obs: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(obs))[1].numpy().astype(np.float64)
+
+    def _step(self) -> tuple[Any, ...]:
+        """One step of every environment; returns what an unroll records about it."""
+        obs = self.obs
+        actions, logits = self._act(obs)
+        next_obs, rewards, terminated, truncated, infos = self.vec_env.step(actions)
+        # A truncated (not terminated) episode is bootstrapped from the value of its own last
+        # observation; `next_obs` already holds the next episode's first observation.
+        truncation_value = np.zeros(self.num_envs, dtype=np.float64)
+        cut = truncated & ~terminated
+        if cut.any():
+            final_obs = np.stack([infos["final_obs"][i] for i in np.flatnonzero(cut)])
+            truncation_value[cut] = self._values(final_obs.astype(obs.dtype, copy=False))
+        done = terminated | truncated
+        self.episode_return += rewards
+        self.episode_length += 1
+        finished = [(float(self.episode_return[i]), int(self.episode_length[i]))
+                    for i in np.flatnonzero(done)]
+        self.episode_return[done] = 0.0
+        self.episode_length[done] = 0
+        self._finished_episodes.extend(finished)
+        self.obs = next_obs
+        return obs, actions, logits, rewards, terminated, done, truncation_value
+
+    def _after_step(self, done: np.ndarray) -> None:
+        if self.sync == "episode" and done.any():
+            self.refresh()
+
+    def fill(self, out: dict[str, np.ndarray]) -> UnrollInfo:
+        """Fills one unroll into `out` and reports the steps made and episodes finished."""
+        if self.sync == "unroll":
+            self.refresh()
+        if self.algo == "reinforce":
+            steps = self._fill_finished_episodes(out)
+        else:
+            steps = self._fill_unroll(out)
+        returns, lengths = [], []
+        while self._finished_episodes:
+            ret, length = self._finished_episodes.popleft()
+            returns.append(ret)
+            lengths.append(length)
+        return UnrollInfo(self.index, steps, returns, lengths, self.version)
+
+    def _fill_unroll(self, out: dict[str, np.ndarray]) -> int:
+        for t in range(self.unroll_length):
+            obs, actions, logits, rewards, terminated, done, trunc_value = self._step()
+            out["obs"][t] = obs
+            out["action"][t] = actions
+            out["behaviour_logits"][t] = logits
+            out["reward"][t] = rewards
+            out["discount"][t] = self.gamma * (1.0 - done)
+            out["truncation_value"][t] = trunc_value
+            out["policy_version"][t] = self.version
+            self._after_step(done)
+        out["obs"][self.unroll_length] = self.obs
+        return self.unroll_length * self.num_envs
+
+    def _fill_finished_episodes(self, out: dict[str, np.ndarray]) -> int:
+        """REINFORCE: T x E steps of finished episodes, each with its discounted return G_t."""
+        need = self.unroll_length * self.num_envs
+        steps = 0
+        while len(self._finished_steps) < need:
+            obs, actions, logits, rewards, terminated, done, trunc_value = self._step()
+            steps += self.num_envs
+            for i in range(self.num_envs):
+                self._open_episodes[i].append(
+                    _Step(obs[i], int(actions[i]), float(rewards[i]), logits[i], self.version)
+                )
+                if done[i]:
+                    self._close_episode(i, bootstrap=0.0 if terminated[i] else trunc_value[i])
+            self._after_step(done)
+        for k in range(need):
+            t, e = divmod(k, self.num_envs)
+            step, ret = self._finished_steps.popleft()
+            out["obs"][t, e] = step.obs
+            out["action"][t, e] = step.action
+            out["behaviour_logits"][t, e] = step.logits
+            out["reward"][t, e] = step.reward
+            out["mc_return"][t, e] = ret
+            out["policy_version"][t, e] = step.version
+        return steps
+
+    def _close_episode(self, env_index: int, bootstrap: float) -> None:
+        episode = self._open_episodes[env_index]
+        self._open_episodes[env_index] = []
+        ret = bootstrap
+        returns = []
+        for step in reversed(episode):
+            ret = step.reward + self.gamma * ret
+            returns.append(ret)
+        self._finished_steps.extend(zip(episode, reversed(returns)))

@@ -1,0 +1,124 @@
+"""The learner role: takes batches from the global buffer, updates pi, publishes new weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from impala import losses, vtrace
+from impala.agent.params import ParameterStore
+from impala.config import Config
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.optimizer` with the config's settings."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.rmsprop_eps,
+            momentum=cfg.rmsprop_momentum,
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.learning_rate)
+    return torch.optim.SGD(params, lr=cfg.learning_rate)
+
+
+class Learner:
+    """Updates pi (`model`) from batches and publishes each new version to `store`.
+
+    `update(batch, progress)` takes a batch laid out as in `impala.agent.buffer` and the run's
+    progress in [0, 1] (for the linear learning-rate decay) and returns scalar metrics.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, store: ParameterStore) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.store = store
+        self.optimizer = make_optimizer(cfg, model.parameters())
+        self.updates = 0
+
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    def _set_learning_rate(self, progress: float) -> float:
+        lr = self.cfg.learning_rate
+        if self.cfg.lr_schedule == "linear":
+            lr *= max(0.0, 1.0 - progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def update(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> dict[str, float]:
+        lr = self._set_learning_rate(progress)
+        if self.cfg.algo == "reinforce":
+            terms, logits = self._reinforce_loss(batch)
+        else:
+            terms, logits = self._vtrace_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.updates += 1
+        behaviour_version = batch["policy_version"].double().mean().item()
+        policy_lag = self.store.version - behaviour_version
+        self.store.publish(self.model)
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).mean(0)
+        metrics = {k: float(v) for k, v in terms.items()}
+        metrics.update(
+            grad_norm=float(grad_norm),
+            learning_rate=lr,
+            policy_lag=policy_lag,
+            batch_steps=int(batch["action"].numel()),
+        )
+        metrics.update({f"prob_action{a}": float(p) for a, p in enumerate(probs)})
+        return metrics
+
+    def _vtrace_loss(self, batch: dict[str, torch.Tensor]):
+        obs = batch["obs"]  # [T+1, B, *obs]
+        T1, B = obs.shape[:2]
+        logits, values = self.model(obs.flatten(0, 1))
+        logits = logits.view(T1, B, -1)
+        values = values.view(T1, B)
+        # Truncated episodes: discount is 0 there and the explorer recorded V_mu of the last
+        # observation, so the target is r + gamma * V(x_last), never the next episode's value.
+        rewards = batch["reward"] + self.cfg.gamma * batch["truncation_value"]
+        returns = vtrace.from_logits(
+            behaviour_policy_logits=batch["behaviour_logits"],
+            target_policy_logits=logits[:-1],
+            actions=batch["action"],
+            discounts=batch["discount"],
+            rewards=rewards,
+            values=values[:-1],
+            bootstrap_value=values[-1],
+            clip_rho_threshold=self.cfg.clip_rho_threshold,
+            clip_c_threshold=self.cfg.clip_c_threshold,
+            clip_pg_rho_threshold=self.cfg.clip_pg_rho_threshold,
+            lambda_=self.cfg.vtrace_lambda,
+        )
+        terms = losses.actor_critic_loss(
+            logits[:-1],
+            values[:-1],
+            batch["action"],
+            vtrace.VTraceReturns(vs=returns.vs, pg_advantages=returns.pg_advantages),
+            baseline_cost=self.cfg.baseline_cost,
+            entropy_cost=self.cfg.entropy_cost,
+            reduction=self.cfg.loss_reduction,
+        )
+        out = {
+            "loss": terms.total,
+            "policy_loss": terms.policy,
+            "baseline_loss": terms.baseline,
+            "entropy_loss": terms.entropy,
+            "mean_rho": returns.log_rhos.exp().mean(),
+        }
+        return out, logits[:-1]
+
+    def _reinforce_loss(self, batch: dict[str, torch.Tensor]):
+        logits, values = self.model(batch["obs"])
+        terms = losses.reinforce_loss(logits, values, batch["action"], batch["mc_return"])
+        out = {"loss": terms.total, "policy_loss": terms.policy, "baseline_loss": terms.baseline}
+        return out, logits

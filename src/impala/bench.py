@@ -1,0 +1,134 @@
+"""`impala bench`: the random-policy ceiling and the training throughput, in one run.
+
+The ceiling is what the same number of explorer processes, each stepping the same vector of
+environments, reach with uniformly random actions and nothing else (no network, no learner, no
+copying). Training throughput is env steps consumed per second by a real training run, measured
+after a warm-up. Memory is the resident size of the learner and its explorer processes, sampled
+every second during the measured part of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import psutil
+import torch.multiprocessing as mp
+
+from impala.config import Config
+from impala.envs import make_vector_env
+from impala.train import train
+
+
+def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
+    vec = make_vector_env(cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode)
+    try:
+        vec.reset(seed=cfg.seed + index)
+        rng = np.random.default_rng(cfg.seed + index)
+        n = vec.action_space.nvec[0] if hasattr(vec.action_space, "nvec") else vec.single_action_space.n
+        steps, start = 0, time.monotonic()
+        while time.monotonic() - start < seconds:
+            for _ in range(16):
+                vec.step(rng.integers(0, n, size=cfg.envs_per_explorer))
+            steps += 16 * cfg.envs_per_explorer
+        results.put(steps / (time.monotonic() - start))
+    finally:
+        vec.close()
+
+
+def random_ceiling(cfg: Config, seconds: float) -> float:
+    """Env steps/s of `num_explorers` processes acting at random, all running at once."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_random_worker, args=(cfg, i, seconds, results), daemon=True)
+             for i in range(cfg.num_explorers)]
+    try:
+        for proc in procs:
+            proc.start()
+        rates = [results.get(timeout=seconds + 120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return float(sum(rates))
+
+
+class _MemorySampler(threading.Thread):
+    """Samples the resident memory of this process and its children every second."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="impala-memory-sampler")
+        self.samples: list[tuple[float, float]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        start = time.monotonic()
+        while not self._stop_event.wait(1.0):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.samples.append((time.monotonic() - start, total / 2**20))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def bench(cfg: Config, *, seconds: float = 20.0, warmup: float = 5.0, out: IO[str] | None = None) -> dict:
+    """Prints and returns the ceiling, the training throughput, their ratio and memory figures."""
+    out = out if out is not None else sys.stdout
+    print(f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "
+          f"envs of {cfg.env}, {seconds:.0f} s ...", file=out, flush=True)
+    ceiling = random_ceiling(cfg, seconds)
+    print(f"training for {warmup:.0f} s warm-up + {seconds:.0f} s ...", file=out, flush=True)
+    train_cfg = dataclasses.replace(
+        cfg, max_seconds=warmup + seconds, total_steps=10**12, target_return=None,
+        lr_schedule="constant", log_interval=min(cfg.log_interval, 1.0),
+    )
+    sampler = _MemorySampler()
+    sampler.start()
+    try:
+        result = train(train_cfg, out=out)
+    finally:
+        sampler.stop()
+    records = [json.loads(line) for line in open(f"{result.run_dir}/metrics.jsonl")]
+    measured = [r for r in records if r["time"] >= warmup]
+    if len(measured) >= 2:
+        first, last = measured[0], measured[-1]
+        throughput = (last["steps"] - first["steps"]) / (last["time"] - first["time"])
+    else:
+        throughput = result.steps_per_second
+    mem = [m for t, m in sampler.samples if t >= warmup]
+    figures = {
+        "env": cfg.env,
+        "explorers": cfg.num_explorers,
+        "envs_per_explorer": cfg.envs_per_explorer,
+        "random_ceiling_steps_per_s": round(ceiling, 1),
+        "training_steps_per_s": round(throughput, 1),
+        "ratio": round(throughput / ceiling, 4) if ceiling else None,
+        "memory_mib_after_warmup": round(mem[0], 1) if mem else None,
+        "memory_mib_end": round(mem[-1], 1) if mem else None,
+        "memory_mib_max": round(max(mem), 1) if mem else None,
+        "memory_growth": round(mem[-1] / mem[0] - 1, 4) if mem else None,
+    }
+    print(f"random-policy ceiling  {ceiling:>12,.0f} env steps/s", file=out)
+    print(f"training throughput    {throughput:>12,.0f} env steps/s", file=out)
+    print(f"ratio                  {throughput / ceiling:>12.1%}", file=out)
+    if mem:
+        print(f"memory (RSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
+              f"at the end, {max(mem):,.0f} MiB max ({figures['memory_growth']:+.1%})", file=out)
+    (Path(result.run_dir) / "bench.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures), file=out, flush=True)
+    return figures

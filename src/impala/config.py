@@ -1,0 +1,221 @@
+"""The one typed configuration of a training run, and the per-environment presets.
+
+A run's config is resolved once: built-in defaults, then the preset of the chosen environment,
+then what the user gave explicitly. Derived values are properties, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from impala.envs import CORRIDOR_ID
+from impala.errors import ConfigError
+
+Algo = Literal["vtrace", "reinforce"]
+Runtime = Literal["local", "serial"]
+BufferKind = Literal["fifo", "replay"]
+Sync = Literal["unroll", "episode"]
+Optimizer = Literal["rmsprop", "adam", "adagrad", "sgd"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run. Field docstrings are the CLI's help texts."""
+
+    # --- task -------------------------------------------------------------------------------
+    env: str = CORRIDOR_ID
+    """Gymnasium environment id (discrete actions, vector observations)."""
+    max_steps_per_episode: int | None = None
+    """Cap on steps in one episode (seed -m); the episode is truncated, not terminated."""
+    algo: Algo = "vtrace"
+    """'vtrace' (the paper's actor-critic) or 'reinforce' (the seed: Monte Carlo returns)."""
+    net: Literal["seed", "mlp"] = "mlp"
+    """'seed' (two linear layers, the prototype's) or 'mlp' (tanh MLP, separate value tower)."""
+    num_hidden: int = 64
+    """Hidden units per layer of the network (seed --num-hidden)."""
+    num_layers: int = 2
+    """Hidden layers of the MLP."""
+    # --- explorers --------------------------------------------------------------------------
+    runtime: Runtime = "local"
+    """'local' (explorer processes, shared memory) or 'serial' (one process, deterministic)."""
+    num_explorers: int = 2
+    """Explorer processes (each owns its environments and a copy mu of the policy)."""
+    envs_per_explorer: int = 16
+    """Environments each explorer steps together, with one batched policy call per step."""
+    unroll_length: int = 20
+    """Time steps T in one unroll (trajectory) sent by an explorer."""
+    sync: Sync = "unroll"
+    """When an explorer refreshes mu: at every unroll (paper) or at every episode start (seed)."""
+    steps_per_explorer: int = 1_000_000
+    """Env steps each explorer makes in total (seed -s); total = this x explorers."""
+    total_steps: int | None = None
+    """Env steps over all explorers; overrides steps_per_explorer when given."""
+    # --- buffer -----------------------------------------------------------------------------
+    buffer: BufferKind = "fifo"
+    """'fifo': a queue of unrolls, each learned from once (paper); 'replay': the seed's
+    round-robin global buffer sampled at random."""
+    batch_size: int = 32
+    """Unroll sequences per learner update (FIFO buffer)."""
+    buffer_size: int = 1000
+    """Replay: time steps each explorer owns in the global buffer (seed -b)."""
+    learn_batch_size: int = 32
+    """Replay: time steps sampled at random per learner update (seed --learn-batch-size)."""
+    upload_frequency: int = 4
+    """Replay: an explorer uploads its local buffer every this many episodes (seed -f)."""
+    # --- learning ---------------------------------------------------------------------------
+    gamma: float = 0.99
+    """Discount (seed -g)."""
+    learning_rate: float = 6e-4
+    """Learning rate (seed -a)."""
+    optimizer: Optimizer = "rmsprop"
+    """'rmsprop' (paper), 'adam', 'adagrad' (seed) or 'sgd'."""
+    lr_schedule: Literal["constant", "linear"] = "linear"
+    """'linear' decays the learning rate to 0 over the run (paper); 'constant' keeps it."""
+    rmsprop_alpha: float = 0.99
+    """RMSProp decay."""
+    rmsprop_eps: float = 0.01
+    """RMSProp epsilon (also Adam's)."""
+    rmsprop_momentum: float = 0.0
+    """RMSProp momentum."""
+    baseline_cost: float = 0.5
+    """Weight of the baseline (value) loss."""
+    entropy_cost: float = 0.01
+    """Weight of the entropy bonus."""
+    grad_clip: float | None = 40.0
+    """Global gradient-norm clip; none for no clipping."""
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    """How the V-trace loss reduces over time and batch: 'sum' (paper) or 'mean'."""
+    clip_rho_threshold: float | None = 1.0
+    """V-trace rho-bar; none for no clipping."""
+    clip_c_threshold: float | None = 1.0
+    """V-trace c-bar; none for no clipping."""
+    clip_pg_rho_threshold: float | None = 1.0
+    """Clip of the importance weight in the policy gradient; none for no clipping."""
+    vtrace_lambda: float = 1.0
+    """V-trace lambda (Remark 2)."""
+    # --- run --------------------------------------------------------------------------------
+    seed: int = 0
+    """Random seed (env seeds, network init, action sampling)."""
+    max_seconds: float | None = None
+    """Stop training after this many seconds of wall time."""
+    target_return: float | None = None
+    """Stop once the mean return of the last 100 episodes reaches this."""
+    log_interval: float = 5.0
+    """Seconds between progress lines and metrics records."""
+    run_dir: str | None = None
+    """Folder for config.json and metrics.jsonl; default runs/<env>-<time>."""
+    task_index: int = 0
+    """Index of this learner task (seed -t); printed in the learner line."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def steps_total(self) -> int:
+        """Env steps of the whole run."""
+        if self.total_steps is not None:
+            return self.total_steps
+        return self.steps_per_explorer * self.num_explorers
+
+    @property
+    def slots_per_batch(self) -> int:
+        """Explorer unrolls (each `envs_per_explorer` sequences wide) in one FIFO batch."""
+        return max(1, self.batch_size // self.envs_per_explorer)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+POSITIVE_INTS = (
+    "num_hidden", "num_layers", "num_explorers", "envs_per_explorer", "unroll_length",
+    "steps_per_explorer", "batch_size", "buffer_size", "learn_batch_size", "upload_frequency",
+)
+POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds")
+CHOICES = {
+    "algo": ("vtrace", "reinforce"),
+    "runtime": ("local", "serial"),
+    "buffer": ("fifo", "replay"),
+    "sync": ("unroll", "episode"),
+    "optimizer": ("rmsprop", "adam", "adagrad", "sgd"),
+    "lr_schedule": ("constant", "linear"),
+    "loss_reduction": ("sum", "mean"),
+    "net": ("seed", "mlp"),
+}
+
+
+def _validate(cfg: Config) -> None:
+    for name in POSITIVE_INTS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+    for name in POSITIVE_OPTIONAL:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(
+                f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
+            )
+    if not 0.0 <= cfg.gamma <= 1.0:
+        raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma!r}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate!r}")
+    if not 0.0 <= cfg.vtrace_lambda <= 1.0:
+        raise ConfigError(f"--vtrace-lambda must be in [0, 1], got {cfg.vtrace_lambda!r}")
+    for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "grad_clip"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive or 'none', got {value!r}")
+    for name in ("baseline_cost", "entropy_cost", "log_interval"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)!r}")
+    if cfg.task_index < 0:
+        raise ConfigError(f"--task-index must not be negative, got {cfg.task_index!r}")
+    if cfg.buffer == "fifo" and cfg.batch_size % cfg.envs_per_explorer and cfg.batch_size > 1:
+        if cfg.batch_size > cfg.envs_per_explorer:
+            raise ConfigError(
+                f"--batch-size ({cfg.batch_size}) must be a multiple of --envs-per-explorer "
+                f"({cfg.envs_per_explorer}): a batch is made of whole explorer unrolls"
+            )
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+# Presets: what a user gets for an environment unless they say otherwise. The corridor's are the
+# seed prototype's own defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    CORRIDOR_ID: dict(
+        net="seed", num_hidden=10, max_steps_per_episode=100, gamma=0.97, learning_rate=1e-3,
+        optimizer="rmsprop", lr_schedule="linear", entropy_cost=0.0, num_explorers=1,
+        envs_per_explorer=4, unroll_length=40, sync="episode", buffer="replay", batch_size=4,
+        log_interval=1.0, loss_reduction="mean", grad_clip=None,
+    ),
+    "CartPole-v1": dict(
+        net="mlp", num_hidden=64, gamma=0.99, learning_rate=1e-3, optimizer="adam",
+        entropy_cost=0.01, num_explorers=2, envs_per_explorer=16, unroll_length=20,
+        batch_size=32, total_steps=2_000_000, loss_reduction="mean", grad_clip=0.5,
+        baseline_cost=0.5,
+    ),
+}
+
+
+def resolve(explicit: dict[str, Any]) -> Config:
+    """Builds the run's Config: defaults < the environment's preset < explicit user values.
+
+    Raises ConfigError naming the field for an unknown field or an invalid value.
+    """
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(explicit) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    env_id = explicit.get("env", Config.env)
+    values = {**PRESETS.get(env_id, {}), **explicit}
+    try:
+        return Config(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,74 @@
+"""Dense policy-value networks: the seed prototype's network and an MLP for vector observations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SeedNet(nn.Module):
+    """The seed prototype's network: two dense layers with no non-linearity between them.
+
+    1 input (the corridor's constant observation), `num_hidden` units, 3 outputs: the logits of
+    left and right, and the state value.
+    """
+
+    def __init__(self, num_hidden: int = 10, obs_dim: int = 1, num_actions: int = 2) -> None:
+        super().__init__()
+        self.num_actions = num_actions
+        self.hidden = nn.Linear(obs_dim, num_hidden)
+        self.out = nn.Linear(num_hidden, num_actions + 1)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs `[N, obs_dim]` -> logits `[N, A]`, values `[N]`."""
+        out = self.out(self.hidden(obs.float()))
+        return out[:, : self.num_actions], out[:, self.num_actions]
+
+
+def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), activation()]
+    return nn.Sequential(*layers)
+
+
+class MLPNet(nn.Module):
+    """An MLP policy-value network for flat vector observations and discrete actions.
+
+    By default the policy and the value have separate towers (`num_layers` layers of
+    `num_hidden` tanh units each), so the value loss, whose scale grows with the returns, does not
+    disturb the policy's features. `shared=True` gives one torso with two heads.
+    Orthogonal initialisation, with a small policy head so that the first policy is near uniform.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        *,
+        num_hidden: int = 64,
+        num_layers: int = 2,
+        shared: bool = False,
+    ) -> None:
+        super().__init__()
+        sizes = [obs_dim] + [num_hidden] * num_layers
+        self.shared = shared
+        self.policy_torso = _tower(sizes, nn.Tanh)
+        self.value_torso = None if shared else _tower(sizes, nn.Tanh)
+        self.policy_head = nn.Linear(sizes[-1], num_actions)
+        self.value_head = nn.Linear(sizes[-1], 1)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
+                nn.init.zeros_(module.bias)
+        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
+        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs `[N, obs_dim]` -> logits `[N, A]`, values `[N]`."""
+        obs = obs.float()
+        policy_features = self.policy_torso(obs)
+        value_features = policy_features if self.value_torso is None else self.value_torso(obs)
+        return self.policy_head(policy_features), self.value_head(value_features).squeeze(-1)

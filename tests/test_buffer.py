@@ -1,0 +1,59 @@
+import numpy as np
+import torch
+
+from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec, slots_to_batch
+from impala.agent.buffer import allocate
+from impala.envs import probe_env
+
+T, E = 5, 3
+
+
+def _spec():
+    return rollout_spec(probe_env("CartPole-v1"), T, E)
+
+
+def test_slots_to_batch_is_time_major_and_keeps_columns():
+    storage = allocate(_spec(), 4)
+    for slot in range(4):
+        storage["reward"][slot] = torch.arange(T * E, dtype=torch.float32).view(T, E) + 100 * slot
+        storage["obs"][slot] = slot
+    batch = slots_to_batch(storage, [2, 0], "vtrace")
+    assert batch["obs"].shape == (T + 1, 2 * E, 4)
+    assert batch["reward"].shape == (T, 2 * E)
+    # column b = slot_index * E + env
+    assert torch.equal(batch["reward"][:, :E], storage["reward"][2])
+    assert torch.equal(batch["reward"][:, E:], storage["reward"][0])
+    assert torch.all(batch["obs"][:, :E] == 2) and torch.all(batch["obs"][:, E:] == 0)
+    # a copy: the slots can be reused at once
+    storage["reward"][2] = -1
+    assert batch["reward"][0, 0] == 200
+
+
+def test_slots_to_batch_reinforce_flattens_steps():
+    storage = allocate(_spec(), 2)
+    batch = slots_to_batch(storage, [0, 1], "reinforce")
+    assert batch["obs"].shape == (2 * T * E, 4)
+    assert batch["mc_return"].shape == (2 * T * E,)
+
+
+def test_replay_upload_every_f_episodes_and_sampling():
+    spec = _spec()
+    slots = 2
+    buffer = ReplayBuffer(allocate(spec, 2 * slots), torch.zeros(2, dtype=torch.int64), slots)
+    staging = ReplayStaging(spec, slots, explorer=1, buffer=buffer, upload_frequency=3)
+    gen = torch.Generator().manual_seed(0)
+    assert buffer.sample(10, "vtrace", gen) is None
+    for k, episodes in enumerate([1, 1]):
+        staging.next_slot()["reward"][:] = k + 1
+        assert staging.commit(episodes) is False  # fewer than 3 episodes: nothing uploaded
+    assert buffer.num_slots_filled == 0
+    staging.next_slot()["reward"][:] = 3  # overwrites the oldest local slot (round robin)
+    assert staging.commit(1) is True
+    assert buffer.num_slots_filled == 2
+    assert set(buffer.storage["reward"][2:, 0, 0].tolist()) == {3.0, 2.0}
+    assert torch.all(buffer.storage["reward"][:2] == 0)  # explorer 0's slice untouched
+    batch = buffer.sample(2 * T, "vtrace", gen)
+    assert batch["obs"].shape == (T + 1, 2, 4) and batch["reward"].shape == (T, 2)
+    assert set(batch["reward"].flatten().tolist()) <= {2.0, 3.0}
+    steps = buffer.sample(32, "reinforce", gen)
+    assert steps["obs"].shape == (32, 4) and steps["mc_return"].shape == (32,)

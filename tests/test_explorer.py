@@ -1,0 +1,105 @@
+"""The explorer role in isolation: unroll layout, policy versions and episode ends."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from impala.agent import Explorer, ParameterStore, rollout_spec
+from impala.agent.buffer import allocate, numpy_views
+from impala.envs import make_vector_env, probe_env
+from impala.nets import MLPNet, SeedNet
+
+T = 7
+
+
+def _explorer(env_id, num_envs, model, max_steps=None, algo="vtrace", sync="unroll", gamma=0.9):
+    store = ParameterStore(*ParameterStore.allocate(model))
+    vec = make_vector_env(env_id, num_envs, max_episode_steps=max_steps)
+    exp = Explorer(0, vec, model, store, unroll_length=T, gamma=gamma, algo=algo, sync=sync, seed=3)
+    return exp, store
+
+
+def _slot(env_id, num_envs, max_steps=None):
+    info = probe_env(env_id, max_episode_steps=max_steps)
+    storage = allocate(rollout_spec(info, T, num_envs), 1)
+    return storage, numpy_views(storage, 0)
+
+
+def test_truncation_bootstraps_from_last_observation_not_next_episode():
+    torch.manual_seed(0)
+    model = MLPNet(4, 2, num_hidden=16)
+    # value head with a large weight so that different observations give clearly different values
+    torch.nn.init.normal_(model.value_head.weight, std=3.0)
+    exp, _ = _explorer("CartPole-v1", 2, model, max_steps=5, gamma=0.9)
+    storage, out = _slot("CartPole-v1", 2, max_steps=5)
+    exp.fill(out)
+    # Episodes of 5 steps (CartPole cannot fail in 5 steps): truncated at t = 4
+    disc, tv, obs, actions = out["discount"], out["truncation_value"], out["obs"], out["action"]
+    assert np.allclose(disc[4], 0.0) and np.allclose(disc[[0, 1, 2, 3, 5, 6]], 0.9)
+    assert np.all(tv[[0, 1, 2, 3, 5, 6]] == 0.0)
+    # Replay the same actions in a fresh copy of env 0 to get the truncated episode's last obs.
+    env = gym.make("CartPole-v1", max_episode_steps=5)
+    env.reset(seed=3)
+    for t in range(5):
+        last_obs, *_ = env.step(int(actions[t, 0]))
+    with torch.no_grad():
+        v_last = model(torch.from_numpy(last_obs[None]))[1].item()
+        v_next_first = model(torch.from_numpy(obs[5, :1]))[1].item()
+    assert tv[4, 0] == pytest.approx(v_last, rel=1e-5)
+    assert abs(v_last - v_next_first) > 1e-3  # the test can tell the two apart
+
+
+def test_termination_has_zero_discount_and_no_bootstrap():
+    torch.manual_seed(0)
+    exp, _ = _explorer("CartPole-v1", 1, MLPNet(4, 2), gamma=0.99)
+    info = probe_env("CartPole-v1")
+    storage = allocate(rollout_spec(info, T, 1), 1)
+    terminations = 0
+    for _ in range(30):  # a random policy ends CartPole in ~20 steps
+        out = numpy_views(storage, 0)
+        exp.fill(out)
+        ended = out["discount"][:, 0] == 0
+        terminations += ended.sum()
+        assert np.all(out["truncation_value"][ended] == 0)
+    assert terminations > 0
+
+
+def test_unroll_overlap_and_versions():
+    model = SeedNet(10)
+    exp, store = _explorer("ShortCorridor-v0", 3, model, max_steps=100)
+    storage, out = _slot("ShortCorridor-v0", 3, max_steps=100)
+    first = exp.fill(out)
+    assert first.policy_version == 0 and np.all(out["policy_version"] == 0)
+    store.publish(model)  # the learner moves on: version 1
+    exp.fill(out)
+    assert np.all(out["policy_version"] == 1)
+    assert out["behaviour_logits"].shape == (T, 3, 2)
+
+
+def test_sync_episode_refreshes_only_at_episode_start():
+    model = SeedNet(10)
+    exp, store = _explorer("ShortCorridor-v0", 1, model, max_steps=100, sync="episode")
+    storage, out = _slot("ShortCorridor-v0", 1, max_steps=100)
+    store.publish(model)
+    exp.fill(out)
+    versions = out["policy_version"][:, 0]
+    ended = np.flatnonzero(out["discount"][:, 0] == 0)
+    if len(ended):  # the version changes only right after an episode end
+        changes = np.flatnonzero(np.diff(versions))
+        assert set(changes) <= set(ended)
+    else:
+        assert np.all(versions == 0)
+
+
+def test_reinforce_returns_are_discounted_episode_returns():
+    model = SeedNet(10)
+    exp, _ = _explorer("ShortCorridor-v0", 2, model, max_steps=100, algo="reinforce", gamma=0.9)
+    storage, out = _slot("ShortCorridor-v0", 2, max_steps=100)
+    info = exp.fill(out)
+    assert info.steps >= T * 2
+    # Every corridor return is a sum of -1s and a final +1, discounted: bounded by geometric sums
+    ret = out["mc_return"]
+    assert np.all(ret <= 1.0 + 1e-6) and np.all(ret >= -1.0 / (1 - 0.9) - 1e-6)
+    # The last step of an episode (reaching the goal) has return exactly +1.
+    assert np.isclose(ret, 1.0).any()
