@@ -61,6 +61,6 @@ def test_presets_then_explicit_values():
     assert cfg.net == "mlp" and cfg.learning_rate == 0.5
     seed = config.resolve({})
     assert (seed.env, seed.net, seed.num_hidden, seed.gamma, seed.optimizer) == (
-        "ShortCorridor-v0", "seed", 10, 0.97, "adagrad")
+        "ShortCorridor-v0", "seed", 10, 0.97, "rmsprop")
     with pytest.raises(ConfigError, match="unknown config field"):
         config.resolve({"nope": 1})

@@ -13,7 +13,7 @@ import torch
 
 from impala import config
 from impala.train import train
-from conftest import shm_entries
+from conftest import project_children, shm_entries
 
 
 def _cfg(run_dir, **kw):
@@ -54,7 +54,7 @@ def test_local_runtime_runs_and_cleans_up(tmp_path, buffer):
                envs_per_explorer=4, batch_size=8, num_explorers=2)
     result = train(cfg)
     assert result.steps >= 20_000 and result.updates > 0
-    assert psutil.Process().children(recursive=True) == []
+    assert project_children() == []
     assert shm_entries() == before
     lag = [json.loads(l)["policy_lag"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(x is None or x >= 0 for x in lag)
@@ -97,7 +97,7 @@ def test_dead_explorer_is_restarted(tmp_path, capsys):
     def killer():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            kids = [p for p in psutil.Process().children() if "python" in p.name().lower()]
+            kids = project_children()
             if len(kids) >= 2 and (tmp_path / "r" / "metrics.jsonl").exists():
                 time.sleep(1.0)
                 os.kill(kids[0].pid, signal.SIGKILL)

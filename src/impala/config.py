@@ -197,7 +197,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "CartPole-v1": dict(
         net="mlp", num_hidden=64, gamma=0.99, learning_rate=1e-3, optimizer="adam",
-        entropy_cost=0.01, num_explorers=2, envs_per_explorer=16, unroll_length=20,
+        entropy_cost=0.01, num_explorers=2, envs_per_explorer=32, unroll_length=20,
         batch_size=32, total_steps=2_000_000, loss_reduction="mean", grad_clip=0.5,
         baseline_cost=0.5,
     ),

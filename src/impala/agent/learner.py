@@ -67,7 +67,7 @@ class Learner:
         self.store.publish(self.model)
         with torch.no_grad():
             probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).mean(0)
-        metrics = {k: float(v) for k, v in terms.items()}
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics.update(
             grad_norm=float(grad_norm),
             learning_rate=lr,

@@ -1,0 +1,36 @@
+"""The main jobs learn, run the way a user runs them (the `impala` command, real processes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _train(tmp_path, *args, timeout=240):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "impala.cli", "train", "--run-dir", str(run_dir), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return proc.stdout, records
+
+
+@pytest.mark.parametrize("algo", ["vtrace", "reinforce"])
+def test_main_job_learns_the_corridor_policy(tmp_path, algo):
+    """`impala train` (the seed's corridor, defaults): avg-right-prob ends within 0.59 +- 0.03."""
+    out, _ = _train(tmp_path, "--algo", algo, "--seed", "0")
+    lines = [line for line in out.splitlines() if line.startswith("task 0 step ")]
+    assert len(lines) >= 5
+    prob = float(lines[-1].split("avg-right-prob=")[1])
+    assert abs(prob - 0.59) <= 0.03, lines[-5:]
+
+
+@pytest.mark.slow
+def test_cartpole_reaches_475_within_60_seconds(tmp_path):
+    _, records = _train(tmp_path, "--env", "CartPole-v1", "--log-interval", "1")
+    reached = [r["time"] for r in records if (r["return_mean"] or 0) >= 475]
+    assert reached, records[-1]
+    assert reached[0] < 60, reached[0]
