@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(bench)
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds of each phase")
     bench.add_argument("--warmup", type=float, default=5.0, help="training seconds not measured")
+    bench.add_argument("--ceiling-seconds", type=float, default=None,
+                       help="seconds of the random-policy phase (default: --seconds)")
     return parser
 
 
@@ -111,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "bench":
             from impala.bench import bench
 
-            seconds, warmup = args.pop("seconds"), args.pop("warmup")
-            bench(config_mod.resolve(args), seconds=seconds, warmup=warmup)
+            options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds")}
+            bench(config_mod.resolve(args), **options)
         else:
             from impala.train import train
 

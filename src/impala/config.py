@@ -14,7 +14,7 @@ from impala.envs import CORRIDOR_ID
 from impala.errors import ConfigError
 
 Algo = Literal["vtrace", "reinforce"]
-Runtime = Literal["local", "serial"]
+Runtime = Literal["local", "serial", "ray"]
 BufferKind = Literal["fifo", "replay"]
 Sync = Literal["unroll", "episode"]
 Optimizer = Literal["rmsprop", "adam", "adagrad", "sgd"]
@@ -39,7 +39,10 @@ class Config:
     """Hidden layers of the MLP."""
     # --- explorers --------------------------------------------------------------------------
     runtime: Runtime = "local"
-    """'local' (explorer processes, shared memory) or 'serial' (one process, deterministic)."""
+    """'local' (explorer processes, shared memory), 'serial' (one process, deterministic) or
+    'ray' (explorers as Ray actors, on a fresh local Ray or the cluster at --ray-address)."""
+    ray_address: str | None = None
+    """With --runtime ray: the address of an existing cluster (host:port); default a fresh one."""
     num_explorers: int = 2
     """Explorer processes (each owns its environments and a copy mu of the policy)."""
     envs_per_explorer: int = 16
@@ -124,6 +127,11 @@ class Config:
         """Explorer unrolls (each `envs_per_explorer` sequences wide) in one FIFO batch."""
         return max(1, self.batch_size // self.envs_per_explorer)
 
+    @property
+    def replay_slots_per_explorer(self) -> int:
+        """Unroll slots in each explorer's slice of the replay buffer (its `-b` time steps)."""
+        return max(1, self.buffer_size // (self.unroll_length * self.envs_per_explorer))
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -135,7 +143,7 @@ POSITIVE_INTS = (
 POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds")
 CHOICES = {
     "algo": ("vtrace", "reinforce"),
-    "runtime": ("local", "serial"),
+    "runtime": ("local", "serial", "ray"),
     "buffer": ("fifo", "replay"),
     "sync": ("unroll", "episode"),
     "optimizer": ("rmsprop", "adam", "adagrad", "sgd"),

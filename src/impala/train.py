@@ -21,6 +21,10 @@ def _runtime(name: str):
         from impala.runtime import serial
 
         return serial.run
+    if name == "ray":
+        from impala.runtime import ray_runtime
+
+        return ray_runtime.run
     from impala.runtime import local
 
     return local.run

@@ -53,23 +53,29 @@ def numpy_views(storage: dict[str, torch.Tensor], slot: int) -> dict[str, np.nda
     return {k: v[slot].numpy() for k, v in storage.items()}
 
 
-def slots_to_batch(storage: dict[str, torch.Tensor], slots: list[int], algo: str) -> dict[str, torch.Tensor]:
+def slots_to_batch(
+    storage: dict[str, torch.Tensor], slots: list[int], algo: str
+) -> dict[str, torch.Tensor]:
     """Gathers whole unrolls into one learner batch (a copy; the slots can be reused at once)."""
     index = torch.as_tensor(slots, dtype=torch.int64)
+    return stacked_to_batch({k: v.index_select(0, index) for k, v in storage.items()}, algo)
+
+
+def unrolls_to_batch(unrolls: list[dict[str, np.ndarray]], algo: str) -> dict[str, torch.Tensor]:
+    """One learner batch from unrolls received as separate arrays (from other processes)."""
+    return stacked_to_batch(
+        {k: torch.from_numpy(np.stack([u[k] for u in unrolls])) for k in unrolls[0]}, algo
+    )
+
+
+def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, torch.Tensor]:
+    """Unrolls stacked as `[S, T(+1), E, ...]` -> the learner's layout (see the module doc)."""
     if algo == "reinforce":
-        # [S, T(+1), E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
-        T = storage["action"].shape[1]
-        return {
-            k: v.index_select(0, index)[:, :T].flatten(0, 2)
-            for k, v in storage.items()
-            if k in _REINFORCE_FIELDS
-        }
+        # [S, T, E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
+        T = stacked["action"].shape[1]
+        return {k: stacked[k][:, :T].flatten(0, 2) for k in _REINFORCE_FIELDS}
     # [S, T(+1), E, ...] -> [T(+1), S * E, ...]
-    return {
-        k: v.index_select(0, index).transpose(0, 1).flatten(1, 2)
-        for k, v in storage.items()
-        if k in _VTRACE_FIELDS
-    }
+    return {k: stacked[k].transpose(0, 1).flatten(1, 2) for k in _VTRACE_FIELDS}
 
 
 _VTRACE_FIELDS = (

@@ -48,6 +48,17 @@ class ParameterStore:
             self._version += 1
             return int(self._version[0])
 
+    def assign(self, version: int, flat: torch.Tensor) -> None:
+        """Stores weights received from elsewhere (another process or host) as `version`."""
+        with torch.no_grad(), self._lock:
+            self.flat.copy_(flat)
+            self._version[0] = version
+
+    def snapshot(self) -> tuple[int, torch.Tensor]:
+        """The current version and a copy of its weights."""
+        with self._lock:
+            return int(self._version[0]), self.flat.clone()
+
     def load_into(self, model: nn.Module, have_version: int) -> int | None:
         """Copies the weights into `model` if newer than `have_version`; returns the new version."""
         if self.version == have_version:

@@ -80,7 +80,7 @@ def _explorer_main(cfg: Config, env: EnvInfo, index: int, budget: int, shared: _
     store = ParameterStore(*shared.params, shared.params_lock)
     explorer = common.build_explorer(cfg, env, index, store)
     if cfg.buffer == "replay":
-        slots = common.replay_slots_per_explorer(cfg)
+        slots = cfg.replay_slots_per_explorer
         buffer = ReplayBuffer(shared.storage, shared.replay_filled, slots, shared.replay_lock)
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
         sink: Any = ReplayStaging(spec, slots, index, buffer, cfg.upload_frequency)
@@ -168,7 +168,7 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
     replay = cfg.buffer == "replay"
     if replay:
-        slots = common.replay_slots_per_explorer(cfg)
+        slots = cfg.replay_slots_per_explorer
         num_slots = slots * cfg.num_explorers
     else:
         # Two unrolls in flight per explorer plus two batches queued keeps everyone busy.

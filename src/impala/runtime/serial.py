@@ -29,7 +29,7 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     made = [0] * cfg.num_explorers
 
     if cfg.buffer == "replay":
-        slots = common.replay_slots_per_explorer(cfg)
+        slots = cfg.replay_slots_per_explorer
         buffer = ReplayBuffer(
             allocate(spec, cfg.num_explorers * slots), torch.zeros(cfg.num_explorers, dtype=torch.int64), slots
         )

@@ -1,0 +1,171 @@
+"""Ray plumbing: the environment Ray needs here, starting and stopping a head, connecting.
+
+Facts this relies on (see the project's machine notes): Ray binds the external interface unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; token authentication must be off on both ends of a cluster
+started this way; usage stats are off. A head that a task starts is a `ray start --head --block`
+child of that task: signalling it stops every Ray process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from impala.errors import ConfigError
+
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def set_ray_environment() -> None:
+    """Sets what Ray reads at start (called by the runtime, never at import)."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises ConfigError if `host:port` cannot be bound (taken, or not this machine's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((socket.gethostbyname(host), port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: port already taken ({exc.strerror})") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _ray_executable() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "ray")
+    return candidate if os.path.exists(candidate) else (shutil.which("ray") or "ray")
+
+
+class RayNode:
+    """A Ray node this process starts (`ray start --block`) and stops."""
+
+    def __init__(self, args: list[str], temp_dir: str | None) -> None:
+        set_ray_environment()
+        self._temp_dir = temp_dir
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [_ray_executable(), "start", "--block", "--disable-usage-stats", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @classmethod
+    def head(cls, host: str, port: int) -> "RayNode":
+        ip = socket.gethostbyname(host)
+        temp_dir = tempfile.mkdtemp(prefix="impala-ray-")
+        return cls(
+            ["--head", f"--port={port}", f"--node-ip-address={ip}", "--include-dashboard=false",
+             f"--dashboard-agent-listen-port={free_port(ip)}", f"--temp-dir={temp_dir}"],
+            temp_dir,
+        )
+
+    @classmethod
+    def worker(cls, head_address: str, host: str) -> "RayNode":
+        return cls([f"--address={head_address}", f"--node-ip-address={socket.gethostbyname(host)}"], None)
+
+    def failed(self) -> str | None:
+        """The node's own words if it has exited, else None."""
+        if self.proc.poll() is None:
+            return None
+        self.log.seek(0)
+        lines = [l for l in self.log.read().decode(errors="replace").splitlines() if l.strip()]
+        return lines[-1] if lines else f"exit code {self.proc.returncode}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def connect(address: str, *, timeout: float, waiting_message: str | None = None, out=None) -> None:
+    """Connects this process to the Ray cluster at `address`, waiting up to `timeout` seconds.
+
+    Until the head's port answers, only a TCP probe is made (ray.init itself would block for tens
+    of seconds per try). Raises TimeoutError naming the address when nothing answers in time.
+    """
+    import ray
+
+    set_ray_environment()
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        if _port_open(host, int(port)):
+            try:
+                with _quiet_stderr():
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+                             namespace="impala", configure_logging=False)
+                return
+            except (ConnectionError, RuntimeError, ValueError):
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing answered at {address} within {timeout:.0f} s")
+        if waiting_message and not said:
+            print(waiting_message, file=out or sys.stdout, flush=True)
+            said = True
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Ray's C++ core prints connection retries on fd 2; while we wait, they are noise."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
+    """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`."""
+    import ray
+
+    set_ray_environment()
+    if address:
+        connect(address, timeout=60)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, namespace="impala", configure_logging=False,
+                 _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
