@@ -82,6 +82,25 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, **kwargs)
 
 
+def build_job_parser() -> argparse.ArgumentParser:
+    """The seed prototype's form: one task of a job of learners and explorers."""
+    parser = _Parser(
+        prog="impala",
+        description="Run one task of a distributed job (the seed prototype's command line): "
+        "start one process per address, in any order, e.g. "
+        "'impala -l localhost:22222 -e localhost:22223 -j learner -t 0' and the same with "
+        "'-j explorer'. Learner task 0 hosts the Ray head at its address.",
+    )
+    parser.add_argument("-l", "--learner-hosts", required=True, help="host:port of every learner task")
+    parser.add_argument("-e", "--explorer-hosts", required=True, help="host:port of every explorer task")
+    parser.add_argument("-j", "--job-name", default="learner", choices=("learner", "explorer"),
+                        help="this task's job (default: learner)")
+    parser.add_argument("--peer-timeout", type=float, default=120.0,
+                        help="seconds to wait for peers that are not up yet (default: 120)")
+    _add_config_options(parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="impala", description="IMPALA (Espeholt et al. 2018) in PyTorch.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -99,11 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        parser.exit(2, "impala: error: the seed's job command lines (-l/-e/-j/-t) need the "
-                    "distributed runtime, which this version does not have yet; use "
-                    "'impala train'\n")
+        return _run_job(vars(build_job_parser().parse_args(argv)))
+    parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     if command is None:
@@ -126,6 +143,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"impala {command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _run_job(args: dict[str, Any]) -> int:
+    from impala.runtime import jobs
+
+    name = f"{args.get('job_name', 'learner')} {args.get('task_index', 0)}"
+    try:
+        spec = jobs.make_spec(args.pop("learner_hosts"), args.pop("explorer_hosts"),
+                              args.pop("job_name"), args.get("task_index", 0))
+        peer_timeout = args.pop("peer_timeout")
+        if peer_timeout <= 0:
+            raise ConfigError(f"--peer-timeout must be positive, got {peer_timeout!r}")
+        args.setdefault("num_explorers", len(spec.explorers))
+        cfg = config_mod.resolve(args)
+        from impala.envs import probe_env
+        from impala.train import make_run_dir
+
+        env = probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)
+        run_dir = None
+        if spec.job == "learner":
+            run_dir = make_run_dir(cfg)
+            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        return jobs.run_task(cfg, spec, env, peer_timeout=peer_timeout, run_dir=run_dir)
+    except ConfigError as exc:
+        print(f"impala ({name}): error: {exc}", file=sys.stderr)
+        return 2
+    except jobs.JobFailed as exc:
+        print(f"impala: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"impala ({name}): interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

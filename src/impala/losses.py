@@ -1,7 +1,11 @@
-"""Losses: the IMPALA actor-critic loss (Espeholt et al. 2018, Sec. 4.2) and the seed
-prototype's REINFORCE with a learned baseline (Williams 1992).
+"""Learner losses: IMPALA's actor-critic loss (Espeholt et al. 2018, arXiv 1802.01561, Sec. 4.2)
+and the seed prototype's REINFORCE with a learned baseline (Williams 1992).
 
-Pure functions over time-major tensors; targets and advantages enter without gradient.
+Pure functions over time-major tensors: logits `[T, B, A]`, everything per step `[T, B]`. The
+regression targets (V-trace's ``vs``, Monte-Carlo returns) and the policy-gradient advantages
+are constants inside every loss: they are detached here, so gradient flows only into the
+network's logits (policy and entropy terms) and values (baseline term). Each term returns a
+scalar; the reduction is stated per function.
 """
 
 from __future__ import annotations
@@ -13,8 +17,27 @@ import torch.nn.functional as F
 
 from impala.vtrace import VTraceReturns, action_log_probs
 
+__all__ = [
+    "ActorCriticLoss",
+    "ReinforceLoss",
+    "actor_critic_loss",
+    "baseline_loss",
+    "discounted_returns",
+    "entropy_loss",
+    "policy_gradient_loss",
+    "reinforce_loss",
+]
+
+REDUCTIONS = ("sum", "mean")
+
 
 class ActorCriticLoss(NamedTuple):
+    """Output of `actor_critic_loss`; scalars.
+
+    total = policy + baseline_cost * baseline + entropy_cost * entropy; the three terms are
+    unweighted (but reduced as requested).
+    """
+
     total: torch.Tensor
     policy: torch.Tensor
     baseline: torch.Tensor
@@ -22,39 +45,79 @@ class ActorCriticLoss(NamedTuple):
 
 
 class ReinforceLoss(NamedTuple):
+    """Output of `reinforce_loss`; scalars.
+
+    total = policy_weight * policy + baseline_weight * baseline; the two terms are unweighted.
+    """
+
     total: torch.Tensor
     policy: torch.Tensor
     baseline: torch.Tensor
 
 
-def _same_shape(**tensors: torch.Tensor) -> None:
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"shapes must match: {shapes}")
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def _check_per_step(
+    ref_name: str, ref_shape: torch.Size | tuple[int, ...], **tensors: torch.Tensor
+) -> None:
+    """Each of `tensors` must have shape `ref_shape`; the message names both sides."""
+    for name, tensor in tensors.items():
+        if tensor.shape != tuple(ref_shape):
+            raise ValueError(
+                f"{name} shape {_shape(tensor)} must equal {ref_name} shape {tuple(ref_shape)}"
+            )
+
+
+def _check_logits(name: str, logits: torch.Tensor, rank: int | None = 3) -> None:
+    if rank is not None and logits.dim() != rank:
+        raise ValueError(f"{name} must be [T, B, A], got shape {_shape(logits)}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have an action dim, got shape {_shape(logits)}")
 
 
 def policy_gradient_loss(
     target_logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor
 ) -> torch.Tensor:
-    """sum_t,b -log pi(a_t|x_t) * A_t. logits `[T, B, A]`, actions and advantages `[T, B]`.
+    """Policy-gradient loss, -sum_{t,b} log pi(a_t|x_t) * A_t (Espeholt et al. 2018, Sec. 4.2).
 
-    The advantages (V-trace's rho_t (r_t + gamma v_{t+1} - V(x_t))) are constants here.
+    Shapes: target_logits `[T, B, A]`, actions `[T, B]` (integer), advantages `[T, B]` -> scalar.
+    Reduction: sum over time and batch. The advantages (V-trace's
+    rho_t (r_t + discount_t v_{t+1} - V(x_t))) are detached inside, so the gradient is
+    -sum A_t grad log pi(a_t|x_t) and reaches the logits only.
     """
-    _same_shape(actions=actions, advantages=advantages)
-    return -(action_log_probs(target_logits, actions) * advantages.detach()).sum()
+    _check_logits("target_logits", target_logits)
+    _check_per_step(
+        "target_logits without its last dim",
+        target_logits.shape[:-1],
+        actions=actions,
+        advantages=advantages,
+    )
+    log_pi = action_log_probs(target_logits, actions)
+    return -(log_pi * advantages.detach()).sum()
 
 
 def baseline_loss(vs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """0.5 * sum_t,b (v_t - V(x_t))^2 over `[T, B]`; the targets v_t are constants."""
-    _same_shape(vs=vs, values=values)
+    """Value regression, 0.5 * sum_{t,b} (v_t - V(x_t))^2 (Espeholt et al. 2018, Sec. 4.2).
+
+    Shapes: vs `[T, B]` (the V-trace targets), values `[T, B]` -> scalar. Reduction: sum over
+    time and batch. The targets vs are detached inside: the gradient, -(v_t - V(x_t)), reaches
+    the values only.
+    """
+    _check_per_step("values", values.shape, vs=vs)
     return 0.5 * ((vs.detach() - values) ** 2).sum()
 
 
 def entropy_loss(target_logits: torch.Tensor) -> torch.Tensor:
-    """Negative total entropy, sum_t,b sum_a pi log pi, over logits `[T, B, A]`.
+    """Negative total entropy of pi, -sum_{t,b} H(pi(.|x_t)) = sum_{t,b,a} pi log pi
+    (Espeholt et al. 2018, Sec. 4.2: the entropy bonus).
 
-    Adding `entropy_cost * entropy_loss` to a loss rewards entropy (paper: the entropy bonus).
+    Shape: target_logits `[T, B, A]` -> scalar. Reduction: sum over time and batch. The sign is
+    that of a loss: adding ``entropy_cost * entropy_loss`` to the total and minimising it raises
+    the policy's entropy (a more uniform policy gives a lower value).
     """
+    _check_logits("target_logits", target_logits)
     log_probs = F.log_softmax(target_logits, dim=-1)
     return (log_probs.exp() * log_probs).sum()
 
@@ -69,42 +132,66 @@ def actor_critic_loss(
     entropy_cost: float = 0.01,
     reduction: str = "sum",
 ) -> ActorCriticLoss:
-    """The paper's loss: policy gradient with V-trace advantages + baseline_cost * 0.5 (v_s -
-    V(x_s))^2 + entropy_cost * (negative entropy).
+    """IMPALA's loss (Espeholt et al. 2018, Sec. 4.2):
 
-    Shapes: target_logits `[T, B, A]`, values and actions `[T, B]`. reduction 'sum' sums every
-    term over time and batch (as the paper and TorchBeast do); 'mean' divides each by T * B.
+        total = policy + baseline_cost * baseline + entropy_cost * entropy,
+
+    with policy = `policy_gradient_loss` on vtrace_returns.pg_advantages, baseline =
+    `baseline_loss` towards vtrace_returns.vs, entropy = `entropy_loss` (negative entropy).
+
+    Shapes: target_logits `[T, B, A]`, values `[T, B]`, actions `[T, B]`, vtrace_returns fields
+    `[T, B]` -> scalars. Reduction: "sum" sums each term over time and batch, as the paper and
+    TorchBeast do; "mean" divides each term by T * B (learning-rate scale independent of the
+    batch). The V-trace returns are treated as constants.
+
+    Raises:
+      ValueError: on an unknown reduction or mismatched shapes.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    _same_shape(values=values, actions=actions, vs=vtrace_returns.vs)
-    scale = 1.0 if reduction == "sum" else 1.0 / actions.numel()
-    policy = policy_gradient_loss(target_logits, actions, vtrace_returns.pg_advantages) * scale
-    baseline = baseline_loss(vtrace_returns.vs, values) * scale
-    entropy = entropy_loss(target_logits) * scale
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_logits("target_logits", target_logits)
+    _check_per_step(
+        "target_logits without its last dim",
+        target_logits.shape[:-1],
+        values=values,
+        actions=actions,
+        **{
+            "vtrace_returns.vs": vtrace_returns.vs,
+            "vtrace_returns.pg_advantages": vtrace_returns.pg_advantages,
+        },
+    )
+    policy = policy_gradient_loss(target_logits, actions, vtrace_returns.pg_advantages)
+    baseline = baseline_loss(vtrace_returns.vs, values)
+    entropy = entropy_loss(target_logits)
+    if reduction == "mean":
+        count = actions.numel()
+        policy, baseline, entropy = policy / count, baseline / count, entropy / count
     total = policy + baseline_cost * baseline + entropy_cost * entropy
-    return ActorCriticLoss(total, policy, baseline, entropy)
+    return ActorCriticLoss(total=total, policy=policy, baseline=baseline, entropy=entropy)
 
 
 def discounted_returns(
     rewards: torch.Tensor, discounts: torch.Tensor, bootstrap_value: torch.Tensor
 ) -> torch.Tensor:
-    """G_t = r_t + discount_t G_{t+1}, G_T = bootstrap_value; `[T, B]` in, `[T, B]` out.
+    """Bootstrapped discounted returns, G_t = r_t + discount_t G_{t+1} with G_T = bootstrap_value
+    (Sutton and Barto 2018, eq. 3.9, with per-step discounts).
 
-    Monte Carlo returns when the bootstrap is 0 and discount_t is 0 at episode ends. No gradient.
+    Shapes: rewards `[T, B]`, discounts `[T, B]` (gamma * (1 - done_t)), bootstrap_value `[B]`
+    -> `[T, B]`. With discount 0 at episode ends and a zero bootstrap where the unroll ends an
+    episode, these are the Monte-Carlo returns used by the seed's REINFORCE learner. They are
+    targets: computed under ``torch.no_grad()``, without gradient.
     """
-    _same_shape(rewards=rewards, discounts=discounts)
-    if bootstrap_value.shape != rewards.shape[1:]:
-        raise ValueError(
-            f"bootstrap_value shape {tuple(bootstrap_value.shape)} must be {tuple(rewards.shape[1:])}"
-        )
+    if rewards.dim() < 1:
+        raise ValueError(f"rewards must be at least [T], got shape {_shape(rewards)}")
+    _check_per_step("rewards", rewards.shape, discounts=discounts)
+    _check_per_step("one time step of rewards", rewards.shape[1:], bootstrap_value=bootstrap_value)
     with torch.no_grad():
+        returns = torch.empty_like(rewards)
         acc = bootstrap_value
-        returns = []
-        for t in reversed(range(rewards.shape[0])):
+        for t in range(rewards.shape[0] - 1, -1, -1):
             acc = rewards[t] + discounts[t] * acc
-            returns.append(acc)
-        return torch.stack(returns[::-1])
+            returns[t] = acc
+    return returns
 
 
 def reinforce_loss(
@@ -116,14 +203,28 @@ def reinforce_loss(
     policy_weight: float = 0.5,
     baseline_weight: float = 0.4,
 ) -> ReinforceLoss:
-    """The seed prototype's learner: REINFORCE with a learned state-value baseline.
+    """The seed prototype's learner: REINFORCE with a learned state-value baseline (Williams
+    1992, with the baseline of Sutton and Barto 2018, Sec. 13.4):
 
-    total = policy_weight * -mean(log pi(a) (G - V)) + baseline_weight * mean(0.5 (G - V)^2).
-    Shapes: logits `[..., A]`, the rest `[...]`. Mean reduction, as in the seed. The advantage
-    G - V is detached in the policy term, so the baseline learns from its own term only.
+        policy = -mean(log pi(a|x) * (G - V(x)))
+        baseline = mean(0.5 * (G - V(x))^2)
+        total = policy_weight * policy + baseline_weight * baseline.
+
+    Shapes: logits `[N, A]` (any leading shape `[..., A]`, e.g. `[T, B, A]`), values, actions
+    and returns `[N]` (resp. `[...]`) -> scalars. Reduction: mean, as in the seed. The advantage
+    G - V is detached in the policy term, so the baseline is trained only by its own term; the
+    returns are constants.
     """
-    _same_shape(values=values, actions=actions, returns=returns)
-    advantages = returns - values
+    _check_logits("logits", logits, rank=None)
+    _check_per_step(
+        "logits without its last dim",
+        logits.shape[:-1],
+        values=values,
+        actions=actions,
+        returns=returns,
+    )
+    advantages = returns.detach() - values
     policy = -(action_log_probs(logits, actions) * advantages.detach()).mean()
     baseline = (0.5 * advantages**2).mean()
-    return ReinforceLoss(policy_weight * policy + baseline_weight * baseline, policy, baseline)
+    total = policy_weight * policy + baseline_weight * baseline
+    return ReinforceLoss(total=total, policy=policy, baseline=baseline)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -31,10 +33,19 @@ class Learner:
     progress in [0, 1] (for the linear learning-rate decay) and returns scalar metrics.
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, store: ParameterStore) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        store: ParameterStore,
+        grad_sync: Callable[[nn.Module], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.store = store
+        # Synchronous multi-learner training: the runtime's hook averages the gradients of all
+        # learners (a collective) so that every learner applies the same update.
+        self.grad_sync = grad_sync
         self.optimizer = make_optimizer(cfg, model.parameters())
         self.updates = 0
 
@@ -58,6 +69,8 @@ class Learner:
             terms, logits = self._vtrace_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.model)
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()

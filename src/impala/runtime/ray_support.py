@@ -38,6 +38,9 @@ def set_ray_environment() -> None:
 def check_port_free(host: str, port: int) -> None:
     """Raises ConfigError if `host:port` cannot be bound (taken, or not this machine's)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: connections of an earlier run left in TIME_WAIT do not make a port taken;
+        # a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((socket.gethostbyname(host), port))
         except OSError as exc:
@@ -116,18 +119,17 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
     Until the head's port answers, only a TCP probe is made (ray.init itself would block for tens
     of seconds per try). Raises TimeoutError naming the address when nothing answers in time.
     """
+    set_ray_environment()  # before the first `import ray`: Ray reads some of it at import
     import ray
 
-    set_ray_environment()
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     said = False
     while True:
         if _port_open(host, int(port)):
             try:
-                with _quiet_stderr():
-                    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
-                             namespace="impala", configure_logging=False)
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+                         namespace="impala", configure_logging=False)
                 return
             except (ConnectionError, RuntimeError, ValueError):
                 pass
@@ -140,25 +142,11 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Ray's C++ core prints connection retries on fd 2; while we wait, they are noise."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-@contextlib.contextmanager
 def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
     """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`."""
+    set_ray_environment()
     import ray
 
-    set_ray_environment()
     if address:
         connect(address, timeout=60)
     else:
