@@ -34,3 +34,11 @@ def test_cartpole_reaches_475_within_60_seconds(tmp_path):
     reached = [r["time"] for r in records if (r["return_mean"] or 0) >= 475]
     assert reached, records[-1]
     assert reached[0] < 60, reached[0]
+
+
+@pytest.mark.slow
+def test_cartpole_on_ray_reaches_475(tmp_path):
+    pytest.importorskip("ray")
+    _, records = _train(tmp_path, "--env", "CartPole-v1", "--runtime", "ray", "--log-interval", "1")
+    reached = [r["time"] for r in records if (r["return_mean"] or 0) >= 475]
+    assert reached, records[-1]

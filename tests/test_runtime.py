@@ -111,3 +111,32 @@ def test_dead_explorer_is_restarted(tmp_path, capsys):
     assert killed
     assert "restarting it" in capsys.readouterr().out
     assert result.steps >= 150_000
+
+
+def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import threading
+
+    cfg = _cfg(str(tmp_path / "r"), env="CartPole-v1", runtime="ray", total_steps=200_000,
+               envs_per_explorer=8, batch_size=16, num_explorers=2)
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not killed:
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                if "_ExplorerActor" in " ".join(proc.info["cmdline"] or []):
+                    if (tmp_path / "r" / "metrics.jsonl").exists():
+                        time.sleep(1.0)
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    result = train(cfg)
+    thread.join()
+    assert killed
+    assert "died; Ray restarts it" in capsys.readouterr().out
+    assert result.steps >= 200_000

@@ -60,7 +60,7 @@ class ExplorerWorker:
 
     def set_weights(self, version: int, flat: np.ndarray | torch.Tensor) -> None:
         if version != self.store.version:
-            self.store.assign(version, torch.as_tensor(flat))
+            self.store.assign(version, torch.tensor(flat))  # a copy: Ray's arrays are read-only
 
     def unroll(self, weights: tuple[int, Any] | None = None) -> tuple[Payload | None, UnrollInfo]:
         if weights is not None:

@@ -74,15 +74,16 @@ class Hub:
             self._cond.notify_all()
 
     # --- the learner's side --------------------------------------------------------------------
-    def drain(self, max_items: int, timeout: float) -> tuple[list, list[str]]:
-        """Up to `max_items` queued messages (waits up to `timeout` for the first) and events."""
+    def drain(self, max_items: int, timeout: float) -> tuple[list, list[str], int]:
+        """Up to `max_items` queued messages (waits up to `timeout` for the first), the events
+        since the last call, and how many explorers have finished their steps."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._inbox and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
             items = [self._inbox.popleft() for _ in range(min(max_items, len(self._inbox)))]
             events, self._events = self._events, []
-            return items, events
+            return items, events, len(self._finished)
 
     def publish(self, version: int, flat: Any) -> None:
         with self._cond:

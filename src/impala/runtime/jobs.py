@@ -276,7 +276,7 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
     seen_data = False
     try:
         while True:
-            items, events = ray.get(hub.drain.remote(64, 0.05))
+            items, events, finished = ray.get(hub.drain.remote(64, 0.05))
             for event in events:
                 print(f"learner {spec.task}: {event}", file=tracker.out, flush=True)
             for payload, info in items:
@@ -294,7 +294,10 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
                 ready = replay.num_slots_filled > 0
             else:
                 ready = len(pending) >= cfg.slots_per_batch
-            stop = tracker.should_stop() or global_steps >= total
+            # The job ends when the step budget is spent or every explorer has made its -s steps
+            # (and what they sent has been learned from).
+            all_done = finished >= len(spec.explorers) and not items and (replay is not None or not ready)
+            stop = tracker.should_stop() or global_steps >= total or all_done
             if multi:
                 # All learners agree on stopping and on the step count before each joint update.
                 control = torch.tensor([float(stop), float(tracker.steps), float(not ready)])

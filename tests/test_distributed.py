@@ -1,0 +1,236 @@
+"""The seed's job command lines as real OS processes on loopback, started the way a user would.
+
+Learner task 0 hosts a Ray head at its address; every other task joins it. Each test checks that
+no Ray or impala process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+pytest.importorskip("ray")
+
+PROGRAM = [sys.executable, "-m", "impala.cli"]
+
+
+def free_ports(n):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def hosts(ports):
+    return ",".join(f"localhost:{p}" for p in ports)
+
+
+class Job:
+    """Starts tasks as separate processes and makes sure every one of them is gone at the end."""
+
+    def __init__(self, tmp_path, n_learners, n_explorers):
+        ports = free_ports(n_learners + n_explorers)
+        self.l, self.e = hosts(ports[:n_learners]), hosts(ports[n_learners:])
+        self.tmp = tmp_path
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, job, task, *args, name=None):
+        name = name or f"{job}{task}"
+        out = open(self.tmp / f"{name}.out", "w")
+        err = open(self.tmp / f"{name}.err", "w")
+        extra = ["--run-dir", str(self.tmp / f"run-{name}")] if job == "learner" else []
+        self.procs[name] = subprocess.Popen(
+            [*PROGRAM, "-l", self.l, "-e", self.e, "-j", job, "-t", str(task), *extra, *args],
+            stdout=out, stderr=err, text=True,
+        )
+        return self.procs[name]
+
+    def wait(self, name, timeout):
+        return self.procs[name].wait(timeout=timeout)
+
+    def out(self, name):
+        return (self.tmp / f"{name}.out").read_text()
+
+    def err(self, name):
+        return (self.tmp / f"{name}.err").read_text()
+
+    def seed_lines(self, name):
+        return [l for l in self.out(name).splitlines() if l.startswith("task ")]
+
+    def close(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def job_factory(tmp_path):
+    jobs = []
+
+    def make(n_learners=1, n_explorers=1):
+        jobs.append(Job(tmp_path, n_learners, n_explorers))
+        return jobs[-1]
+
+    yield make
+    for job in jobs:
+        job.close()
+    _assert_no_ray_processes()
+
+
+def _assert_no_ray_processes(timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["name"] in ("gcs_server", "raylet") or "impala-ray-" in cmd or "impala.cli -l" in cmd:
+                left.append(f"{proc.pid} {cmd[:80]}")
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes left running: {left}")
+        time.sleep(0.5)
+
+
+def _prob(line):
+    return float(line.split("avg-right-prob=")[1])
+
+
+def test_seed_command_lines_learn_the_corridor(job_factory):
+    job = job_factory()
+    job.start("learner", 0)
+    job.start("explorer", 0)
+    assert job.wait("explorer0", 180) == 0, job.err("explorer0")
+    assert job.wait("learner0", 60) == 0, job.err("learner0")
+    lines = job.seed_lines("learner0")
+    assert len(lines) > 5
+    assert abs(_prob(lines[-1]) - 0.59) <= 0.03, lines[-3:]
+    assert "explorer 0 done" in job.out("explorer0")
+
+
+def test_explorer_first_learner_15_seconds_later(job_factory):
+    job = job_factory()
+    job.start("explorer", 0, "-s", "100000")
+    time.sleep(15)
+    assert job.procs["explorer0"].poll() is None
+    assert "waiting for learner 0" in job.out("explorer0")
+    job.start("learner", 0, "-s", "100000")
+    assert job.wait("explorer0", 120) == 0, job.err("explorer0")
+    assert job.wait("learner0", 60) == 0, job.err("learner0")
+    assert job.seed_lines("learner0")
+
+
+def test_one_learner_three_explorers(job_factory):
+    job = job_factory(1, 3)
+    job.start("learner", 0, "-s", "60000")
+    for t in range(3):
+        job.start("explorer", t, "-s", "60000")
+    for t in range(3):
+        assert job.wait(f"explorer{t}", 150) == 0, job.err(f"explorer{t}")
+    assert job.wait("learner0", 60) == 0, job.err("learner0")
+    done = [l for l in job.out("learner0").splitlines() if l.startswith("learner 0 done")]
+    assert done and int(done[0].split()[3].replace(",", "")) >= 3 * 60000 * 0.95
+
+
+def test_two_learners_stay_identical(job_factory, tmp_path):
+    job = job_factory(2, 2)
+    args = ("--env", "CartPole-v1", "-s", "60000", "--envs-per-explorer", "8", "--batch-size", "16")
+    for t in range(2):
+        job.start("learner", t, *args)
+    for t in range(2):
+        job.start("explorer", t, *args)
+    for name in ("explorer0", "explorer1", "learner0", "learner1"):
+        assert job.wait(name, 180) == 0, job.err(name)
+    a = torch.load(tmp_path / "run-learner0" / "model.pt")
+    b = torch.load(tmp_path / "run-learner1" / "model.pt")
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    done = [l for l in job.out("learner0").splitlines() if l.startswith("learner 0 done")]
+    assert done and int(done[0].split(",")[-2].split()[-1]) > 10  # "..., N updates in ..."
+
+
+def test_killed_explorer_rejoins_and_learning_goes_on(job_factory):
+    job = job_factory()
+    job.start("learner", 0, "-s", "600000")
+    first = job.start("explorer", 0, "-s", "600000")
+    deadline = time.monotonic() + 90
+    while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    updates_at_kill = int(job.seed_lines("learner0")[-1].split()[3])
+    time.sleep(4)
+    updates_while_gone = int(job.seed_lines("learner0")[-1].split()[3])
+    assert updates_while_gone > updates_at_kill  # the learner goes on learning from its buffer
+    job.start("explorer", 0, "-s", "600000", name="explorer0-again")
+    assert job.wait("explorer0-again", 150) == 0, job.err("explorer0-again")
+    assert job.wait("learner0", 60) == 0, job.err("learner0")
+    assert "explorer 0 rejoined (rejoins so far: 1)" in job.out("learner0")
+
+
+def test_explorer_without_learner_gives_up_after_timeout(job_factory):
+    job = job_factory()
+    proc = job.start("explorer", 0, "--peer-timeout", "4")
+    assert proc.wait(timeout=60) == 1
+    err = [l for l in job.err("explorer0").splitlines() if l.strip()]
+    assert len(err) == 1 and "within 4 s" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-l", "localhost:abc", "-e", "localhost:1234"], "--learner-hosts: 'localhost:abc' is not host:port"),
+        (["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"], "--explorer-hosts: 'localhost' is not host:port"),
+        (["-l", "localhost:1233", "-e", "localhost:1234", "-j", "explorer", "-t", "1"], "--task-index 1 is outside the explorer list"),
+        (["-l", "localhost:1233", "-e", "localhost:1234", "-j", "boss"], "invalid choice: 'boss'"),
+        (["-l", "localhost:1233", "-e", "localhost:1233"], "appears twice"),
+    ],
+)
+def test_bad_job_lines_exit_2(argv, message):
+    proc = subprocess.run([*PROGRAM, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_port_already_taken(job_factory):
+    job = job_factory()
+    host, port = job.l.split(":")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(port)))
+        taken.listen(1)
+        proc = job.start("learner", 0)
+        assert proc.wait(timeout=60) == 2
+    lines = job.err("learner0").strip().splitlines()
+    assert len(lines) == 1 and "port already taken" in lines[0], lines
+
+
+def test_tasks_with_different_host_lists_are_refused(job_factory):
+    job = job_factory()
+    job.start("learner", 0)
+    other_e = hosts(free_ports(2))
+    proc = subprocess.run([*PROGRAM, "-l", job.l, "-e", other_e, "-j", "explorer", "-t", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("impala")]
+    assert len(lines) == 1 and "explorer_hosts" in lines[0], proc.stderr
