@@ -78,8 +78,8 @@ class Config:
     """'linear' decays the learning rate to 0 over the run (paper); 'constant' keeps it."""
     rmsprop_alpha: float = 0.99
     """RMSProp decay."""
-    rmsprop_eps: float = 0.01
-    """RMSProp epsilon (also Adam's)."""
+    optimizer_eps: float = 0.01
+    """Epsilon of RMSProp and Adam (a larger one damps steps on tiny, noisy gradients)."""
     rmsprop_momentum: float = 0.0
     """RMSProp momentum."""
     baseline_cost: float = 0.5
@@ -204,7 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         log_interval=1.0, loss_reduction="mean", grad_clip=None,
     ),
     "CartPole-v1": dict(
-        net="mlp", num_hidden=64, gamma=0.99, learning_rate=1e-3, optimizer="adam",
+        net="mlp", num_hidden=64, gamma=0.99, learning_rate=2e-3, optimizer="adam", optimizer_eps=1e-3,
         entropy_cost=0.01, num_explorers=2, envs_per_explorer=32, unroll_length=20,
         batch_size=32, total_steps=2_000_000, loss_reduction="mean", grad_clip=0.5,
         baseline_cost=0.5,

@@ -16,11 +16,11 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.optimizer` with the config's settings."""
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.rmsprop_eps,
+            params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps,
             momentum=cfg.rmsprop_momentum,
         )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
+        return torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
     if cfg.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=cfg.learning_rate)
     return torch.optim.SGD(params, lr=cfg.learning_rate)
