@@ -26,5 +26,10 @@ test-slow: setup
 bench: setup
 	$(BIN)/impala bench --env CartPole-v1 $(ARGS)
 
+lint: setup
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

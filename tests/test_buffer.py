@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 
 from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec, slots_to_batch

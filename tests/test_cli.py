@@ -45,9 +45,31 @@ def test_seed_flags_map_to_config(monkeypatch):
         seen["cfg"] = cfg
 
     monkeypatch.setattr("impala.train.train", fake_train)
-    code = main(["train", "-s", "500", "-m", "50", "-b", "200", "--learn-batch-size", "16",
-                 "-f", "2", "--num-hidden", "7", "-g", "0.9", "-a", "0.01", "-t", "3",
-                 "--clip-rho-threshold", "none"])
+    code = main(
+        [
+            "train",
+            "-s",
+            "500",
+            "-m",
+            "50",
+            "-b",
+            "200",
+            "--learn-batch-size",
+            "16",
+            "-f",
+            "2",
+            "--num-hidden",
+            "7",
+            "-g",
+            "0.9",
+            "-a",
+            "0.01",
+            "-t",
+            "3",
+            "--clip-rho-threshold",
+            "none",
+        ]
+    )
     assert code == 0
     cfg = seen["cfg"]
     assert (cfg.steps_per_explorer, cfg.max_steps_per_episode, cfg.buffer_size) == (500, 50, 200)
@@ -61,6 +83,11 @@ def test_presets_then_explicit_values():
     assert cfg.net == "mlp" and cfg.learning_rate == 0.5
     seed = config.resolve({})
     assert (seed.env, seed.net, seed.num_hidden, seed.gamma, seed.optimizer) == (
-        "ShortCorridor-v0", "seed", 10, 0.97, "rmsprop")
+        "ShortCorridor-v0",
+        "seed",
+        10,
+        0.97,
+        "rmsprop",
+    )
     with pytest.raises(ConfigError, match="unknown config field"):
         config.resolve({"nope": 1})

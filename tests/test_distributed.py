@@ -54,7 +54,9 @@ class Job:
         extra = ["--run-dir", str(self.tmp / f"run-{name}")] if job == "learner" else []
         self.procs[name] = subprocess.Popen(
             [*PROGRAM, "-l", self.l, "-e", self.e, "-j", job, "-t", str(task), *extra, *args],
-            stdout=out, stderr=err, text=True,
+            stdout=out,
+            stderr=err,
+            text=True,
         )
         return self.procs[name]
 
@@ -68,7 +70,7 @@ class Job:
         return (self.tmp / f"{name}.err").read_text()
 
     def seed_lines(self, name):
-        return [l for l in self.out(name).splitlines() if l.startswith("task ")]
+        return [line for line in self.out(name).splitlines() if line.startswith("task ")]
 
     def close(self):
         for proc in self.procs.values():
@@ -102,7 +104,11 @@ def _assert_no_ray_processes(timeout=20):
         left = []
         for proc in psutil.process_iter(["name", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
-            if proc.info["name"] in ("gcs_server", "raylet") or "impala-ray-" in cmd or "impala.cli -l" in cmd:
+            if (
+                proc.info["name"] in ("gcs_server", "raylet")
+                or "impala-ray-" in cmd
+                or "impala.cli -l" in cmd
+            ):
                 left.append(f"{proc.pid} {cmd[:80]}")
         if not left:
             return
@@ -147,7 +153,7 @@ def test_one_learner_three_explorers(job_factory):
     for t in range(3):
         assert job.wait(f"explorer{t}", 150) == 0, job.err(f"explorer{t}")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
-    done = [l for l in job.out("learner0").splitlines() if l.startswith("learner 0 done")]
+    done = [line for line in job.out("learner0").splitlines() if line.startswith("learner 0 done")]
     assert done and int(done[0].split()[3].replace(",", "")) >= 3 * 60000 * 0.95
 
 
@@ -165,7 +171,7 @@ def test_two_learners_stay_identical(job_factory, tmp_path):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    done = [l for l in job.out("learner0").splitlines() if l.startswith("learner 0 done")]
+    done = [line for line in job.out("learner0").splitlines() if line.startswith("learner 0 done")]
     assert done and int(done[0].split(",")[-2].split()[-1]) > 10  # "..., N updates in ..."
 
 
@@ -192,16 +198,25 @@ def test_explorer_without_learner_gives_up_after_timeout(job_factory):
     job = job_factory()
     proc = job.start("explorer", 0, "--peer-timeout", "4")
     assert proc.wait(timeout=60) == 1
-    err = [l for l in job.err("explorer0").splitlines() if l.strip()]
+    err = [line for line in job.err("explorer0").splitlines() if line.strip()]
     assert len(err) == 1 and "within 4 s" in err[0], err
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["-l", "localhost:abc", "-e", "localhost:1234"], "--learner-hosts: 'localhost:abc' is not host:port"),
-        (["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"], "--explorer-hosts: 'localhost' is not host:port"),
-        (["-l", "localhost:1233", "-e", "localhost:1234", "-j", "explorer", "-t", "1"], "--task-index 1 is outside the explorer list"),
+        (
+            ["-l", "localhost:abc", "-e", "localhost:1234"],
+            "--learner-hosts: 'localhost:abc' is not host:port",
+        ),
+        (
+            ["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"],
+            "--explorer-hosts: 'localhost' is not host:port",
+        ),
+        (
+            ["-l", "localhost:1233", "-e", "localhost:1234", "-j", "explorer", "-t", "1"],
+            "--task-index 1 is outside the explorer list",
+        ),
         (["-l", "localhost:1233", "-e", "localhost:1234", "-j", "boss"], "invalid choice: 'boss'"),
         (["-l", "localhost:1233", "-e", "localhost:1233"], "appears twice"),
     ],
@@ -215,7 +230,7 @@ def test_bad_job_lines_exit_2(argv, message):
 
 def test_port_already_taken(job_factory):
     job = job_factory()
-    host, port = job.l.split(":")
+    _host, port = job.l.split(":")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", int(port)))
         taken.listen(1)
@@ -229,8 +244,12 @@ def test_tasks_with_different_host_lists_are_refused(job_factory):
     job = job_factory()
     job.start("learner", 0)
     other_e = hosts(free_ports(2))
-    proc = subprocess.run([*PROGRAM, "-l", job.l, "-e", other_e, "-j", "explorer", "-t", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*PROGRAM, "-l", job.l, "-e", other_e, "-j", "explorer", "-t", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("impala")]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("impala")]
     assert len(lines) == 1 and "explorer_hosts" in lines[0], proc.stderr

@@ -32,7 +32,7 @@ def test_truncation_bootstraps_from_last_observation_not_next_episode():
     # value head with a large weight so that different observations give clearly different values
     torch.nn.init.normal_(model.value_head.weight, std=3.0)
     exp, _ = _explorer("CartPole-v1", 2, model, max_steps=5, gamma=0.9)
-    storage, out = _slot("CartPole-v1", 2, max_steps=5)
+    _storage, out = _slot("CartPole-v1", 2, max_steps=5)
     exp.fill(out)
     # Episodes of 5 steps (CartPole cannot fail in 5 steps): truncated at t = 4
     disc, tv, obs, actions = out["discount"], out["truncation_value"], out["obs"], out["action"]
@@ -68,7 +68,7 @@ def test_termination_has_zero_discount_and_no_bootstrap():
 def test_unroll_overlap_and_versions():
     model = SeedNet(10)
     exp, store = _explorer("ShortCorridor-v0", 3, model, max_steps=100)
-    storage, out = _slot("ShortCorridor-v0", 3, max_steps=100)
+    _storage, out = _slot("ShortCorridor-v0", 3, max_steps=100)
     first = exp.fill(out)
     assert first.policy_version == 0 and np.all(out["policy_version"] == 0)
     store.publish(model)  # the learner moves on: version 1
@@ -80,7 +80,7 @@ def test_unroll_overlap_and_versions():
 def test_sync_episode_refreshes_only_at_episode_start():
     model = SeedNet(10)
     exp, store = _explorer("ShortCorridor-v0", 1, model, max_steps=100, sync="episode")
-    storage, out = _slot("ShortCorridor-v0", 1, max_steps=100)
+    _storage, out = _slot("ShortCorridor-v0", 1, max_steps=100)
     store.publish(model)
     exp.fill(out)
     versions = out["policy_version"][:, 0]
@@ -95,7 +95,7 @@ def test_sync_episode_refreshes_only_at_episode_start():
 def test_reinforce_returns_are_discounted_episode_returns():
     model = SeedNet(10)
     exp, _ = _explorer("ShortCorridor-v0", 2, model, max_steps=100, algo="reinforce", gamma=0.9)
-    storage, out = _slot("ShortCorridor-v0", 2, max_steps=100)
+    _storage, out = _slot("ShortCorridor-v0", 2, max_steps=100)
     info = exp.fill(out)
     assert info.steps >= T * 2
     # Every corridor return is a sum of -1s and a final +1, discounted: bounded by geometric sums

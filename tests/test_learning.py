@@ -11,7 +11,9 @@ def _train(tmp_path, *args, timeout=240):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "impala.cli", "train", "--run-dir", str(run_dir), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

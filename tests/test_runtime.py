@@ -10,10 +10,10 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import project_children, shm_entries
 
 from impala import config
 from impala.train import train
-from conftest import project_children, shm_entries
 
 
 def _cfg(run_dir, **kw):
@@ -23,8 +23,14 @@ def _cfg(run_dir, **kw):
 def test_serial_runtime_is_deterministic(tmp_path, capsys):
     results = []
     for k in range(2):
-        cfg = _cfg(str(tmp_path / f"r{k}"), runtime="serial", env="CartPole-v1",
-                   total_steps=6_000, envs_per_explorer=4, batch_size=8)
+        cfg = _cfg(
+            str(tmp_path / f"r{k}"),
+            runtime="serial",
+            env="CartPole-v1",
+            total_steps=6_000,
+            envs_per_explorer=4,
+            batch_size=8,
+        )
         train(cfg)
         results.append(torch.load(tmp_path / f"r{k}" / "model.pt"))
     for name, tensor in results[0].items():
@@ -35,7 +41,7 @@ def test_serial_corridor_line_and_run_folder(tmp_path, capsys):
     cfg = _cfg(str(tmp_path / "r"), runtime="serial", steps_per_explorer=3_000)
     result = train(cfg)
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("task 0 step"))
+    line = next(line for line in out.splitlines() if line.startswith("task 0 step"))
     parts = line.split()
     assert parts[:3] == ["task", "0", "step"] and parts[4] == "loss"
     assert parts[6].startswith("avg-right-prob=")
@@ -43,34 +49,59 @@ def test_serial_corridor_line_and_run_folder(tmp_path, capsys):
     assert result.steps >= 3_000
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["env"] == "ShortCorridor-v0"
-    records = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    text = (tmp_path / "r" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
     assert records and {"steps", "updates", "loss", "policy_lag", "return_mean"} <= set(records[-1])
 
 
 @pytest.mark.parametrize("buffer", ["fifo", "replay"])
 def test_local_runtime_runs_and_cleans_up(tmp_path, buffer):
     before = shm_entries()
-    cfg = _cfg(str(tmp_path / "r"), env="CartPole-v1", total_steps=20_000, buffer=buffer,
-               envs_per_explorer=4, batch_size=8, num_explorers=2)
+    cfg = _cfg(
+        str(tmp_path / "r"),
+        env="CartPole-v1",
+        total_steps=20_000,
+        buffer=buffer,
+        envs_per_explorer=4,
+        batch_size=8,
+        num_explorers=2,
+    )
     result = train(cfg)
     assert result.steps >= 20_000 and result.updates > 0
     assert project_children() == []
     assert shm_entries() == before
-    lag = [json.loads(l)["policy_lag"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lag = [
+        json.loads(line)["policy_lag"]
+        for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(x is None or x >= 0 for x in lag)
 
 
 def test_ctrl_c_stops_everything(tmp_path):
     before = shm_entries()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "impala.cli", "train", "--env", "CartPole-v1", "--run-dir",
-         str(tmp_path / "r"), "--log-interval", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "impala.cli",
+            "train",
+            "--env",
+            "CartPole-v1",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--log-interval",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until learning has started
-            if (tmp_path / "r" / "metrics.jsonl").exists() and (tmp_path / "r" / "metrics.jsonl").read_text():
+            if (tmp_path / "r" / "metrics.jsonl").exists() and (
+                tmp_path / "r" / "metrics.jsonl"
+            ).read_text():
                 break
             time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -82,7 +113,7 @@ def test_ctrl_c_stops_everything(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
     assert shm_entries() == before
 
@@ -90,8 +121,14 @@ def test_ctrl_c_stops_everything(tmp_path):
 def test_dead_explorer_is_restarted(tmp_path, capsys):
     import threading
 
-    cfg = _cfg(str(tmp_path / "r"), env="CartPole-v1", total_steps=150_000, envs_per_explorer=4,
-               batch_size=8, num_explorers=2)
+    cfg = _cfg(
+        str(tmp_path / "r"),
+        env="CartPole-v1",
+        total_steps=150_000,
+        envs_per_explorer=4,
+        batch_size=8,
+        num_explorers=2,
+    )
     killed = []
 
     def killer():
@@ -117,8 +154,15 @@ def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
     pytest.importorskip("ray")
     import threading
 
-    cfg = _cfg(str(tmp_path / "r"), env="CartPole-v1", runtime="ray", total_steps=200_000,
-               envs_per_explorer=8, batch_size=16, num_explorers=2)
+    cfg = _cfg(
+        str(tmp_path / "r"),
+        env="CartPole-v1",
+        runtime="ray",
+        total_steps=200_000,
+        envs_per_explorer=8,
+        batch_size=16,
+        num_explorers=2,
+    )
     killed = []
 
     def killer():

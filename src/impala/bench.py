@@ -27,11 +27,17 @@ from impala.train import train
 
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
-    vec = make_vector_env(cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode)
+    vec = make_vector_env(
+        cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode
+    )
     try:
         vec.reset(seed=cfg.seed + index)
         rng = np.random.default_rng(cfg.seed + index)
-        n = vec.action_space.nvec[0] if hasattr(vec.action_space, "nvec") else vec.single_action_space.n
+        n = (
+            vec.action_space.nvec[0]
+            if hasattr(vec.action_space, "nvec")
+            else vec.single_action_space.n
+        )
         steps, start = 0, time.monotonic()
         while time.monotonic() - start < seconds:
             for _ in range(16):
@@ -46,8 +52,10 @@ def random_ceiling(cfg: Config, seconds: float) -> float:
     """Env steps/s of `num_explorers` processes acting at random, all running at once."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_random_worker, args=(cfg, i, seconds, results), daemon=True)
-             for i in range(cfg.num_explorers)]
+    procs = [
+        ctx.Process(target=_random_worker, args=(cfg, i, seconds, results), daemon=True)
+        for i in range(cfg.num_explorers)
+    ]
     try:
         for proc in procs:
             proc.start()
@@ -101,13 +109,21 @@ def bench(
     """
     out = out if out is not None else sys.stdout
     ceiling_seconds = seconds if ceiling_seconds is None else ceiling_seconds
-    print(f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "
-          f"envs of {cfg.env}, {ceiling_seconds:.0f} s ...", file=out, flush=True)
+    print(
+        f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "
+        f"envs of {cfg.env}, {ceiling_seconds:.0f} s ...",
+        file=out,
+        flush=True,
+    )
     ceiling = random_ceiling(cfg, ceiling_seconds)
     print(f"training for {warmup:.0f} s warm-up + {seconds:.0f} s ...", file=out, flush=True)
     train_cfg = dataclasses.replace(
-        cfg, max_seconds=warmup + seconds, total_steps=10**12, target_return=None,
-        lr_schedule="constant", log_interval=min(cfg.log_interval, 1.0),
+        cfg,
+        max_seconds=warmup + seconds,
+        total_steps=10**12,
+        target_return=None,
+        lr_schedule="constant",
+        log_interval=min(cfg.log_interval, 1.0),
     )
     sampler = _MemorySampler()
     sampler.start()
@@ -139,8 +155,11 @@ def bench(
     print(f"training throughput    {throughput:>12,.0f} env steps/s", file=out)
     print(f"ratio                  {throughput / ceiling:>12.1%}", file=out)
     if mem:
-        print(f"memory (RSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
-              f"at the end, {max(mem):,.0f} MiB max ({figures['memory_growth']:+.1%})", file=out)
+        print(
+            f"memory (RSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
+            f"at the end, {max(mem):,.0f} MiB max ({figures['memory_growth']:+.1%})",
+            file=out,
+        )
     (Path(result.run_dir) / "bench.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures), file=out, flush=True)
     return figures

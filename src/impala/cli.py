@@ -54,8 +54,12 @@ def _field_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(config_mod.Config))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs
 
@@ -65,7 +69,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(config_mod.Config):
         name = field.name
         flags = [*_ALIASES.get(name, ()), "--" + name.replace("_", "-")]
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": docs.get(name, "")}
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": docs.get(name, ""),
+        }
         default = field.default
         if name in config_mod.CHOICES:
             kwargs["choices"] = config_mod.CHOICES[name]
@@ -91,12 +99,25 @@ def build_job_parser() -> argparse.ArgumentParser:
         "'impala -l localhost:22222 -e localhost:22223 -j learner -t 0' and the same with "
         "'-j explorer'. Learner task 0 hosts the Ray head at its address.",
     )
-    parser.add_argument("-l", "--learner-hosts", required=True, help="host:port of every learner task")
-    parser.add_argument("-e", "--explorer-hosts", required=True, help="host:port of every explorer task")
-    parser.add_argument("-j", "--job-name", default="learner", choices=("learner", "explorer"),
-                        help="this task's job (default: learner)")
-    parser.add_argument("--peer-timeout", type=float, default=120.0,
-                        help="seconds to wait for peers that are not up yet (default: 120)")
+    parser.add_argument(
+        "-l", "--learner-hosts", required=True, help="host:port of every learner task"
+    )
+    parser.add_argument(
+        "-e", "--explorer-hosts", required=True, help="host:port of every explorer task"
+    )
+    parser.add_argument(
+        "-j",
+        "--job-name",
+        default="learner",
+        choices=("learner", "explorer"),
+        help="this task's job (default: learner)",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for peers that are not up yet (default: 120)",
+    )
     _add_config_options(parser)
     return parser
 
@@ -104,15 +125,25 @@ def build_job_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="impala", description="IMPALA (Espeholt et al. 2018) in PyTorch.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    train = sub.add_parser("train", help="train an agent", description="Train an agent. Defaults "
-                           "depend on the environment (see impala.config.PRESETS).")
+    train = sub.add_parser(
+        "train",
+        help="train an agent",
+        description="Train an agent. Defaults "
+        "depend on the environment (see impala.config.PRESETS).",
+    )
     _add_config_options(train)
-    bench = sub.add_parser("bench", help="measure the random-policy ceiling and training throughput")
+    bench = sub.add_parser(
+        "bench", help="measure the random-policy ceiling and training throughput"
+    )
     _add_config_options(bench)
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds of each phase")
     bench.add_argument("--warmup", type=float, default=5.0, help="training seconds not measured")
-    bench.add_argument("--ceiling-seconds", type=float, default=None,
-                       help="seconds of the random-policy phase (default: --seconds)")
+    bench.add_argument(
+        "--ceiling-seconds",
+        type=float,
+        default=None,
+        help="seconds of the random-policy phase (default: --seconds)",
+    )
     return parser
 
 
@@ -150,8 +181,12 @@ def _run_job(args: dict[str, Any]) -> int:
 
     name = f"{args.get('job_name', 'learner')} {args.get('task_index', 0)}"
     try:
-        spec = jobs.make_spec(args.pop("learner_hosts"), args.pop("explorer_hosts"),
-                              args.pop("job_name"), args.get("task_index", 0))
+        spec = jobs.make_spec(
+            args.pop("learner_hosts"),
+            args.pop("explorer_hosts"),
+            args.pop("job_name"),
+            args.get("task_index", 0),
+        )
         peer_timeout = args.pop("peer_timeout")
         if peer_timeout <= 0:
             raise ConfigError(f"--peer-timeout must be positive, got {peer_timeout!r}")

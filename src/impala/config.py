@@ -137,8 +137,16 @@ class Config:
 
 
 POSITIVE_INTS = (
-    "num_hidden", "num_layers", "num_explorers", "envs_per_explorer", "unroll_length",
-    "steps_per_explorer", "batch_size", "buffer_size", "learn_batch_size", "upload_frequency",
+    "num_hidden",
+    "num_layers",
+    "num_explorers",
+    "envs_per_explorer",
+    "unroll_length",
+    "steps_per_explorer",
+    "batch_size",
+    "buffer_size",
+    "learn_batch_size",
+    "upload_frequency",
 )
 POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds")
 CHOICES = {
@@ -198,15 +206,39 @@ def _flag(field_name: str) -> str:
 # seed prototype's own defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     CORRIDOR_ID: dict(
-        net="seed", num_hidden=10, max_steps_per_episode=100, gamma=0.97, learning_rate=1e-3,
-        optimizer="rmsprop", lr_schedule="linear", entropy_cost=0.0, num_explorers=1,
-        envs_per_explorer=4, unroll_length=40, sync="episode", buffer="replay", batch_size=4,
-        log_interval=1.0, loss_reduction="mean", grad_clip=None,
+        net="seed",
+        num_hidden=10,
+        max_steps_per_episode=100,
+        gamma=0.97,
+        learning_rate=1e-3,
+        optimizer="rmsprop",
+        lr_schedule="linear",
+        entropy_cost=0.0,
+        num_explorers=1,
+        envs_per_explorer=4,
+        unroll_length=40,
+        sync="episode",
+        buffer="replay",
+        batch_size=4,
+        log_interval=1.0,
+        loss_reduction="mean",
+        grad_clip=None,
     ),
     "CartPole-v1": dict(
-        net="mlp", num_hidden=64, gamma=0.99, learning_rate=2e-3, optimizer="adam", optimizer_eps=1e-3,
-        entropy_cost=0.01, num_explorers=2, envs_per_explorer=32, unroll_length=20,
-        batch_size=32, total_steps=2_000_000, loss_reduction="mean", grad_clip=0.5,
+        net="mlp",
+        num_hidden=64,
+        gamma=0.99,
+        learning_rate=2e-3,
+        optimizer="adam",
+        optimizer_eps=1e-3,
+        entropy_cost=0.01,
+        num_explorers=2,
+        envs_per_explorer=32,
+        unroll_length=20,
+        batch_size=32,
+        total_steps=2_000_000,
+        loss_reduction="mean",
+        grad_clip=0.5,
         baseline_cost=0.5,
     ),
 }

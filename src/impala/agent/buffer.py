@@ -41,7 +41,9 @@ def rollout_spec(env: EnvInfo, unroll_length: int, num_envs: int) -> Spec:
 
 def allocate(spec: Spec, num_slots: int, *, shared: bool = False) -> dict[str, torch.Tensor]:
     """`num_slots` unrolls of `spec`, as tensors `[num_slots, *shape]` (shared memory if asked)."""
-    storage = {k: torch.zeros((num_slots, *shape), dtype=dtype) for k, (shape, dtype) in spec.items()}
+    storage = {
+        k: torch.zeros((num_slots, *shape), dtype=dtype) for k, (shape, dtype) in spec.items()
+    }
     if shared:
         for tensor in storage.values():
             tensor.share_memory_()
@@ -79,7 +81,13 @@ def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, t
 
 
 _VTRACE_FIELDS = (
-    "obs", "action", "behaviour_logits", "reward", "discount", "truncation_value", "policy_version"
+    "obs",
+    "action",
+    "behaviour_logits",
+    "reward",
+    "discount",
+    "truncation_value",
+    "policy_version",
 )
 _REINFORCE_FIELDS = ("obs", "action", "behaviour_logits", "mc_return", "policy_version")
 

@@ -116,8 +116,10 @@ class Explorer:
         done = terminated | truncated
         self.episode_return += rewards
         self.episode_length += 1
-        finished = [(float(self.episode_return[i]), int(self.episode_length[i]))
-                    for i in np.flatnonzero(done)]
+        finished = [
+            (float(self.episode_return[i]), int(self.episode_length[i]))
+            for i in np.flatnonzero(done)
+        ]
         self.episode_return[done] = 0.0
         self.episode_length[done] = 0
         self._finished_episodes.extend(finished)
@@ -145,7 +147,7 @@ class Explorer:
 
     def _fill_unroll(self, out: dict[str, np.ndarray]) -> int:
         for t in range(self.unroll_length):
-            obs, actions, logits, rewards, terminated, done, trunc_value = self._step()
+            obs, actions, logits, rewards, _terminated, done, trunc_value = self._step()
             out["obs"][t] = obs
             out["action"][t] = actions
             out["behaviour_logits"][t] = logits
@@ -190,4 +192,4 @@ class Explorer:
         for step in reversed(episode):
             ret = step.reward + self.gamma * ret
             returns.append(ret)
-        self._finished_steps.extend(zip(episode, reversed(returns)))
+        self._finished_steps.extend(zip(episode, reversed(returns), strict=False))

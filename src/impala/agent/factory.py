@@ -27,7 +27,13 @@ def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore)
         cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode
     )
     return Explorer(
-        index, vec_env, model, store,
-        unroll_length=cfg.unroll_length, gamma=cfg.gamma, algo=cfg.algo, sync=cfg.sync,
+        index,
+        vec_env,
+        model,
+        store,
+        unroll_length=cfg.unroll_length,
+        gamma=cfg.gamma,
+        algo=cfg.algo,
+        sync=cfg.sync,
         seed=explorer_seed(cfg, index),
     )

@@ -16,7 +16,10 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.optimizer` with the config's settings."""
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps,
+            params,
+            lr=cfg.learning_rate,
+            alpha=cfg.rmsprop_alpha,
+            eps=cfg.optimizer_eps,
             momentum=cfg.rmsprop_momentum,
         )
     if cfg.optimizer == "adam":

@@ -47,7 +47,9 @@ class ExplorerWorker:
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
         if cfg.buffer == "replay":
             self._capture = _CapturedUpload()
-            self._staging = ReplayStaging(spec, cfg.replay_slots_per_explorer, index, self._capture, cfg.upload_frequency)
+            self._staging = ReplayStaging(
+                spec, cfg.replay_slots_per_explorer, index, self._capture, cfg.upload_frequency
+            )
         else:
             self._out = {
                 k: np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype)

@@ -29,7 +29,7 @@ class SeedNet(nn.Module):
 
 def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
         layers += [nn.Linear(n_in, n_out), activation()]
     return nn.Sequential(*layers)
 

@@ -13,8 +13,14 @@ from impala.config import Config
 from impala.envs import EnvInfo
 from impala.metrics import Tracker
 
-__all__ = ["Runtime", "build_explorer", "build_model", "explorer_budget", "progress",
-           "seed_everything"]
+__all__ = [
+    "Runtime",
+    "build_explorer",
+    "build_model",
+    "explorer_budget",
+    "progress",
+    "seed_everything",
+]
 
 
 class Runtime(Protocol):

@@ -37,14 +37,18 @@ class Hub:
         diffs = [k for k in sorted(set(self.job) | set(job)) if self.job.get(k) != job.get(k)]
         if not diffs:
             return None
-        return "; ".join(f"{k}: {job.get(k)!r} here, {self.job.get(k)!r} at learner 0" for k in diffs)
+        return "; ".join(
+            f"{k}: {job.get(k)!r} here, {self.job.get(k)!r} at learner 0" for k in diffs
+        )
 
     def join(self, explorer: int) -> int:
         """Registers an explorer; returns how many times explorers have rejoined."""
         with self._cond:
             if explorer in self._joined:
                 self._rejoins += 1
-                self._events.append(f"explorer {explorer} rejoined (rejoins so far: {self._rejoins})")
+                self._events.append(
+                    f"explorer {explorer} rejoined (rejoins so far: {self._rejoins})"
+                )
             self._joined.add(explorer)
             self._finished.discard(explorer)
             return self._rejoins
@@ -97,8 +101,12 @@ class Hub:
 
     def status(self) -> dict[str, Any]:
         with self._cond:
-            return {"joined": sorted(self._joined), "finished": sorted(self._finished),
-                    "rejoins": self._rejoins, "queued": len(self._inbox)}
+            return {
+                "joined": sorted(self._joined),
+                "finished": sorted(self._finished),
+                "rejoins": self._rejoins,
+                "queued": len(self._inbox),
+            }
 
     # --- learners' rendezvous (torch.distributed) ----------------------------------------------
     def set_rendezvous(self, address: str) -> None:

@@ -17,7 +17,7 @@ import dataclasses
 import socket
 import sys
 import time
-from typing import Any, IO
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -33,8 +33,19 @@ from impala.runtime import common, ray_support
 from impala.runtime.hub import Hub
 
 # Settings that every task of one job must share (besides the host lists).
-SHARED_FIELDS = ("env", "algo", "net", "num_hidden", "num_layers", "unroll_length",
-                 "envs_per_explorer", "buffer", "gamma", "max_steps_per_episode", "sync")
+SHARED_FIELDS = (
+    "env",
+    "algo",
+    "net",
+    "num_hidden",
+    "num_layers",
+    "unroll_length",
+    "envs_per_explorer",
+    "buffer",
+    "gamma",
+    "max_steps_per_episode",
+    "sync",
+)
 PUBLISH_INTERVAL = 0.01  # seconds between weight publications to the hub
 REPLAY_BURST = 0.02  # seconds a single learner samples the replay buffer between hub visits
 
@@ -86,7 +97,10 @@ def make_spec(learner_hosts: str, explorer_hosts: str, job: str, task: int) -> J
         raise ConfigError("an address appears twice in --learner-hosts/--explorer-hosts")
     tasks = learners if job == "learner" else explorers
     if not 0 <= task < len(tasks):
-        raise ConfigError(f"--task-index {task} is outside the {job} list ({len(tasks)} tasks: 0-{len(tasks) - 1})")
+        raise ConfigError(
+            f"--task-index {task} is outside the {job} list "
+            f"({len(tasks)} tasks: 0-{len(tasks) - 1})"
+        )
     for host, _ in everything:
         try:
             socket.gethostbyname(host)
@@ -104,7 +118,9 @@ def _reserve(host: str, port: int) -> socket.socket:
         sock.listen(1)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: port already taken ({exc.strerror})") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: port already taken ({exc.strerror})"
+        ) from None
     return sock
 
 
@@ -122,7 +138,7 @@ class _Cluster:
         self.node: ray_support.RayNode | None = None
         self.reservation: socket.socket | None = None
 
-    def __enter__(self) -> "_Cluster":
+    def __enter__(self) -> _Cluster:
         spec = self.spec
         host, port = spec.own
         try:
@@ -134,10 +150,17 @@ class _Cluster:
                 head_host = spec.learners[0][0]
                 if not (_is_local(host) and _is_local(head_host)):
                     self.node = ray_support.RayNode.worker(spec.head_address, host)
-            wait = f"{spec.job} {spec.task}: waiting for learner 0 at {spec.head_address} (up to {self.timeout:.0f} s)"
+            wait = (
+                f"{spec.job} {spec.task}: waiting for learner 0 at {spec.head_address} "
+                f"(up to {self.timeout:.0f} s)"
+            )
             try:
-                ray_support.connect(spec.head_address, timeout=self.timeout,
-                                    waiting_message=None if self.head else wait, out=self.out)
+                ray_support.connect(
+                    spec.head_address,
+                    timeout=self.timeout,
+                    waiting_message=None if self.head else wait,
+                    out=self.out,
+                )
             except TimeoutError as exc:
                 failed = self.head.failed() if self.head else None
                 raise JobFailed(f"{spec.job} {spec.task}: {failed or exc}") from None
@@ -171,8 +194,15 @@ def _get_actor(name: str, timeout: float, what: str):
             time.sleep(0.2)
 
 
-def run_task(cfg: Config, spec: JobSpec, env: EnvInfo, *, peer_timeout: float, out: IO[str] | None = None,
-             run_dir=None) -> int:
+def run_task(
+    cfg: Config,
+    spec: JobSpec,
+    env: EnvInfo,
+    *,
+    peer_timeout: float,
+    out: IO[str] | None = None,
+    run_dir=None,
+) -> int:
     """Runs one task of the job to its end; returns the process exit code."""
     out = out if out is not None else sys.stdout
     with _Cluster(spec, peer_timeout, out):
@@ -186,8 +216,12 @@ def run_task(cfg: Config, spec: JobSpec, env: EnvInfo, *, peer_timeout: float, o
             if run_dir is not None:
                 torch.save(model.state_dict(), run_dir / "model.pt")
             result = tracker.result()
-            print(f"learner {spec.task} done: {result.steps:,} steps, {result.updates:,} updates in "
-                  f"{result.seconds:.1f} s", file=out, flush=True)
+            print(
+                f"learner {spec.task} done: {result.steps:,} steps, {result.updates:,} updates in "
+                f"{result.seconds:.1f} s",
+                file=out,
+                flush=True,
+            )
         else:
             _explorer(cfg, spec, env, peer_timeout, out)
     return 0
@@ -208,7 +242,7 @@ class _GradientAverager:
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=False):
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
@@ -230,11 +264,18 @@ def _init_learner_group(spec: JobSpec, hub0, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise JobFailed(f"learner {spec.task}: learner 0 never opened the learners' group")
             time.sleep(0.2)
-    dist.init_process_group("gloo", init_method=address, rank=spec.task, world_size=len(spec.learners),
-                            timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(
+        "gloo",
+        init_method=address,
+        rank=spec.task,
+        world_size=len(spec.learners),
+        timeout=datetime.timedelta(seconds=timeout),
+    )
 
 
-def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout: float) -> nn.Module:
+def _learner(
+    cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout: float
+) -> nn.Module:
     import ray
     import torch.distributed as dist
 
@@ -242,7 +283,9 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
     common.seed_everything(cfg.seed)
     job = spec.description(cfg)
     hub_cls = ray.remote(num_cpus=0, max_concurrency=16)(Hub)
-    hub = hub_cls.options(name=f"hub-{spec.task}").remote(spec.task, job, 4 * cfg.slots_per_batch + 8)
+    hub = hub_cls.options(name=f"hub-{spec.task}").remote(
+        spec.task, job, 4 * cfg.slots_per_batch + 8
+    )
     if spec.task > 0:
         hub0 = _get_actor("hub-0", timeout, f"learner {spec.task}: learner 0's hub")
         mismatch = ray.get(hub0.check.remote(job))
@@ -257,18 +300,30 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
         for p in model.parameters():  # every learner starts from learner 0's parameters
             dist.broadcast(p.data, src=0)
     store = ParameterStore(*ParameterStore.allocate(model))
-    learner = Learner(cfg, model, store, grad_sync=_GradientAverager(len(spec.learners)) if multi else None)
+    learner = Learner(
+        cfg, model, store, grad_sync=_GradientAverager(len(spec.learners)) if multi else None
+    )
     generator = torch.Generator().manual_seed(cfg.seed + spec.task)
     replay = None
     if cfg.buffer == "replay":
         slots = cfg.replay_slots_per_explorer
-        replay = ReplayBuffer(allocate(rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer),
-                                       slots * len(spec.explorers)),
-                              torch.zeros(len(spec.explorers), dtype=torch.int64), slots)
+        replay = ReplayBuffer(
+            allocate(
+                rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer),
+                slots * len(spec.explorers),
+            ),
+            torch.zeros(len(spec.explorers), dtype=torch.int64),
+            slots,
+        )
     ray.get(hub.publish.remote(*_weights(store)))
-    total = cfg.steps_per_explorer * len(spec.explorers) if cfg.total_steps is None else cfg.total_steps
-    print(f"learner {spec.task}: up; waiting for explorers at {','.join(f'{h}:{p}' for h, p in spec.explorers)}",
-          file=tracker.out, flush=True)
+    total = (
+        cfg.steps_per_explorer * len(spec.explorers) if cfg.total_steps is None else cfg.total_steps
+    )
+    print(
+        f"learner {spec.task}: up; waiting for explorers at {job['explorer_hosts']}",
+        file=tracker.out,
+        flush=True,
+    )
     pending: list[dict] = []
     global_steps = 0
     last_publish = 0.0
@@ -289,14 +344,18 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
                 else:
                     pending.append(payload["unroll"])
             if not seen_data and time.monotonic() > first_data_deadline:
-                raise JobFailed(f"learner {spec.task}: no explorer sent anything within {timeout:.0f} s")
+                raise JobFailed(
+                    f"learner {spec.task}: no explorer sent anything within {timeout:.0f} s"
+                )
             if replay is not None:
                 ready = replay.num_slots_filled > 0
             else:
                 ready = len(pending) >= cfg.slots_per_batch
             # The job ends when the step budget is spent or every explorer has made its -s steps
             # (and what they sent has been learned from).
-            all_done = finished >= len(spec.explorers) and not items and (replay is not None or not ready)
+            all_done = (
+                finished >= len(spec.explorers) and not items and (replay is not None or not ready)
+            )
             stop = tracker.should_stop() or global_steps >= total or all_done
             if multi:
                 # All learners agree on stopping and on the step count before each joint update.
@@ -312,7 +371,9 @@ def _learner(cfg: Config, spec: JobSpec, env: EnvInfo, tracker: Tracker, timeout
                 continue
             # With the replay buffer a single learner keeps sampling for a short while between
             # two visits to its hub; synchronous learners make one joint update per round.
-            burst_end = time.monotonic() + (REPLAY_BURST if replay is not None and not multi else 0.0)
+            burst_end = time.monotonic() + (
+                REPLAY_BURST if replay is not None and not multi else 0.0
+            )
             while True:
                 if replay is not None:
                     batch = replay.sample(cfg.learn_batch_size, cfg.algo, generator)
@@ -367,15 +428,21 @@ def _explorer(cfg: Config, spec: JobSpec, env: EnvInfo, timeout: float, out: IO[
     mismatch = ray.get(hub0.check.remote(spec.description(cfg)))
     if mismatch:
         raise ConfigError(f"this task's settings differ from learner 0's: {mismatch}")
-    hubs = [hub0] + [_get_actor(f"hub-{t}", timeout, f"{me}: learner {t}'s hub") for t in range(1, len(spec.learners))]
+    hubs = [hub0] + [
+        _get_actor(f"hub-{t}", timeout, f"{me}: learner {t}'s hub")
+        for t in range(1, len(spec.learners))
+    ]
     for hub in hubs:
         ray.get(hub.join.remote(spec.task))
     worker = ExplorerWorker(cfg, env, spec.task)
     while (weights := ray.get(hub0.weights.remote(-1))) is None:
         time.sleep(0.1)
     worker.set_weights(*weights)
-    print(f"{me}: joined {len(hubs)} learner(s); acting in {cfg.envs_per_explorer} x {cfg.env}",
-          file=out, flush=True)
+    print(
+        f"{me}: joined {len(hubs)} learner(s); acting in {cfg.envs_per_explorer} x {cfg.env}",
+        file=out,
+        flush=True,
+    )
     steps, episodes, returns = 0, 0, []
     last_print = time.monotonic()
     k = 0
@@ -400,8 +467,12 @@ def _explorer(cfg: Config, spec: JobSpec, env: EnvInfo, timeout: float, out: IO[
             returns = (returns + info.episode_returns)[-100:]
             if time.monotonic() - last_print > 5.0:
                 mean = f"{sum(returns) / len(returns):.2f}" if returns else "-"
-                print(f"{me}: steps {steps:,} episodes {episodes:,} mean return {mean} "
-                      f"policy version {worker.version}", file=out, flush=True)
+                print(
+                    f"{me}: steps {steps:,} episodes {episodes:,} mean return {mean} "
+                    f"policy version {worker.version}",
+                    file=out,
+                    flush=True,
+                )
                 last_print = time.monotonic()
         for hub in hubs:
             hub.explorer_finished.remote(spec.task)

@@ -17,7 +17,6 @@ import dataclasses
 import os
 import queue
 import signal
-import sys
 import time
 from typing import Any
 
@@ -25,7 +24,14 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, ReplayStaging, UnrollInfo, rollout_spec
+from impala.agent import (
+    Learner,
+    ParameterStore,
+    ReplayBuffer,
+    ReplayStaging,
+    UnrollInfo,
+    rollout_spec,
+)
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
@@ -74,7 +80,9 @@ class _FifoSink:
         self.slot = None
 
 
-def _explorer_main(cfg: Config, env: EnvInfo, index: int, budget: int, shared: _Shared, parent: int) -> None:
+def _explorer_main(
+    cfg: Config, env: EnvInfo, index: int, budget: int, shared: _Shared, parent: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when explorers stop
     torch.set_num_threads(1)
     store = ParameterStore(*shared.params, shared.params_lock)
@@ -114,7 +122,14 @@ class _Explorers:
     def start(self, index: int) -> None:
         proc = self.ctx.Process(
             target=_explorer_main,
-            args=(self.cfg, self.env, index, self.budget - self.made[index], self.shared, os.getpid()),
+            args=(
+                self.cfg,
+                self.env,
+                index,
+                self.budget - self.made[index],
+                self.shared,
+                os.getpid(),
+            ),
             name=f"impala-explorer-{index}",
             daemon=True,
         )
@@ -133,7 +148,11 @@ class _Explorers:
             if self.restarts >= MAX_RESTARTS:
                 raise RuntimeError(f"explorer {i} died (exit code {proc.exitcode}) too often")
             self.restarts += 1
-            print(f"explorer {i} died (exit code {proc.exitcode}); restarting it", file=self.out, flush=True)
+            print(
+                f"explorer {i} died (exit code {proc.exitcode}); restarting it",
+                file=self.out,
+                flush=True,
+            )
             proc.join()
             self.start(i)
 
@@ -175,9 +194,16 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
         num_slots = 2 * cfg.num_explorers + 2 * cfg.slots_per_batch + MAX_RESTARTS
     storage = allocate(spec, num_slots, shared=True)
     shared = _Shared(
-        params=(flat, version), params_lock=params_lock, storage=storage,
-        free_queue=ctx.Queue(), full_queue=ctx.Queue(), stats_queue=ctx.Queue(), stop=ctx.Event(),
-        replay_filled=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_() if replay else None,
+        params=(flat, version),
+        params_lock=params_lock,
+        storage=storage,
+        free_queue=ctx.Queue(),
+        full_queue=ctx.Queue(),
+        stats_queue=ctx.Queue(),
+        stop=ctx.Event(),
+        replay_filled=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
+        if replay
+        else None,
         replay_lock=ctx.Lock() if replay else None,
     )
     if replay:

@@ -8,8 +8,6 @@ restarted by Ray (max_restarts) and training goes on; the lost requests are sent
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
@@ -51,8 +49,11 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
         if cfg.buffer == "replay":
             spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
             slots = cfg.replay_slots_per_explorer
-            replay = ReplayBuffer(allocate(spec, slots * cfg.num_explorers),
-                                  torch.zeros(cfg.num_explorers, dtype=torch.int64), slots)
+            replay = ReplayBuffer(
+                allocate(spec, slots * cfg.num_explorers),
+                torch.zeros(cfg.num_explorers, dtype=torch.int64),
+                slots,
+            )
         weights = ray.put(_weights(store))
         requested = [0] * cfg.num_explorers  # steps asked of each explorer so far
         inflight: dict = {}
@@ -117,6 +118,6 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     return model
 
 
-def _weights(store: ParameterStore) -> tuple[int, "object"]:
+def _weights(store: ParameterStore) -> tuple[int, object]:
     version, flat = store.snapshot()
     return version, flat.numpy()

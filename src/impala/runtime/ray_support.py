@@ -44,7 +44,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((socket.gethostbyname(host), port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: port already taken ({exc.strerror})") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: port already taken ({exc.strerror})"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,29 +69,40 @@ class RayNode:
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [_ray_executable(), "start", "--block", "--disable-usage-stats", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @classmethod
-    def head(cls, host: str, port: int) -> "RayNode":
+    def head(cls, host: str, port: int) -> RayNode:
         ip = socket.gethostbyname(host)
         temp_dir = tempfile.mkdtemp(prefix="impala-ray-")
         return cls(
-            ["--head", f"--port={port}", f"--node-ip-address={ip}", "--include-dashboard=false",
-             f"--dashboard-agent-listen-port={free_port(ip)}", f"--temp-dir={temp_dir}"],
+            [
+                "--head",
+                f"--port={port}",
+                f"--node-ip-address={ip}",
+                "--include-dashboard=false",
+                f"--dashboard-agent-listen-port={free_port(ip)}",
+                f"--temp-dir={temp_dir}",
+            ],
             temp_dir,
         )
 
     @classmethod
-    def worker(cls, head_address: str, host: str) -> "RayNode":
-        return cls([f"--address={head_address}", f"--node-ip-address={socket.gethostbyname(host)}"], None)
+    def worker(cls, head_address: str, host: str) -> RayNode:
+        return cls(
+            [f"--address={head_address}", f"--node-ip-address={socket.gethostbyname(host)}"], None
+        )
 
     def failed(self) -> str | None:
         """The node's own words if it has exited, else None."""
         if self.proc.poll() is None:
             return None
         self.log.seek(0)
-        lines = [l for l in self.log.read().decode(errors="replace").splitlines() if l.strip()]
+        text = self.log.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
         return lines[-1] if lines else f"exit code {self.proc.returncode}"
 
     def stop(self) -> None:
@@ -128,8 +141,13 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
     while True:
         if _port_open(host, int(port)):
             try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False,
-                         namespace="impala", configure_logging=False)
+                ray.init(
+                    address=address,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    namespace="impala",
+                    configure_logging=False,
+                )
                 return
             except (ConnectionError, RuntimeError, ValueError):
                 pass
@@ -150,9 +168,15 @@ def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[
     if address:
         connect(address, timeout=60)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, namespace="impala", configure_logging=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            namespace="impala",
+            configure_logging=False,
+            _node_ip_address="127.0.0.1",
+        )
     try:
         yield
     finally:

@@ -31,9 +31,14 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     if cfg.buffer == "replay":
         slots = cfg.replay_slots_per_explorer
         buffer = ReplayBuffer(
-            allocate(spec, cfg.num_explorers * slots), torch.zeros(cfg.num_explorers, dtype=torch.int64), slots
+            allocate(spec, cfg.num_explorers * slots),
+            torch.zeros(cfg.num_explorers, dtype=torch.int64),
+            slots,
         )
-        staging = [ReplayStaging(spec, slots, i, buffer, cfg.upload_frequency) for i in range(cfg.num_explorers)]
+        staging = [
+            ReplayStaging(spec, slots, i, buffer, cfg.upload_frequency)
+            for i in range(cfg.num_explorers)
+        ]
     else:
         storage = allocate(spec, cfg.slots_per_batch)
         filled: list[int] = []
