@@ -123,7 +123,13 @@ def build_job_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="impala", description="IMPALA (Espeholt et al. 2018) in PyTorch.")
+    parser = _Parser(
+        prog="impala",
+        description="IMPALA (Espeholt et al. 2018) in PyTorch.",
+        epilog="The seed prototype's job form runs one task of a job started by hand, e.g. "
+        "'impala -l localhost:22222 -e localhost:22223 -j learner -t 0' (see "
+        "'impala -l x:1 -e y:2 -h' for its options).",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser(
         "train",
@@ -190,7 +196,7 @@ def _run_job(args: dict[str, Any]) -> int:
         peer_timeout = args.pop("peer_timeout")
         if peer_timeout <= 0:
             raise ConfigError(f"--peer-timeout must be positive, got {peer_timeout!r}")
-        args.setdefault("num_explorers", len(spec.explorers))
+        args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
         cfg = config_mod.resolve(args)
         from impala.envs import probe_env
         from impala.train import make_run_dir
