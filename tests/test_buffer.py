@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec, slots_to_batch
@@ -56,3 +57,23 @@ def test_replay_upload_every_f_episodes_and_sampling():
     assert set(batch["reward"].flatten().tolist()) <= {2.0, 3.0}
     steps = buffer.sample(32, "reinforce", gen)
     assert steps["obs"].shape == (32, 4) and steps["mc_return"].shape == (32,)
+
+
+def test_replay_sampling_skips_a_slice_whose_upload_never_finished():
+    spec = _spec()
+    slots = 1
+    seq = torch.zeros(2, dtype=torch.int64)
+    buffer = ReplayBuffer(allocate(spec, 2 * slots), torch.zeros(2, dtype=torch.int64), slots, seq)
+    for explorer, value in ((0, 1.0), (1, 2.0)):
+        local = {
+            k: np.zeros((slots, *v.shape[1:]), v.numpy().dtype) for k, v in buffer.storage.items()
+        }
+        local["reward"][:] = value
+        buffer.upload(explorer, local, 1)
+    assert seq.tolist() == [2, 2]
+    seq[0] = 3  # explorer 0 died in the middle of its next upload
+    gen = torch.Generator().manual_seed(0)
+    batch = buffer.sample(5 * T, "vtrace", gen)
+    assert set(batch["reward"].flatten().tolist()) == {2.0}
+    seq[1] = 5
+    assert buffer.sample(5 * T, "vtrace", gen) is None

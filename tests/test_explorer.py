@@ -103,3 +103,43 @@ def test_reinforce_returns_are_discounted_episode_returns():
     assert np.all(ret <= 1.0 + 1e-6) and np.all(ret >= -1.0 / (1 - 0.9) - 1e-6)
     # The last step of an episode (reaching the goal) has return exactly +1.
     assert np.isclose(ret, 1.0).any()
+
+
+def test_seed_step_lines_follow_the_corridor():
+    lines = []
+    store = ParameterStore(*ParameterStore.allocate(SeedNet(10)))
+    vec = make_vector_env("ShortCorridor-v0", 1, max_episode_steps=100)
+    exp = Explorer(
+        0, vec, SeedNet(10), store, unroll_length=T, gamma=0.9, seed=1, step_printer=lines.append
+    )
+    _, out = _slot("ShortCorridor-v0", 1, max_steps=100)
+    for _ in range(6):
+        exp.fill(out)
+    assert len(lines) == 6 * T
+    assert lines[0].startswith("explorer 0 env 0 step 1 state 0 action ")
+    moves = {(0, 0): 0, (0, 1): 1, (1, 0): 2, (1, 1): 0, (2, 0): 1, (2, 1): 3}
+    for line in lines:
+        words = line.split()
+        state, action, nxt, terminal = int(words[7]), int(words[9]), int(words[12]), words[14]
+        assert moves[(state, action)] == nxt, line
+        assert (terminal == "True") == (nxt == 3), line
+
+
+def test_parameter_store_versions_and_copies():
+    model = SeedNet(4)
+    store = ParameterStore(*ParameterStore.allocate(model))
+    assert store.version == 0
+    other = SeedNet(4)
+    assert store.load_into(other, -1) == 0
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True)
+    )
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert store.publish(model) == 1
+    assert store.load_into(other, 1) is None  # nothing newer
+    assert store.load_into(other, 0) == 1
+    # a copy, not a view: the store's next write does not reach into the explorer's model
+    before = [p.clone() for p in other.parameters()]
+    store.assign(2, torch.zeros_like(store.flat))
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))

@@ -75,7 +75,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             "help": docs.get(name, ""),
         }
         default = field.default
-        if name in config_mod.CHOICES:
+        if field.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        elif name in config_mod.CHOICES:
             kwargs["choices"] = config_mod.CHOICES[name]
         elif field.type in ("int", int):
             kwargs["type"] = int
@@ -85,7 +87,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _optional_int
         elif field.type == "float | None":
             kwargs["type"] = _optional_float
-        if default is not None and default is not dataclasses.MISSING:
+        if default not in (None, False, dataclasses.MISSING):
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(*flags, **kwargs)
 

@@ -109,6 +109,9 @@ class Config:
     """Seconds between progress lines and metrics records."""
     run_dir: str | None = None
     """Folder for config.json and metrics.jsonl; default runs/<env>-<time>."""
+    print_steps: bool = False
+    """Explorers print a line per env step (step, state, action, next state, terminal), as the
+    seed prototype did."""
     task_index: int = 0
     """Index of this learner task (seed -t); printed in the learner line."""
 

@@ -12,9 +12,6 @@ Batches handed to the learner:
 
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager
-
 import numpy as np
 import torch
 
@@ -97,9 +94,12 @@ class ReplayBuffer:
     unrolls (its `-b` time steps), overwritten round robin by its uploads; learners sample at
     random from everything uploaded so far.
 
-    `storage` is `[num_explorers * slots_per_explorer, ...]` (see `allocate`), `filled` an int64
-    tensor `[num_explorers]` counting the uploaded slots of each slice; the runtime supplies
-    both and a lock shared by writers and readers so that a sample never sees half an upload.
+    `storage` is `[num_explorers * slots_per_explorer, ...]` (see `allocate`); `filled` and
+    `seq` are int64 tensors `[num_explorers]`: the uploaded slots of each slice, and a sequence
+    counter per slice, odd while its explorer is uploading. A sample that overlapped an upload
+    is drawn again, so it never mixes two uploads, and no lock is held: an explorer killed in
+    the middle of an upload only takes its own slice out of sampling until it uploads again.
+    The runtime supplies the tensors (plain or in shared memory).
     """
 
     def __init__(
@@ -107,12 +107,12 @@ class ReplayBuffer:
         storage: dict[str, torch.Tensor],
         filled: torch.Tensor,
         slots_per_explorer: int,
-        lock: ContextManager | None = None,
+        seq: torch.Tensor | None = None,
     ) -> None:
         self.storage = storage
         self.filled = filled
         self.slots_per_explorer = slots_per_explorer
-        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self.seq = seq if seq is not None else torch.zeros_like(filled)
 
     @property
     def num_slots_filled(self) -> int:
@@ -121,42 +121,51 @@ class ReplayBuffer:
     def upload(self, explorer: int, local: dict[str, np.ndarray], count: int) -> None:
         """Copies an explorer's local buffer (`count` valid slots) into its slice."""
         start = explorer * self.slots_per_explorer
-        with self._lock:
-            for k, v in self.storage.items():
-                v[start : start + count].copy_(torch.from_numpy(local[k][:count]))
-            self.filled[explorer] = count
-
-    def _filled_slots(self) -> torch.Tensor:
-        ranges = [
-            torch.arange(i * self.slots_per_explorer, i * self.slots_per_explorer + int(n))
-            for i, n in enumerate(self.filled.tolist())
-        ]
-        return torch.cat(ranges)
+        seq = int(self.seq[explorer])
+        writing = seq + 1 if seq % 2 == 0 else seq + 2  # odd, and never seen before
+        self.seq[explorer] = writing
+        for k, v in self.storage.items():
+            v[start : start + count].copy_(torch.from_numpy(local[k][:count]))
+        self.filled[explorer] = count
+        self.seq[explorer] = writing + 1
 
     def sample(
-        self, learn_batch_size: int, algo: str, generator: torch.Generator
+        self, learn_batch_size: int, algo: str, generator: torch.Generator, tries: int = 10
     ) -> dict[str, torch.Tensor] | None:
-        """`learn_batch_size` time steps drawn uniformly at random, or None while empty.
+        """`learn_batch_size` time steps drawn uniformly at random, or None while nothing is
+        readable.
 
         REINFORCE draws single steps. V-trace needs sequences, so it draws
         `max(1, learn_batch_size // T)` whole environment columns of length T.
         """
-        with self._lock:
-            if self.num_slots_filled == 0:
+        for _ in range(tries):
+            seq = self.seq.clone()
+            readable = [
+                torch.arange(i * self.slots_per_explorer, i * self.slots_per_explorer + int(n))
+                for i, n in enumerate(self.filled.tolist())
+                if seq[i] % 2 == 0
+            ]
+            slots = torch.cat(readable) if readable else torch.zeros(0, dtype=torch.int64)
+            if len(slots) == 0:
                 return None
-            slots = self._filled_slots()
-            T, E = self.storage["action"].shape[1:3]
-            if algo == "reinforce":
-                n = learn_batch_size
-                slot = slots[torch.randint(len(slots), (n,), generator=generator)]
-                t = torch.randint(T, (n,), generator=generator)
-                e = torch.randint(E, (n,), generator=generator)
-                return {k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}
-            n = max(1, learn_batch_size // T)
+            batch = self._draw(slots, learn_batch_size, algo, generator)
+            if torch.equal(self.seq, seq):
+                return batch
+        return None
+
+    def _draw(self, slots, learn_batch_size, algo, generator) -> dict[str, torch.Tensor]:
+        T, E = self.storage["action"].shape[1:3]
+        if algo == "reinforce":
+            n = learn_batch_size
             slot = slots[torch.randint(len(slots), (n,), generator=generator)]
+            t = torch.randint(T, (n,), generator=generator)
             e = torch.randint(E, (n,), generator=generator)
-            # storage[k][slot, :, e] is [n, T(+1), ...]; the learner wants time-major.
-            return {k: self.storage[k][slot, :, e].transpose(0, 1) for k in _VTRACE_FIELDS}
+            return {k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}
+        n = max(1, learn_batch_size // T)
+        slot = slots[torch.randint(len(slots), (n,), generator=generator)]
+        e = torch.randint(E, (n,), generator=generator)
+        # storage[k][slot, :, e] is [n, T(+1), ...]; the learner wants time-major.
+        return {k: self.storage[k][slot, :, e].transpose(0, 1) for k in _VTRACE_FIELDS}
 
 
 class ReplayStaging:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ class Explorer:
         algo: str = "vtrace",
         sync: str = "unroll",
         seed: int = 0,
+        step_printer: Callable[[str], None] | None = None,
     ) -> None:
         self.index = index
         self.vec_env = vec_env
@@ -77,7 +79,12 @@ class Explorer:
         self.num_envs = vec_env.num_envs
         self.generator = torch.Generator().manual_seed(seed)
         self.version = -1
-        self.obs, _ = vec_env.reset(seed=seed)
+        self.obs, infos = vec_env.reset(seed=seed)
+        # The seed prototype's per-step line (step, state, action, next state, terminal), on
+        # request: the env's own "state" info where it has one (the corridor), else observations.
+        self.step_printer = step_printer
+        self._states = infos.get("state", self.obs)
+        self.steps_made = 0
         self.episode_return = np.zeros(self.num_envs, dtype=np.float64)
         self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
         self._open_episodes: list[list[_Step]] = [[] for _ in range(self.num_envs)]
@@ -114,6 +121,9 @@ class Explorer:
             final_obs = np.stack([infos["final_obs"][i] for i in np.flatnonzero(cut)])
             truncation_value[cut] = self._values(final_obs.astype(obs.dtype, copy=False))
         done = terminated | truncated
+        self.steps_made += self.num_envs
+        if self.step_printer is not None:
+            self._print_steps(actions, next_obs, done, infos)
         self.episode_return += rewards
         self.episode_length += 1
         finished = [
@@ -125,6 +135,20 @@ class Explorer:
         self._finished_episodes.extend(finished)
         self.obs = next_obs
         return obs, actions, logits, rewards, terminated, done, truncation_value
+
+    def _print_steps(self, actions, next_obs, done, infos) -> None:
+        states = infos.get("state", next_obs)
+        final = infos.get("final_info", {})
+        for i in range(self.num_envs):
+            next_state = states[i]
+            if done[i]:
+                next_state = final.get("state", infos.get("final_obs", states))[i]
+            self.step_printer(
+                f"explorer {self.index} env {i} step {self.steps_made - self.num_envs + i + 1} "
+                f"state {self._states[i]} action {actions[i]} next state {next_state} "
+                f"terminal {bool(done[i])}"
+            )
+        self._states = states
 
     def _after_step(self, done: np.ndarray) -> None:
         if self.sync == "episode" and done.any():

@@ -36,4 +36,5 @@ def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore)
         algo=cfg.algo,
         sync=cfg.sync,
         seed=explorer_seed(cfg, index),
+        step_printer=(lambda line: print(line, flush=True)) if cfg.print_steps else None,
     )

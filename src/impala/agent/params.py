@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager
+import time
 
 import torch
 from torch import nn
@@ -14,22 +13,23 @@ class ParameterStore:
     """Versioned flat weights of the main policy pi.
 
     The learner `publish`es after each update (version + 1); explorers `load_into` their local
-    copy mu when the version has moved. The runtime decides where the tensors live (plain or
-    shared memory) and which lock guards them (a thread or a process lock), so this class works
-    the same in every runtime. The lock makes a reader never see half of an update.
+    copy mu when the version has moved. The runtime decides where the two tensors live (plain or
+    shared memory), so this class works the same in every runtime.
+
+    One writer, many readers, no lock: `seq` is a sequence counter, odd while the writer is
+    copying and `2 * version` otherwise; a reader copies and tries again if `seq` was odd or moved
+    meanwhile (a seqlock). A reader that is killed mid-copy therefore blocks nobody, which a lock
+    held by a dead explorer process would. (Ordering relies on x86's total store order.)
     """
 
-    def __init__(
-        self, flat: torch.Tensor, version: torch.Tensor, lock: ContextManager | None = None
-    ) -> None:
-        if flat.dim() != 1 or version.shape != (1,):
+    def __init__(self, flat: torch.Tensor, seq: torch.Tensor) -> None:
+        if flat.dim() != 1 or seq.shape != (1,):
             raise ValueError(
-                f"flat must be 1-D and version of shape (1,); got {tuple(flat.shape)} and "
-                f"{tuple(version.shape)}"
+                f"flat must be 1-D and seq of shape (1,); got {tuple(flat.shape)} and "
+                f"{tuple(seq.shape)}"
             )
         self.flat = flat
-        self._version = version
-        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._seq = seq
 
     @staticmethod
     def allocate(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,36 +39,54 @@ class ParameterStore:
 
     @property
     def version(self) -> int:
-        return int(self._version[0])
+        return int(self._seq[0]) // 2
+
+    def _write(self, version: int, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._seq[0] = 2 * version - 1  # odd: readers wait
+            self.flat.copy_(values)
+            self._seq[0] = 2 * version
 
     def publish(self, model: nn.Module) -> int:
         """Writes `model`'s weights as the next version and returns that version."""
-        with torch.no_grad(), self._lock:
-            self.flat.copy_(parameters_to_vector(model.parameters()))
-            self._version += 1
-            return int(self._version[0])
+        version = self.version + 1
+        self._write(version, parameters_to_vector(model.parameters()))
+        return version
 
     def assign(self, version: int, flat: torch.Tensor) -> None:
         """Stores weights received from elsewhere (another process or host) as `version`."""
-        with torch.no_grad(), self._lock:
-            self.flat.copy_(flat)
-            self._version[0] = version
+        self._write(version, flat)
+
+    def _stable_seq(self) -> int:
+        """The sequence counter once no write is in progress (a writer's copy takes micro- to
+        milliseconds; one that never finishes is a writer that died)."""
+        deadline = time.monotonic() + 10.0
+        while (seq := int(self._seq[0])) % 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the parameter store's writer stopped in the middle of a write")
+        return seq
 
     def snapshot(self) -> tuple[int, torch.Tensor]:
         """The current version and a copy of its weights."""
-        with self._lock:
-            return int(self._version[0]), self.flat.clone()
+        while True:
+            seq = self._stable_seq()
+            copy = self.flat.clone()
+            if int(self._seq[0]) == seq:
+                return seq // 2, copy
 
     def load_into(self, model: nn.Module, have_version: int) -> int | None:
         """Copies the weights into `model` if newer than `have_version`; returns the new version."""
         if self.version == have_version:
             return None
-        with torch.no_grad(), self._lock:
-            # Copy, never alias: torch's vector_to_parameters would make the model's parameters
-            # views of the store, which the learner overwrites while the explorer acts.
-            offset = 0
-            for param in model.parameters():
-                n = param.numel()
-                param.copy_(self.flat[offset : offset + n].view_as(param))
-                offset += n
-            return int(self._version[0])
+        while True:
+            seq = self._stable_seq()
+            with torch.no_grad():
+                # Copy, never alias: torch's vector_to_parameters would make the model's
+                # parameters views of the store, which the learner overwrites while we act.
+                offset = 0
+                for param in model.parameters():
+                    n = param.numel()
+                    param.copy_(self.flat[offset : offset + n].view_as(param))
+                    offset += n
+            if int(self._seq[0]) == seq:
+                return seq // 2

@@ -41,7 +41,7 @@ class ExplorerWorker:
     def __init__(self, cfg: Config, env: EnvInfo, index: int) -> None:
         self.cfg = cfg
         flat, version = ParameterStore.allocate(build_model(cfg, env))
-        version[0] = -1  # nothing received yet: the explorer must not act on these weights
+        version[0] = -2  # version -1: nothing received yet, the explorer must not act on these
         self.store = ParameterStore(flat, version)
         self.explorer = build_explorer(cfg, env, index, self.store)
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)

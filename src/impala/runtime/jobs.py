@@ -435,7 +435,10 @@ def _explorer(cfg: Config, spec: JobSpec, env: EnvInfo, timeout: float, out: IO[
     for hub in hubs:
         ray.get(hub.join.remote(spec.task))
     worker = ExplorerWorker(cfg, env, spec.task)
+    deadline = time.monotonic() + timeout
     while (weights := ray.get(hub0.weights.remote(-1))) is None:
+        if time.monotonic() > deadline:
+            raise JobFailed(f"{me}: learner 0 published no weights within {timeout:.0f} s")
         time.sleep(0.1)
     worker.set_weights(*weights)
     print(

@@ -47,21 +47,22 @@ class _Shared:
     """Everything an explorer process needs to reach the learner."""
 
     params: tuple[torch.Tensor, torch.Tensor]
-    params_lock: Any
     storage: dict[str, torch.Tensor]
     free_queue: Any
     full_queue: Any
     stats_queue: Any
     stop: Any
     replay_filled: torch.Tensor | None
-    replay_lock: Any
+    replay_seq: torch.Tensor | None
+    holding: torch.Tensor  # [num_explorers]: the slot each explorer is writing, or -1
 
 
 class _FifoSink:
     """An explorer's end of the FIFO: take a free slot, fill it, hand it to the learner."""
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, shared: _Shared, index: int) -> None:
         self.shared = shared
+        self.index = index
         self.slot: int | None = None
 
     def next_slot(self):
@@ -72,10 +73,14 @@ class _FifoSink:
                 continue
             if self.slot is None:
                 return None
+            # Recorded so that the learner can take the slot back if this process dies.
+            self.shared.holding[self.index] = self.slot
             return numpy_views(self.shared.storage, self.slot)
         return None
 
     def commit(self, episodes_finished: int) -> None:
+        # Cleared before the hand-over: dying in between loses one slot, never hands it out twice.
+        self.shared.holding[self.index] = -1
         self.shared.full_queue.put(self.slot)
         self.slot = None
 
@@ -85,15 +90,15 @@ def _explorer_main(
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when explorers stop
     torch.set_num_threads(1)
-    store = ParameterStore(*shared.params, shared.params_lock)
+    store = ParameterStore(*shared.params)
     explorer = common.build_explorer(cfg, env, index, store)
     if cfg.buffer == "replay":
         slots = cfg.replay_slots_per_explorer
-        buffer = ReplayBuffer(shared.storage, shared.replay_filled, slots, shared.replay_lock)
+        buffer = ReplayBuffer(shared.storage, shared.replay_filled, slots, shared.replay_seq)
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
         sink: Any = ReplayStaging(spec, slots, index, buffer, cfg.upload_frequency)
     else:
-        sink = _FifoSink(shared)
+        sink = _FifoSink(shared, index)
     made = 0
     try:
         while made < budget and not shared.stop.is_set() and os.getppid() == parent:
@@ -154,6 +159,10 @@ class _Explorers:
                 flush=True,
             )
             proc.join()
+            lost_slot = int(self.shared.holding[i])
+            if lost_slot >= 0:  # the unroll it was writing is dropped; the slot is reused
+                self.shared.holding[i] = -1
+                self.shared.free_queue.put(lost_slot)
             self.start(i)
 
     def stop(self) -> None:
@@ -181,8 +190,7 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     flat, version = ParameterStore.allocate(model)
     flat.share_memory_()
     version.share_memory_()
-    params_lock = ctx.Lock()
-    store = ParameterStore(flat, version, params_lock)
+    store = ParameterStore(flat, version)
     learner = Learner(cfg, model, store)
     spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
     replay = cfg.buffer == "replay"
@@ -191,11 +199,10 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
         num_slots = slots * cfg.num_explorers
     else:
         # Two unrolls in flight per explorer plus two batches queued keeps everyone busy.
-        num_slots = 2 * cfg.num_explorers + 2 * cfg.slots_per_batch + MAX_RESTARTS
+        num_slots = 2 * cfg.num_explorers + 2 * cfg.slots_per_batch
     storage = allocate(spec, num_slots, shared=True)
     shared = _Shared(
         params=(flat, version),
-        params_lock=params_lock,
         storage=storage,
         free_queue=ctx.Queue(),
         full_queue=ctx.Queue(),
@@ -204,10 +211,13 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
         replay_filled=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
         if replay
         else None,
-        replay_lock=ctx.Lock() if replay else None,
+        replay_seq=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
+        if replay
+        else None,
+        holding=torch.full((cfg.num_explorers,), -1, dtype=torch.int64).share_memory_(),
     )
     if replay:
-        buffer = ReplayBuffer(storage, shared.replay_filled, slots, shared.replay_lock)
+        buffer = ReplayBuffer(storage, shared.replay_filled, slots, shared.replay_seq)
     else:
         for slot in range(num_slots):
             shared.free_queue.put(slot)

@@ -60,6 +60,16 @@ def _ray_executable() -> str:
     return candidate if os.path.exists(candidate) else (shutil.which("ray") or "ray")
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the task that started the node
+    dies, even by SIGKILL, so that a killed task never leaves a Ray node behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class RayNode:
     """A Ray node this process starts (`ray start --block`) and stops."""
 
