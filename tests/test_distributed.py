@@ -254,3 +254,15 @@ def test_tasks_with_different_host_lists_are_refused(job_factory):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("impala")]
     assert len(lines) == 1 and "explorer_hosts" in lines[0], proc.stderr
+
+
+def test_learner_killed_with_sigkill_leaves_no_ray_node(job_factory):
+    job = job_factory()
+    proc = job.start("learner", 0)
+    deadline = time.monotonic() + 60
+    while "learner 0: up" not in job.out("learner0") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert "learner 0: up" in job.out("learner0")
+    proc.kill()
+    proc.wait()
+    _assert_no_ray_processes(timeout=30)

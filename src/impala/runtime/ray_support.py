@@ -60,16 +60,6 @@ def _ray_executable() -> str:
     return candidate if os.path.exists(candidate) else (shutil.which("ray") or "ray")
 
 
-def _terminate_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the task that started the node
-    dies, even by SIGKILL, so that a killed task never leaves a Ray node behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class RayNode:
     """A Ray node this process starts (`ray start --block`) and stops."""
 
@@ -77,11 +67,13 @@ class RayNode:
         set_ray_environment()
         self._temp_dir = temp_dir
         self.log = tempfile.TemporaryFile()
+        # Through a guard that stops the node if this task dies without cleaning up.
+        guard = [sys.executable, "-m", "impala.runtime.node_guard", str(os.getpid())]
         self.proc = subprocess.Popen(
-            [_ray_executable(), "start", "--block", "--disable-usage-stats", *args],
+            [*guard, _ray_executable(), "start", "--block", "--disable-usage-stats", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # the terminal's Ctrl-C reaches the task, which stops the node
         )
 
     @classmethod

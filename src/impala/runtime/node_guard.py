@@ -1,0 +1,44 @@
+"""Runs a command as a child and stops it when the process that started this guard is gone.
+
+    python -m impala.runtime.node_guard PARENT_PID COMMAND...
+
+A task starts its Ray node through this guard, so that even a task killed with SIGKILL (which
+runs no clean-up of its own) leaves no Ray node behind: the guard sees its parent vanish and
+sends the node SIGTERM, which makes `ray start --block` stop every Ray process it started.
+SIGTERM to the guard is passed on to the node the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    parent, command = int(argv[0]), argv[1:]
+    child = subprocess.Popen(command)
+
+    def stop(*_: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the task decides when its node stops
+    while child.poll() is None:
+        if os.getppid() != parent:  # our parent is gone: we were re-parented
+            stop()
+            break
+        time.sleep(0.5)
+    return child.returncode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
