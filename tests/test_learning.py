@@ -1,5 +1,6 @@
 """The main jobs learn, run the way a user runs them (the `impala` command, real processes)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_cartpole_reaches_475_within_60_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_cartpole_on_ray_reaches_475(tmp_path):
-    pytest.importorskip("ray")
+    if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its environment then
+        pytest.skip("ray is not installed")
     _, records = _train(tmp_path, "--env", "CartPole-v1", "--runtime", "ray", "--log-interval", "1")
     reached = [r["time"] for r in records if (r["return_mean"] or 0) >= 475]
     assert reached, records[-1]

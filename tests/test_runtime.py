@@ -1,5 +1,6 @@
 """Whole runs: the serial runtime's determinism and the local runtime's processes and memory."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -151,7 +152,8 @@ def test_dead_explorer_is_restarted(tmp_path, capsys):
 
 
 def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
-    pytest.importorskip("ray")
+    if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its environment then
+        pytest.skip("ray is not installed")
     import threading
 
     cfg = _cfg(
@@ -184,3 +186,28 @@ def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
     assert killed
     assert "died; Ray restarts it" in capsys.readouterr().out
     assert result.steps >= 200_000
+
+
+def test_ray_runtime_on_an_existing_cluster(tmp_path):
+    """--ray-address: the roles run on a cluster started beforehand (as `ray start --head`)."""
+    if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its environment then
+        pytest.skip("ray is not installed")
+    from impala.runtime.ray_support import RayNode, free_port
+
+    port = free_port()
+    head = RayNode.head("127.0.0.1", port)
+    try:
+        cfg = _cfg(
+            str(tmp_path / "r"),
+            env="CartPole-v1",
+            runtime="ray",
+            total_steps=30_000,
+            envs_per_explorer=8,
+            batch_size=16,
+            ray_address=f"127.0.0.1:{port}",
+        )
+        result = train(cfg)
+        assert result.steps >= 30_000 and result.updates > 0
+        assert head.failed() is None  # the cluster outlives the job that used it
+    finally:
+        head.stop()

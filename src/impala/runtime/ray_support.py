@@ -33,6 +33,11 @@ def set_ray_environment() -> None:
     """Sets what Ray reads at start (called by the runtime, never at import)."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        # Ray was imported before this call and read the variable then: without this it would
+        # rewrite 127.0.0.1 in a cluster address to the machine's external address.
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -120,19 +125,22 @@ class RayNode:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
 
 
-def _port_open(host: str, port: int) -> bool:
+def _local_ip_towards(host: str, port: int) -> str | None:
+    """This machine's address on the route to `host:port` if something listens there, else None."""
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            return sock.getsockname()[0]
     except OSError:
-        return False
+        return None
 
 
 def connect(address: str, *, timeout: float, waiting_message: str | None = None, out=None) -> None:
     """Connects this process to the Ray cluster at `address`, waiting up to `timeout` seconds.
 
     Until the head's port answers, only a TCP probe is made (ray.init itself would block for tens
-    of seconds per try). Raises TimeoutError naming the address when nothing answers in time.
+    of seconds per try). This node's address is the one on the route to the head (on loopback,
+    127.0.0.1), never a guess that could be an interface the head cannot reach.
+    Raises TimeoutError naming the address when nothing answers in time.
     """
     set_ray_environment()  # before the first `import ray`: Ray reads some of it at import
     import ray
@@ -141,7 +149,8 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
     deadline = time.monotonic() + timeout
     said = False
     while True:
-        if _port_open(host, int(port)):
+        node_ip = _local_ip_towards(host, int(port))
+        if node_ip is not None:
             try:
                 ray.init(
                     address=address,
@@ -149,6 +158,7 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
                     log_to_driver=False,
                     namespace="impala",
                     configure_logging=False,
+                    _node_ip_address=node_ip,
                 )
                 return
             except (ConnectionError, RuntimeError, ValueError):
