@@ -2,10 +2,10 @@
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -119,9 +119,34 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert shm_entries() == before
 
 
-def test_dead_explorer_is_restarted(tmp_path, capsys):
-    import threading
+class _KillOneExplorer:
+    """Kills one explorer process with SIGKILL once training has logged, from a thread."""
 
+    def __init__(self, run_dir, find_explorers, timeout=90.0):
+        self.run_dir, self.find_explorers, self.timeout = run_dir, find_explorers, timeout
+        self.killed: list[int] = []
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._thread.join()
+
+    def _run(self):
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            explorers = self.find_explorers()
+            if explorers and (self.run_dir / "metrics.jsonl").exists():
+                time.sleep(1.0)
+                explorers[0].kill()
+                self.killed.append(explorers[0].pid)
+                return
+            time.sleep(0.2)
+
+
+def test_dead_explorer_is_restarted(tmp_path, capsys):
     cfg = _cfg(
         str(tmp_path / "r"),
         env="CartPole-v1",
@@ -130,32 +155,24 @@ def test_dead_explorer_is_restarted(tmp_path, capsys):
         batch_size=8,
         num_explorers=2,
     )
-    killed = []
-
-    def killer():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not killed:
-            kids = project_children()
-            if len(kids) >= 2 and (tmp_path / "r" / "metrics.jsonl").exists():
-                time.sleep(1.0)
-                os.kill(kids[0].pid, signal.SIGKILL)
-                killed.append(kids[0].pid)
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
-    result = train(cfg)
-    thread.join()
-    assert killed
+    with _KillOneExplorer(tmp_path / "r", project_children) as killer:
+        result = train(cfg)
+    assert killer.killed
     assert "restarting it" in capsys.readouterr().out
     assert result.steps >= 150_000
+
+
+def _ray_explorer_actors():
+    return [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "_ExplorerActor" in " ".join(proc.info["cmdline"] or [])
+    ]
 
 
 def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
     if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its environment then
         pytest.skip("ray is not installed")
-    import threading
-
     cfg = _cfg(
         str(tmp_path / "r"),
         env="CartPole-v1",
@@ -165,25 +182,9 @@ def test_ray_runtime_survives_a_dead_explorer(tmp_path, capsys):
         batch_size=16,
         num_explorers=2,
     )
-    killed = []
-
-    def killer():
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not killed:
-            for proc in psutil.process_iter(["name", "cmdline"]):
-                if "_ExplorerActor" in " ".join(proc.info["cmdline"] or []):
-                    if (tmp_path / "r" / "metrics.jsonl").exists():
-                        time.sleep(1.0)
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
-    result = train(cfg)
-    thread.join()
-    assert killed
+    with _KillOneExplorer(tmp_path / "r", _ray_explorer_actors) as killer:
+        result = train(cfg)
+    assert killer.killed
     assert "died; Ray restarts it" in capsys.readouterr().out
     assert result.steps >= 200_000
 
