@@ -38,6 +38,11 @@ class ParameterStore:
         return flat, torch.zeros(1, dtype=torch.int64)
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(flat, seq)`, to hand to another process that builds a store over the same memory."""
+        return self.flat, self._seq
+
+    @property
     def version(self) -> int:
         return int(self._seq[0]) // 2
 

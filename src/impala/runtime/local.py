@@ -25,7 +25,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from impala.agent import (
-    Learner,
     ParameterStore,
     ReplayBuffer,
     ReplayStaging,
@@ -184,14 +183,8 @@ class _Explorers:
 
 def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     ctx = mp.get_context("spawn")
-    torch.set_num_threads(1)
-    common.seed_everything(cfg.seed)
-    model = common.build_model(cfg, env)
-    flat, version = ParameterStore.allocate(model)
-    flat.share_memory_()
-    version.share_memory_()
-    store = ParameterStore(flat, version)
-    learner = Learner(cfg, model, store)
+    learner = common.build_learner(cfg, env, shared=True)
+    model, store = learner.model, learner.store
     spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
     replay = cfg.buffer == "replay"
     if replay:
@@ -202,7 +195,7 @@ def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
         num_slots = 2 * cfg.num_explorers + 2 * cfg.slots_per_batch
     storage = allocate(spec, num_slots, shared=True)
     shared = _Shared(
-        params=(flat, version),
+        params=store.tensors,
         storage=storage,
         free_queue=ctx.Queue(),
         full_queue=ctx.Queue(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, rollout_spec
+from impala.agent import ParameterStore, ReplayBuffer, rollout_spec
 from impala.agent.buffer import allocate, unrolls_to_batch
 from impala.agent.worker import ExplorerWorker
 from impala.config import Config
@@ -27,19 +27,13 @@ class _ExplorerActor(ExplorerWorker):
         torch.set_num_threads(1)
         super().__init__(cfg, env, index)
 
-    def ping(self) -> bool:
-        return True
-
 
 def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
     import ray
     from ray.exceptions import RayActorError
 
-    torch.set_num_threads(1)
-    common.seed_everything(cfg.seed)
-    model = common.build_model(cfg, env)
-    store = ParameterStore(*ParameterStore.allocate(model))
-    learner = Learner(cfg, model, store)
+    learner = common.build_learner(cfg, env)
+    model, store = learner.model, learner.store
     generator = torch.Generator().manual_seed(cfg.seed)
     budget = common.explorer_budget(cfg)
     with ray_support.local_session(cfg.ray_address, num_cpus=max(cfg.num_explorers, 1) + 1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, ReplayStaging, rollout_spec
+from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
@@ -17,11 +17,8 @@ from impala.runtime import common
 
 
 def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
-    torch.set_num_threads(1)
-    common.seed_everything(cfg.seed)
-    model = common.build_model(cfg, env)
-    store = ParameterStore(*ParameterStore.allocate(model))
-    learner = Learner(cfg, model, store)
+    learner = common.build_learner(cfg, env)
+    model, store = learner.model, learner.store
     explorers = [common.build_explorer(cfg, env, i, store) for i in range(cfg.num_explorers)]
     spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
     generator = torch.Generator().manual_seed(cfg.seed)
