@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import threading
 import time
@@ -22,11 +23,15 @@ import psutil
 import torch.multiprocessing as mp
 
 from impala.config import Config
-from impala.envs import make_vector_env
+from impala.envs import make_vector_env, probe_env
+from impala.errors import RunFailed
+from impala.runtime.common import describe_exit
+from impala.shutdown import StopSignals
 from impala.train import train
 
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     vec = make_vector_env(
         cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode
     )
@@ -43,29 +48,45 @@ def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
             for _ in range(16):
                 vec.step(rng.integers(0, n, size=cfg.envs_per_explorer))
             steps += 16 * cfg.envs_per_explorer
-        results.put(steps / (time.monotonic() - start))
+        results.send(steps / (time.monotonic() - start))
     finally:
         vec.close()
+        results.close()
 
 
 def random_ceiling(cfg: Config, seconds: float) -> float:
     """Env steps/s of `num_explorers` processes acting at random, all running at once."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(cfg.num_explorers)]
     procs = [
-        ctx.Process(target=_random_worker, args=(cfg, i, seconds, results), daemon=True)
-        for i in range(cfg.num_explorers)
+        ctx.Process(target=_random_worker, args=(cfg, i, seconds, writer), daemon=True)
+        for i, (_, writer) in enumerate(pipes)
     ]
+    rates = []
     try:
-        for proc in procs:
+        for proc, (_, writer) in zip(procs, pipes, strict=True):
             proc.start()
-        rates = [results.get(timeout=seconds + 120) for _ in procs]
+            writer.close()
+        for proc, (reader, _) in zip(procs, pipes, strict=True):
+            if not reader.poll(seconds + 120):
+                raise RunFailed(f"a random-policy worker sent nothing within {seconds + 120:.0f} s")
+            try:
+                rates.append(reader.recv())
+            except EOFError:
+                proc.join()
+                raise RunFailed(
+                    f"a random-policy worker on {cfg.env} {describe_exit(proc.exitcode)}"
+                ) from None
     finally:
         for proc in procs:
-            proc.join(timeout=5)
+            if proc.pid is None:
+                continue
+            proc.join(timeout=2)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        for reader, _ in pipes:
+            reader.close()
     return float(sum(rates))
 
 
@@ -101,13 +122,15 @@ def bench(
     warmup: float = 5.0,
     ceiling_seconds: float | None = None,
     out: IO[str] | None = None,
+    signals: StopSignals | None = None,
 ) -> dict:
     """Prints and returns the ceiling, the training throughput, their ratio and memory figures.
 
     Training runs `warmup + seconds`; the ceiling is measured for `ceiling_seconds` (default
-    `seconds`).
+    `seconds`). A stop signal during training ends the bench early (`figures["signal"]`).
     """
     out = out if out is not None else sys.stdout
+    probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)  # bad ids: one line
     ceiling_seconds = seconds if ceiling_seconds is None else ceiling_seconds
     print(
         f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "
@@ -128,7 +151,7 @@ def bench(
     sampler = _MemorySampler()
     sampler.start()
     try:
-        result = train(train_cfg, out=out)
+        result = train(train_cfg, out=out, signals=signals)
     finally:
         sampler.stop()
     records = [json.loads(line) for line in open(f"{result.run_dir}/metrics.jsonl")]
@@ -150,6 +173,7 @@ def bench(
         "memory_mib_end": round(mem[-1], 1) if mem else None,
         "memory_mib_max": round(max(mem), 1) if mem else None,
         "memory_growth": round(mem[-1] / mem[0] - 1, 4) if mem else None,
+        "signal": result.signal,
     }
     print(f"random-policy ceiling  {ceiling:>12,.0f} env steps/s", file=out)
     print(f"training throughput    {throughput:>12,.0f} env steps/s", file=out)

@@ -12,10 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+from impala import __version__
 from impala import config as config_mod
-from impala.errors import ConfigError
+from impala.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    ConfigError,
+    RunFailed,
+    exit_code_for_signal,
+)
+from impala.shutdown import Interrupted, StopSignals
 
 # field -> extra option strings (short seed flags and seed long names that differ)
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -92,6 +101,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, **kwargs)
 
 
+def _add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (defaults < the environment's preset < yours) and exit",
+    )
+
+
 def build_job_parser() -> argparse.ArgumentParser:
     """The seed prototype's form: one task of a job of learners and explorers."""
     parser = _Parser(
@@ -115,6 +132,12 @@ def build_job_parser() -> argparse.ArgumentParser:
         help="this task's job (default: learner)",
     )
     parser.add_argument(
+        "--auth-token-file",
+        default=None,
+        help="file holding the job's Ray authentication token (default: one that learner 0 "
+        "makes; see the README)",
+    )
+    parser.add_argument(
         "--peer-timeout",
         type=float,
         default=120.0,
@@ -127,11 +150,13 @@ def build_job_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="impala",
-        description="IMPALA (Espeholt et al. 2018) in PyTorch.",
+        description="IMPALA (Espeholt et al. 2018) in PyTorch. Exit codes: 0 done, 1 failed "
+        "at run time, 2 bad input, 130 stopped by SIGINT, 143 stopped by SIGTERM.",
         epilog="The seed prototype's job form runs one task of a job started by hand, e.g. "
         "'impala -l localhost:22222 -e localhost:22223 -j learner -t 0' (see "
         "'impala -l x:1 -e y:2 -h' for its options).",
     )
+    parser.add_argument("--version", action="version", version=f"impala {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser(
         "train",
@@ -140,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         "depend on the environment (see impala.config.PRESETS).",
     )
     _add_config_options(train)
+    _add_print_config(train)
     bench = sub.add_parser(
         "bench", help="measure the random-policy ceiling and training throughput"
     )
     _add_config_options(bench)
+    _add_print_config(bench)
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds of each phase")
     bench.add_argument("--warmup", type=float, default=5.0, help="training seconds not measured")
     bench.add_argument(
@@ -155,69 +182,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+JOB_FLAGS = ("-l", "--learner-hosts", "-e", "--explorer-hosts", "-j", "--job-name")
+
+
+def _is_job_form(argv: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] in JOB_FLAGS for arg in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `impala` command. Exit codes: 0 done, 1 failed at run time, 2 bad input, 130/143
+    stopped by SIGINT/SIGTERM (after the same clean-up and save as a normal end)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        return _run_job(vars(build_job_parser().parse_args(argv)))
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    command = args.pop("command")
-    if command is None:
-        parser.print_help()
-        return 2
+    # Handlers first, before the heavy imports: as PID 1 in a container a SIGTERM that finds no
+    # handler is dropped by the kernel.
+    with StopSignals() as signals:
+        if argv[:1] == ["--version"]:
+            print(f"impala {__version__}")
+            return 0
+        if _is_job_form(argv):
+            return _run_job(argv, signals)
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            print(
+                f"impala: error: no command before '{argv[0]}': did you mean "
+                f"'impala train {' '.join(argv)}'? (commands: train, bench; the seed's job form "
+                "needs -l and -e)",
+                file=sys.stderr,
+            )
+            return 2
+        parser = build_parser()
+        args = vars(parser.parse_args(argv))
+        command = args.pop("command")
+        if command is None:
+            parser.print_help()
+            return 2
+        return _guarded(f"impala {command}", lambda: _run_command(command, args, signals))
+
+
+def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> int:
+    print_config = args.pop("print_config", False)
+    options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds") if k in args}
+    cfg = config_mod.resolve(args)
+    if print_config:
+        print(cfg.to_json())
+        return 0
+    _warn(f"impala {command}", cfg, set(args))
+    if command == "bench":
+        from impala.bench import bench
+
+        figures = bench(cfg, signals=signals, **options)
+        return exit_code_for_signal(figures["signal"]) if figures.get("signal") else 0
+    from impala.train import train
+
+    result = train(cfg, signals=signals)
+    return exit_code_for_signal(result.signal) if result.signal else 0
+
+
+def _warn(prog: str, cfg: config_mod.Config, given: set[str]) -> None:
+    for warning in config_mod.inapplicable(cfg, given):
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    note = config_mod.batch_note(cfg)
+    if note:
+        print(f"{prog}: note: {note}", file=sys.stderr)
+
+
+def _guarded(prog: str, run: Callable[[], int]) -> int:
+    """The one place where errors become the project's one-line messages and exit codes."""
     try:
-        if command == "bench":
-            from impala.bench import bench
-
-            options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds")}
-            bench(config_mod.resolve(args), **options)
-        else:
-            from impala.train import train
-
-            train(config_mod.resolve(args))
+        return run()
     except ConfigError as exc:
-        print(f"impala {command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"impala {command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFailed as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Interrupted as exc:  # a signal before the run had anything to save
+        print(f"{prog}: stopped by {exc} before training started", file=sys.stderr)
+        return exit_code_for_signal(exc.signum)
 
 
-def _run_job(args: dict[str, Any]) -> int:
-    from impala.runtime import jobs
-
+def _run_job(argv: list[str], signals: StopSignals) -> int:
+    args = vars(build_job_parser().parse_args(argv))
     name = f"{args.get('job_name', 'learner')} {args.get('task_index', 0)}"
-    try:
-        spec = jobs.make_spec(
-            args.pop("learner_hosts"),
-            args.pop("explorer_hosts"),
-            args.pop("job_name"),
-            args.get("task_index", 0),
-        )
-        peer_timeout = args.pop("peer_timeout")
-        if peer_timeout <= 0:
-            raise ConfigError(f"--peer-timeout must be positive, got {peer_timeout!r}")
-        args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
-        cfg = config_mod.resolve(args)
-        from impala.envs import probe_env
-        from impala.train import make_run_dir
 
-        env = probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)
-        run_dir = None
-        if spec.job == "learner":
-            run_dir = make_run_dir(cfg)
-            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-        return jobs.run_task(cfg, spec, env, peer_timeout=peer_timeout, run_dir=run_dir)
-    except ConfigError as exc:
-        print(f"impala ({name}): error: {exc}", file=sys.stderr)
-        return 2
-    except jobs.JobFailed as exc:
-        print(f"impala: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"impala ({name}): interrupted", file=sys.stderr)
-        return 130
+    def run() -> int:
+        from impala.runtime import jobs
+
+        return jobs.run_from_args(args, signals)
+
+    return _guarded(f"impala ({name})", run)
 
 
 if __name__ == "__main__":

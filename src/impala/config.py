@@ -43,6 +43,11 @@ class Config:
     'ray' (explorers as Ray actors, on a fresh local Ray or the cluster at --ray-address)."""
     ray_address: str | None = None
     """With --runtime ray: the address of an existing cluster (host:port); default a fresh one."""
+    max_restarts: int = 10
+    """Explorer restarts allowed within any --restart-window seconds; one more ends the run with
+    the explorer's error (a crash loop), while occasional deaths in a long run are survived."""
+    restart_window: float = 60.0
+    """The window, in seconds, over which --max-restarts is counted."""
     num_explorers: int = 2
     """Explorer processes (each owns its environments and a copy mu of the policy)."""
     envs_per_explorer: int = 16
@@ -68,6 +73,8 @@ class Config:
     upload_frequency: int = 4
     """Replay: an explorer uploads its local buffer every this many episodes (seed -f)."""
     # --- learning ---------------------------------------------------------------------------
+    learner_threads: int = 1
+    """Torch threads of the learner's update (the explorers need the other cores)."""
     gamma: float = 0.99
     """Discount (seed -g)."""
     learning_rate: float = 6e-4
@@ -150,6 +157,7 @@ POSITIVE_INTS = (
     "buffer_size",
     "learn_batch_size",
     "upload_frequency",
+    "learner_threads",
 )
 POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds")
 CHOICES = {
@@ -191,6 +199,10 @@ def _validate(cfg: Config) -> None:
     for name in ("baseline_cost", "entropy_cost", "log_interval"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)!r}")
+    if cfg.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must not be negative, got {cfg.max_restarts!r}")
+    if cfg.restart_window <= 0:
+        raise ConfigError(f"--restart-window must be positive, got {cfg.restart_window!r}")
     if cfg.task_index < 0:
         raise ConfigError(f"--task-index must not be negative, got {cfg.task_index!r}")
     if cfg.buffer == "fifo" and cfg.batch_size % cfg.envs_per_explorer and cfg.batch_size > 1:
@@ -203,6 +215,67 @@ def _validate(cfg: Config) -> None:
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+# Settings that only some algorithms, buffers, optimizers or runtimes read: field -> (setting
+# that must hold for it to matter, its values where it does).
+_APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "batch_size": ("buffer", ("fifo",)),
+    "buffer_size": ("buffer", ("replay",)),
+    "learn_batch_size": ("buffer", ("replay",)),
+    "upload_frequency": ("buffer", ("replay",)),
+    "baseline_cost": ("algo", ("vtrace",)),
+    "entropy_cost": ("algo", ("vtrace",)),
+    "loss_reduction": ("algo", ("vtrace",)),
+    "clip_rho_threshold": ("algo", ("vtrace",)),
+    "clip_c_threshold": ("algo", ("vtrace",)),
+    "clip_pg_rho_threshold": ("algo", ("vtrace",)),
+    "vtrace_lambda": ("algo", ("vtrace",)),
+    "rmsprop_alpha": ("optimizer", ("rmsprop",)),
+    "rmsprop_momentum": ("optimizer", ("rmsprop",)),
+    "optimizer_eps": ("optimizer", ("rmsprop", "adam")),
+    "ray_address": ("runtime", ("ray",)),
+    "max_restarts": ("runtime", ("local", "ray")),
+    "restart_window": ("runtime", ("local", "ray")),
+}
+
+
+def inapplicable(cfg: Config, given: set[str]) -> list[str]:
+    """One warning per setting the user gave that the run will not read."""
+    warnings = []
+    for name in sorted(given):
+        if name in _APPLIES_WHEN:
+            switch, values = _APPLIES_WHEN[name]
+            if getattr(cfg, switch) not in values:
+                warnings.append(
+                    f"{_flag(name)} has no effect with {_flag(switch)} {getattr(cfg, switch)}"
+                )
+    if "steps_per_explorer" in given and cfg.total_steps is not None:
+        warnings.append("--steps-per-explorer has no effect when --total-steps is given")
+    return warnings
+
+
+def batch_note(cfg: Config) -> str | None:
+    """What one update learns from, when that differs from what the batch settings say (batches
+    are made of whole unroll columns)."""
+    if cfg.buffer == "replay" and cfg.algo == "vtrace":
+        sequences = max(1, cfg.learn_batch_size // cfg.unroll_length)
+        steps = sequences * cfg.unroll_length
+        if steps != cfg.learn_batch_size:
+            return (
+                f"each update samples {sequences} sequence(s) of {cfg.unroll_length} steps "
+                f"({steps} steps; V-trace learns from whole --unroll-length sequences, "
+                f"--learn-batch-size {cfg.learn_batch_size} rounded to them)"
+            )
+    if cfg.buffer == "fifo":
+        sequences = cfg.slots_per_batch * cfg.envs_per_explorer
+        if sequences != cfg.batch_size:
+            return (
+                f"each update learns from {sequences} sequences of {cfg.unroll_length} steps "
+                f"(one explorer unroll of --envs-per-explorer {cfg.envs_per_explorer} "
+                f"environments; --batch-size {cfg.batch_size} rounded up to it)"
+            )
+    return None
 
 
 # Presets: what a user gets for an environment unless they say otherwise. The corridor's are the

@@ -14,6 +14,7 @@ from typing import IO, Any
 from impala.agent.explorer import UnrollInfo
 from impala.config import Config
 from impala.envs import CORRIDOR_ID
+from impala.shutdown import StopSignals
 
 RETURN_WINDOW = 100
 
@@ -30,6 +31,7 @@ class RunResult:
     last_metrics: dict[str, float]
     run_dir: str | None
     stop_reason: str
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
     @property
     def steps_per_second(self) -> float:
@@ -44,7 +46,14 @@ class Tracker:
     steps, steps/s, mean return of the last 100 episodes, loss and policy lag.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path | None, out: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path | None,
+        out: IO[str] | None = None,
+        *,
+        signals: StopSignals | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.out = out if out is not None else sys.stdout
@@ -60,15 +69,15 @@ class Tracker:
         self._last_log_steps = 0
         self._metrics_file = open(run_dir / "metrics.jsonl", "a") if run_dir else None
         self.stop_reason = ""
-        self.finished_explorers: set[int] = set()
+        self.signals = signals
+        # Counters a runtime keeps (explorer restarts, torn unrolls, ...), logged with each record.
+        self.counters: dict[str, int] = {}
 
     # --- counting ------------------------------------------------------------------------------
     def on_unroll(self, info: UnrollInfo) -> None:
         self.steps += info.steps
         self.episodes += len(info.episode_returns)
         self.returns.extend(info.episode_returns)
-        if info.finished:
-            self.finished_explorers.add(info.explorer)
 
     def on_update(self, metrics: dict[str, float]) -> None:
         self.updates += 1
@@ -86,7 +95,11 @@ class Tracker:
         return sum(self.returns) / len(self.returns) if self.returns else None
 
     def should_stop(self) -> bool:
-        """Time limit or target return reached (the step budget is the runtime's to judge)."""
+        """A stop signal, the time limit or the target return (the step budget is the batch
+        source's to judge: explorers are given their shares of it)."""
+        if self.signals is not None and self.signals.requested:
+            self.stop_reason = self.signals.reason or "signal"
+            return True
         if self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds:
             self.stop_reason = "time limit"
             return True
@@ -113,6 +126,7 @@ class Tracker:
             "steps_per_second": round(sps, 1),
             "return_mean": self.return_mean,
             **means,
+            **self.counters,
         }
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(_finite(record)) + "\n")

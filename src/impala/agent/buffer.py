@@ -125,7 +125,8 @@ class ReplayBuffer:
         writing = seq + 1 if seq % 2 == 0 else seq + 2  # odd, and never seen before
         self.seq[explorer] = writing
         for k, v in self.storage.items():
-            v[start : start + count].copy_(torch.from_numpy(local[k][:count]))
+            # Into the storage's numpy view: `local` may be read-only (arrays Ray delivered).
+            v[start : start + count].numpy()[...] = local[k][:count]
         self.filled[explorer] = count
         self.seq[explorer] = writing + 1
 

@@ -31,7 +31,6 @@ class UnrollInfo:
     episode_returns: list[float]
     episode_lengths: list[int]
     policy_version: int
-    finished: bool = False
 
 
 @dataclasses.dataclass

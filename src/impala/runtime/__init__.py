@@ -1,9 +1,8 @@
-"""Runtimes: the only code that knows about processes.
+"""Runtimes: the only code that knows about processes. Each provides a batch source for the one
+learner loop (`impala.loop`):
 
 - `serial`: everything in one process, deterministic under a seed (tests, debugging);
-- `local`: explorer processes and a learner exchanging unrolls through shared memory (default).
+- `local`: explorer processes and the learner, joined by lock-free shared memory (default);
+- `ray_runtime`: explorers as Ray actors (`--runtime ray`);
+- `jobs`: the seed's hand-started learner and explorer tasks, on Ray, across hosts.
 """
-
-from impala.runtime.common import Runtime
-
-__all__ = ["Runtime"]

@@ -1,40 +1,32 @@
-"""What every runtime builds the same way: the network, explorers, budgets and buffer sizes."""
+"""What every runtime builds the same way: the learner, explorers, budgets, failure reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Protocol
+import signal
 
 import torch
-from torch import nn
 
 from impala.agent import Learner, ParameterStore
 from impala.agent.factory import build_explorer, build_model
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.metrics import Tracker
 
 __all__ = [
-    "Runtime",
+    "ExplorerFailure",
     "build_explorer",
     "build_learner",
     "build_model",
+    "describe_exit",
     "explorer_budget",
-    "progress",
     "seed_everything",
 ]
 
 
-class Runtime(Protocol):
-    """A runtime runs a whole training job and reports through the tracker."""
-
-    def __call__(self, cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module: ...
-
-
 def build_learner(cfg: Config, env: EnvInfo, *, shared: bool = False) -> Learner:
-    """The learner with a fresh network and its parameter store (in shared memory if asked),
-    seeded and on one intra-op thread (the explorers need the other cores)."""
-    torch.set_num_threads(1)
+    """The learner with a fresh, seeded network and its parameter store (in shared memory if
+    asked, for explorer processes to read)."""
     seed_everything(cfg.seed)
     model = build_model(cfg, env)
     flat, version = ParameterStore.allocate(model)
@@ -44,14 +36,30 @@ def build_learner(cfg: Config, env: EnvInfo, *, shared: bool = False) -> Learner
     return Learner(cfg, model, ParameterStore(flat, version))
 
 
-def explorer_budget(cfg: Config) -> int:
+def explorer_budget(cfg: Config, num_explorers: int | None = None) -> int:
     """Env steps each explorer makes (the run's total split evenly, rounded up)."""
-    return math.ceil(cfg.steps_total / cfg.num_explorers)
-
-
-def progress(tracker: Tracker, cfg: Config) -> float:
-    return min(1.0, tracker.steps / cfg.steps_total)
+    n = cfg.num_explorers if num_explorers is None else num_explorers
+    total = cfg.total_steps if cfg.total_steps is not None else cfg.steps_per_explorer * n
+    return math.ceil(total / n)
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+@dataclasses.dataclass
+class ExplorerFailure:
+    """What an explorer sends instead of an unroll when an exception stops it: the error on one
+    line (printed by the learner) and the traceback (kept in the run folder)."""
+
+    line: str
+    trace: str
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's end in words: 'killed by SIGKILL', 'exited with code 1'."""
+    if code is None:
+        return "died"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"

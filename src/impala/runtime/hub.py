@@ -2,8 +2,10 @@
 
 Explorer tasks put unrolls (or replay uploads) into a learner's hub and read its newest weights;
 the learner drains the inbox and publishes weights there, so neither side waits on the other.
-The hub also holds the job's description (host lists and the settings that must agree), checks
-joining tasks against it, and counts explorers that join again after dying.
+Hub 0 also holds the job's description (host lists and every shared setting), checks joining
+tasks against it, is the learners' rendezvous, and records the first learner failure so that the
+others can name it. Each hub tracks when it last heard from each explorer, so a learner can tell
+an explorer that went away from one that is slow.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import time
 from collections import deque
 from typing import Any
 
+PUT_WAIT = 0.5  # seconds a put waits for room in a full inbox before answering 'full'
+
 
 class Hub:
-    """Thread-safe; run as a Ray actor with max_concurrency > 1 (drain waits while puts arrive)."""
+    """Thread-safe; run as a Ray actor with max_concurrency > 1 (puts and drains wait)."""
 
     def __init__(self, learner_index: int, job: dict[str, Any], capacity: int) -> None:
         self.learner_index = learner_index
@@ -25,11 +29,15 @@ class Hub:
         self._cond = threading.Condition()
         self._weights: tuple[int, Any] | None = None
         self._done = False
+        self._started = time.monotonic()
         self._joined: set[int] = set()
         self._finished: set[int] = set()
+        self._left: dict[int, str] = {}  # explorer -> why it left before finishing
+        self._last_seen: dict[int, float] = {}
         self._rejoins = 0
         self._events: list[str] = []
         self._rendezvous: str | None = None
+        self._failure: str | None = None
 
     # --- joining -------------------------------------------------------------------------------
     def check(self, job: dict[str, Any]) -> str | None:
@@ -51,24 +59,33 @@ class Hub:
                 )
             self._joined.add(explorer)
             self._finished.discard(explorer)
+            self._left.pop(explorer, None)
+            self._last_seen[explorer] = time.monotonic()
             return self._rejoins
 
     # --- explorers' side -----------------------------------------------------------------------
-    def put(self, payload: Any, info: Any) -> tuple[str, int]:
-        """Queues an unroll; returns ('ok' | 'full' | 'done', newest weights version)."""
+    def put(self, item: tuple[Any, Any]) -> str:
+        """Queues `(payload, info)`, waiting up to PUT_WAIT for room; 'ok', 'full' or 'done'."""
+        deadline = time.monotonic() + PUT_WAIT
         with self._cond:
-            version = self._weights[0] if self._weights else -1
+            explorer = item[1].explorer
+            self._last_seen[explorer] = time.monotonic()
+            while not self._done and len(self._inbox) >= self.capacity:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "full"
+                self._cond.wait(remaining)
             if self._done:
-                return "done", version
-            if len(self._inbox) >= self.capacity:
-                return "full", version
-            self._inbox.append((payload, info))
+                return "done"
+            self._inbox.append(item)
+            self._last_seen[explorer] = time.monotonic()
             self._cond.notify_all()
-            return "ok", version
+            return "ok"
 
     def weights(self, have_version: int) -> tuple[int, Any] | None:
+        """The newest weights if newer than `have_version` (never older ones)."""
         with self._cond:
-            if self._weights is None or self._weights[0] == have_version:
+            if self._weights is None or self._weights[0] <= have_version:
                 return None
             return self._weights
 
@@ -77,40 +94,65 @@ class Hub:
             self._finished.add(explorer)
             self._cond.notify_all()
 
+    def explorer_left(self, explorer: int, why: str) -> None:
+        """An explorer stopped before making its steps (a signal, an error)."""
+        with self._cond:
+            self._left[explorer] = why
+            self._events.append(f"explorer {explorer} left: {why}")
+
     # --- the learner's side --------------------------------------------------------------------
-    def drain(self, max_items: int, timeout: float) -> tuple[list, list[str], int]:
-        """Up to `max_items` queued messages (waits up to `timeout` for the first), the events
-        since the last call, and how many explorers have finished their steps."""
+    def drain(self, max_items: int, timeout: float) -> tuple[list, list[str]]:
+        """Up to `max_items` queued items (waits up to `timeout` for the first) and the events
+        since the last call."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._inbox and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
             items = [self._inbox.popleft() for _ in range(min(max_items, len(self._inbox)))]
+            if items:
+                self._cond.notify_all()  # room for waiting puts
             events, self._events = self._events, []
-            return items, events, len(self._finished)
+            return items, events
 
     def publish(self, version: int, flat: Any) -> None:
         with self._cond:
-            self._weights = (version, flat)
+            if self._weights is None or version > self._weights[0]:
+                self._weights = (version, flat)
 
     def finish(self) -> None:
         """Training is over: explorers are told so at their next put."""
         with self._cond:
             self._done = True
             self._inbox.clear()
+            self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:
+        """Who joined, finished or left, and seconds since each explorer was last heard from
+        (since the hub started, for those never heard from)."""
         with self._cond:
+            now = time.monotonic()
             return {
                 "joined": sorted(self._joined),
                 "finished": sorted(self._finished),
+                "left": dict(self._left),
+                "silent_for": {e: now - t for e, t in self._last_seen.items()},
+                "age": now - self._started,
                 "rejoins": self._rejoins,
                 "queued": len(self._inbox),
             }
 
-    # --- learners' rendezvous (torch.distributed) ----------------------------------------------
+    # --- learners' rendezvous (torch.distributed) and failures ---------------------------------
     def set_rendezvous(self, address: str) -> None:
         self._rendezvous = address
 
     def rendezvous(self) -> str | None:
         return self._rendezvous
+
+    def report_failure(self, learner: int, line: str) -> None:
+        """The first learner failure is kept: the others name it when their collective breaks."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = f"learner {learner} failed: {line}"
+
+    def failure(self) -> str | None:
+        return self._failure

@@ -1,271 +1,317 @@
-"""The single-machine runtime: explorer processes and a learner, joined by shared memory.
+"""The single-machine runtime: explorer processes and the learner, joined by shared memory.
 
-As in TorchBeast's monobeast, unroll slots are pre-allocated in shared memory and passed by index:
-an explorer takes a free slot index, writes an unroll into it and hands the index to the learner
-through the full queue; the learner gathers whole batches, copies them out and frees the slots.
-With the seed's replay buffer, explorers instead upload into their own slice of a shared buffer
-that the learner samples. Weights travel through a shared parameter store with a version.
+As in TorchBeast's monobeast, unroll slots are pre-allocated in shared memory and passed by
+index, here through a lock-free `SlotBoard` (see `impala.runtime.slots`): nothing is shared that
+an explorer killed at any instant could hold. With the seed's replay buffer, explorers upload into
+their own slice of a shared buffer that the learner samples (per-slice sequence counters, no
+lock). Weights travel through the shared parameter store (a seqlock).
 
-Shared tensors are handed to the spawned processes as file descriptors (torch.multiprocessing),
-so no named segment exists that could outlive the run. Every process started here is stopped
-here, on success, on error and on Ctrl-C (explorers ignore SIGINT and wait for the learner).
+Each explorer process has its own pipe to the learner for its reports (steps, finished episodes,
+or the error that killed it); a replacement gets a new pipe, and a pipe whose writer died reads
+as closed. Explorers die with the learner even when it is SIGKILLed (a parent-death signal, and a
+parent check in every wait). Shared tensors reach the spawned processes as file descriptors, so
+no named segment exists that could outlive the run.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import ctypes
+import math
+import multiprocessing.connection
 import os
-import queue
 import signal
+import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
-from impala.agent import (
-    ParameterStore,
-    ReplayBuffer,
-    ReplayStaging,
-    UnrollInfo,
-    rollout_spec,
-)
-from impala.agent.buffer import allocate, numpy_views, slots_to_batch
+from impala.agent import Learner, ParameterStore, ReplayBuffer, ReplayStaging, UnrollInfo
+from impala.agent.buffer import allocate, numpy_views, rollout_spec, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.metrics import Tracker
+from impala.errors import one_line
+from impala.loop import Batch
 from impala.runtime import common
+from impala.runtime.restarts import RestartBudget
+from impala.runtime.slots import SlotBoard
 
-_POLL = 0.05  # seconds between checks of the stop flag while blocked on a queue
-MAX_RESTARTS = 10
-
-
-@dataclasses.dataclass
-class _Shared:
-    """Everything an explorer process needs to reach the learner."""
-
-    params: tuple[torch.Tensor, torch.Tensor]
-    storage: dict[str, torch.Tensor]
-    free_queue: Any
-    full_queue: Any
-    stats_queue: Any
-    stop: Any
-    replay_filled: torch.Tensor | None
-    replay_seq: torch.Tensor | None
-    holding: torch.Tensor  # [num_explorers]: the slot each explorer is writing, or -1
+CHECK_INTERVAL = 0.2  # seconds between looks at the explorer processes
+STOP_GRACE = 2.0  # seconds explorers get to finish their unroll and exit before SIGTERM
 
 
-class _FifoSink:
-    """An explorer's end of the FIFO: take a free slot, fill it, hand it to the learner."""
+def _die_with_parent(parent: int) -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (checked: works here); the parent
+    check in every wait covers other systems and the instant before this call."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(0)
 
-    def __init__(self, shared: _Shared, index: int) -> None:
-        self.shared = shared
-        self.index = index
-        self.slot: int | None = None
 
-    def next_slot(self):
-        while not self.shared.stop.is_set():
-            try:
-                self.slot = self.shared.free_queue.get(timeout=_POLL * 4)
-            except queue.Empty:
-                continue
-            if self.slot is None:
-                return None
-            # Recorded so that the learner can take the slot back if this process dies.
-            self.shared.holding[self.index] = self.slot
-            return numpy_views(self.shared.storage, self.slot)
-        return None
+class _SlotSink:
+    """An explorer's end of the FIFO: a free slot of its own, filled, handed to the learner."""
 
-    def commit(self, episodes_finished: int) -> None:
-        # Cleared before the hand-over: dying in between loses one slot, never hands it out twice.
-        self.shared.holding[self.index] = -1
-        self.shared.full_queue.put(self.slot)
-        self.slot = None
+    def __init__(self, board: SlotBoard, storage: dict[str, torch.Tensor], index: int) -> None:
+        self.board, self.storage, self.index = board, storage, index
+        self.slot = -1
+        self.serial = (os.getpid() << 24) % (1 << 62)
+
+    def next_slot(self, go_on) -> dict | None:
+        slot = self.board.take(self.index, go_on)
+        if slot is None:
+            return None
+        self.slot = slot
+        self.serial += 1
+        self.board.begin(slot, self.serial)
+        return numpy_views(self.storage, slot)
+
+    def commit(self, info: UnrollInfo) -> None:
+        self.board.commit(self.index, self.slot, self.serial, info.steps)
+
+
+class _ReplaySink:
+    """An explorer's end of the seed's replay buffer: its local buffer, uploaded every -f
+    episodes into its own slice."""
+
+    def __init__(self, staging: ReplayStaging, board: SlotBoard, index: int) -> None:
+        self.staging, self.board, self.index = staging, board, index
+
+    def next_slot(self, go_on) -> dict | None:
+        return self.staging.next_slot() if go_on() else None
+
+    def commit(self, info: UnrollInfo) -> None:
+        self.staging.commit(len(info.episode_returns))
+        self.board.add_steps(self.index, info.steps)
 
 
 def _explorer_main(
-    cfg: Config, env: EnvInfo, index: int, budget: int, shared: _Shared, parent: int
+    cfg: Config,
+    env: EnvInfo,
+    index: int,
+    budget: int,
+    shared: dict[str, Any],
+    conn: multiprocessing.connection.Connection,
+    parent: int,
 ) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when explorers stop
     torch.set_num_threads(1)
-    store = ParameterStore(*shared.params)
-    explorer = common.build_explorer(cfg, env, index, store)
-    if cfg.buffer == "replay":
-        slots = cfg.replay_slots_per_explorer
-        buffer = ReplayBuffer(shared.storage, shared.replay_filled, slots, shared.replay_seq)
-        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
-        sink: Any = ReplayStaging(spec, slots, index, buffer, cfg.upload_frequency)
-    else:
-        sink = _FifoSink(shared, index)
-    made = 0
+    board: SlotBoard = shared["board"]
+    explorer = None
+
+    def go_on() -> bool:
+        return not board.stopping and os.getppid() == parent
+
     try:
-        while made < budget and not shared.stop.is_set() and os.getppid() == parent:
-            out = sink.next_slot()
+        explorer = common.build_explorer(cfg, env, index, ParameterStore(*shared["params"]))
+        if shared["replay"] is not None:
+            spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
+            staging = ReplayStaging(
+                spec, cfg.replay_slots_per_explorer, index, shared["replay"], cfg.upload_frequency
+            )
+            sink: Any = _ReplaySink(staging, board, index)
+        else:
+            sink = _SlotSink(board, shared["storage"], index)
+        while board.made_by(index) < budget and go_on():
+            out = sink.next_slot(go_on)
             if out is None:
                 break
             info = explorer.fill(out)
-            sink.commit(len(info.episode_returns))
-            made += info.steps
-            shared.stats_queue.put(info)
-        shared.stats_queue.put(UnrollInfo(index, 0, [], [], explorer.version, finished=True))
+            sink.commit(info)
+            conn.send(info)
+    except BaseException as exc:  # noqa: BLE001 - reported to the learner, which decides
+        try:
+            conn.send(common.ExplorerFailure(one_line(exc), traceback.format_exc()))
+        except OSError:
+            pass
+        sys.exit(1)  # quietly: the learner prints the error in one line
     finally:
-        explorer.vec_env.close()
+        if explorer is not None:
+            explorer.vec_env.close()
+        conn.close()
 
 
-class _Explorers:
-    """The explorer processes: start, watch (restart the dead), stop."""
+class LocalSource:
+    """Explorer processes on this machine, as a `BatchSource` (see `impala.loop`)."""
 
-    def __init__(self, ctx, cfg: Config, env: EnvInfo, shared: _Shared, out) -> None:
-        self.ctx, self.cfg, self.env, self.shared, self.out = ctx, cfg, env, shared, out
+    def __init__(self, cfg: Config, env: EnvInfo, learner: Learner, tracker) -> None:
+        self.cfg, self.env, self.learner = cfg, env, learner
+        self.out = tracker.out
+        self.run_dir: Path | None = tracker.run_dir
         self.budget = common.explorer_budget(cfg)
-        self.made = [0] * cfg.num_explorers
-        self.procs: list[Any] = [None] * cfg.num_explorers
-        self.restarts = 0
+        n = cfg.num_explorers
+        self.procs: list[Any] = [None] * n
+        self.conns: list[Any] = [None] * n
+        self.failures: list[common.ExplorerFailure | None] = [None] * n
+        self.restarts = RestartBudget(cfg.max_restarts, cfg.restart_window)
+        self.counters = {"explorer_restarts": 0, "torn_unrolls": 0}
+        self._infos: list[UnrollInfo] = []
+        self._next_check = 0.0
+        self._ctx = mp.get_context("spawn")
+        self._generator = torch.Generator().manual_seed(cfg.seed)
+        self.board: SlotBoard | None = None
+        self.storage: dict[str, torch.Tensor] = {}
+        self.replay: ReplayBuffer | None = None
 
-    def start(self, index: int) -> None:
-        proc = self.ctx.Process(
+    # --- starting ------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        spec = rollout_spec(self.env, cfg.unroll_length, cfg.envs_per_explorer)
+        if cfg.buffer == "replay":
+            per_explorer = cfg.replay_slots_per_explorer
+        else:
+            # One slot being written and enough FULL ones for two batches across all explorers:
+            # the learner never waits for a slot to be copied, and lag stays small.
+            per_explorer = 1 + math.ceil(2 * cfg.slots_per_batch / cfg.num_explorers)
+        self.board = SlotBoard(cfg.num_explorers, per_explorer)
+        self.storage = allocate(spec, cfg.num_explorers * per_explorer, shared=True)
+        if cfg.buffer == "replay":
+            filled = torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
+            seq = torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
+            self.replay = ReplayBuffer(self.storage, filled, per_explorer, seq)
+        for i in range(cfg.num_explorers):
+            self._start(i)
+
+    def _start(self, index: int) -> None:
+        reader, writer = self._ctx.Pipe(duplex=False)
+        shared = {
+            "board": self.board,
+            "storage": self.storage,
+            "replay": self.replay,
+            "params": self.learner.store.tensors,
+        }
+        proc = self._ctx.Process(
             target=_explorer_main,
-            args=(
-                self.cfg,
-                self.env,
-                index,
-                self.budget - self.made[index],
-                self.shared,
-                os.getpid(),
-            ),
+            args=(self.cfg, self.env, index, self.budget, shared, writer, os.getpid()),
             name=f"impala-explorer-{index}",
             daemon=True,
         )
-        proc.start()
-        self.procs[index] = proc
-
-    def start_all(self) -> None:
-        for i in range(self.cfg.num_explorers):
-            self.start(i)
-
-    def check(self, finished: set[int]) -> None:
-        """Restarts explorers that died before finishing their steps."""
-        for i, proc in enumerate(self.procs):
-            if i in finished or proc.is_alive() or proc.exitcode is None:
-                continue
-            if self.restarts >= MAX_RESTARTS:
-                raise RuntimeError(f"explorer {i} died (exit code {proc.exitcode}) too often")
-            self.restarts += 1
-            print(
-                f"explorer {i} died (exit code {proc.exitcode}); restarting it",
-                file=self.out,
-                flush=True,
-            )
-            proc.join()
-            lost_slot = int(self.shared.holding[i])
-            if lost_slot >= 0:  # the unroll it was writing is dropped; the slot is reused
-                self.shared.holding[i] = -1
-                self.shared.free_queue.put(lost_slot)
-            self.start(i)
-
-    def stop(self) -> None:
-        self.shared.stop.set()
-        for _ in self.procs:
-            self.shared.free_queue.put(None)
-        deadline = time.monotonic() + 5.0
-        for proc in self.procs:
-            if proc is not None:
-                proc.join(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc is not None and proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=2.0)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
-
-
-def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
-    ctx = mp.get_context("spawn")
-    learner = common.build_learner(cfg, env, shared=True)
-    model, store = learner.model, learner.store
-    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
-    replay = cfg.buffer == "replay"
-    if replay:
-        slots = cfg.replay_slots_per_explorer
-        num_slots = slots * cfg.num_explorers
-    else:
-        # Two unrolls in flight per explorer plus two batches queued keeps everyone busy.
-        num_slots = 2 * cfg.num_explorers + 2 * cfg.slots_per_batch
-    storage = allocate(spec, num_slots, shared=True)
-    shared = _Shared(
-        params=store.tensors,
-        storage=storage,
-        free_queue=ctx.Queue(),
-        full_queue=ctx.Queue(),
-        stats_queue=ctx.Queue(),
-        stop=ctx.Event(),
-        replay_filled=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
-        if replay
-        else None,
-        replay_seq=torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
-        if replay
-        else None,
-        holding=torch.full((cfg.num_explorers,), -1, dtype=torch.int64).share_memory_(),
-    )
-    if replay:
-        buffer = ReplayBuffer(storage, shared.replay_filled, slots, shared.replay_seq)
-    else:
-        for slot in range(num_slots):
-            shared.free_queue.put(slot)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    explorers = _Explorers(ctx, cfg, env, shared, tracker.out)
-    pending: list[int] = []
-    try:
-        explorers.start_all()
-        last_check = time.monotonic()
-        while not tracker.should_stop():
-            _drain_stats(shared.stats_queue, tracker, explorers)
-            all_done = len(tracker.finished_explorers) == cfg.num_explorers
-            if time.monotonic() - last_check > 0.5:
-                explorers.check(tracker.finished_explorers)
-                last_check = time.monotonic()
-            if replay:
-                if all_done:
-                    break
-                batch = buffer.sample(cfg.learn_batch_size, cfg.algo, generator)
-                if batch is None:
-                    time.sleep(_POLL)
-                    continue
-            else:
-                try:
-                    pending.append(shared.full_queue.get(timeout=_POLL))
-                except queue.Empty:
-                    if all_done:
-                        if pending:  # the last, partial batch
-                            batch = slots_to_batch(storage, pending, cfg.algo)
-                            pending = []
-                            tracker.on_update(learner.update(batch, common.progress(tracker, cfg)))
-                        break
-                    continue
-                if len(pending) < cfg.slots_per_batch:
-                    continue
-                batch = slots_to_batch(storage, pending, cfg.algo)
-                for slot in pending:
-                    shared.free_queue.put(slot)
-                pending = []
-            tracker.on_update(learner.update(batch, common.progress(tracker, cfg)))
-            tracker.maybe_log()
-        _drain_stats(shared.stats_queue, tracker, explorers)
-    finally:
-        explorers.stop()
-        for q in (shared.free_queue, shared.full_queue, shared.stats_queue):
-            q.cancel_join_thread()
-            q.close()
-    return model
-
-
-def _drain_stats(stats_queue, tracker: Tracker, explorers: _Explorers) -> None:
-    while True:
+        self.procs[index], self.conns[index] = proc, reader  # before start: close() sees it
         try:
-            info: UnrollInfo = stats_queue.get_nowait()
-        except queue.Empty:
+            proc.start()
+        finally:
+            writer.close()  # ours: the pipe must read as closed once the explorer is gone
+
+    # --- the loop's side -----------------------------------------------------------------------
+    def next_batch(self, timeout: float) -> Batch | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_reports()
+            batch = self._take_batch()
+            remaining = deadline - time.monotonic()
+            if batch is not None or remaining <= 0:
+                return batch
+            live = [c for c in self.conns if c is not None]
+            if live:  # a report comes with every unroll: wake up when one arrives
+                multiprocessing.connection.wait(live, timeout=min(remaining, 0.01))
+            else:
+                time.sleep(min(remaining, 0.01))
+
+    def _take_batch(self) -> Batch | None:
+        cfg = self.cfg
+        if self.replay is not None:
+            if self._all_made():
+                return None  # the explorers are done: so is sampling
+            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+        full = self.board.full()
+        enough = len(full) >= cfg.slots_per_batch
+        if not (enough or (full and self._all_made())):  # the last batch may be partial
+            return None
+        slots = full[: cfg.slots_per_batch]
+        batch = slots_to_batch(self.storage, slots, cfg.algo)
+        whole = self.board.whole(slots)
+        self.board.release(slots)
+        if not all(whole):
+            self.counters["torn_unrolls"] += whole.count(False)
+            return None
+        return batch
+
+    def _read_reports(self) -> None:
+        for i, conn in enumerate(self.conns):
+            if conn is None:
+                continue
+            try:
+                while conn.poll():
+                    message = conn.recv()
+                    if isinstance(message, common.ExplorerFailure):
+                        self.failures[i] = message
+                    else:
+                        self._infos.append(message)
+            except (EOFError, OSError):  # the explorer is gone; check() decides what next
+                conn.close()
+                self.conns[i] = None
+
+    def poll(self) -> list[UnrollInfo]:
+        self._read_reports()
+        infos, self._infos = self._infos, []
+        return infos
+
+    def _all_made(self) -> bool:
+        return all(self.board.made_by(i) >= self.budget for i in range(self.cfg.num_explorers))
+
+    def exhausted(self) -> bool:
+        if not self._all_made() or any(c is not None for c in self.conns):
+            return False  # a finished explorer's last report is read before its pipe closes
+        return self.replay is not None or not self.board.full()
+
+    def check(self) -> None:
+        """Restarts explorers that died before making their steps (within the restart budget)."""
+        now = time.monotonic()
+        if now < self._next_check:
             return
-        explorers.made[info.explorer] += info.steps
-        tracker.on_unroll(info)
+        self._next_check = now + CHECK_INTERVAL
+        for i, proc in enumerate(self.procs):
+            if proc is None or proc.exitcode is None:
+                continue
+            if self.conns[i] is not None:
+                continue  # its last reports are still being read
+            proc.join()
+            self.procs[i] = None
+            if self.board.made_by(i) >= self.budget:
+                continue  # finished (it may have died after its last unroll: nothing is lost)
+            failure, self.failures[i] = self.failures[i], None
+            why = failure.line if failure else common.describe_exit(proc.exitcode)
+            if failure is not None:
+                self._keep_trace(i, failure)
+            line = self.restarts.take(f"explorer {i}", why)
+            self.counters["explorer_restarts"] += 1
+            print(line, file=self.out, flush=True)
+            self._start(i)
+
+    def _keep_trace(self, index: int, failure: common.ExplorerFailure) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / "explorer-errors.log", "a") as log:
+            log.write(f"--- explorer {index} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            log.write(failure.trace)
+
+    # --- stopping ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops every explorer: the stop word first, SIGTERM after a grace, SIGKILL last."""
+        if self.board is not None:
+            self.board.request_stop()
+        procs = [p for p in self.procs if p is not None and p.pid is not None]
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=1.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs = [None] * len(self.procs)
+        for i, conn in enumerate(self.conns):
+            if conn is not None:
+                conn.close()
+                self.conns[i] = None
+

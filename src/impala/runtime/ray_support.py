@@ -19,18 +19,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from impala.errors import ConfigError
+from impala.errors import ConfigError, RunFailed
 
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "0",
+    # `ray start --block` drains for 30 s on SIGTERM by default; ours stop at once.
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 
 
-def set_ray_environment() -> None:
-    """Sets what Ray reads at start (called by the runtime, never at import)."""
+def set_ray_environment() -> dict[str, str | None]:
+    """Sets what Ray reads at start (called by the runtime, never at import); returns the
+    previous values, for `restore_environment`."""
+    previous = {key: os.environ.get(key) for key in RAY_ENV}
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     constants = sys.modules.get("ray._private.ray_constants")
@@ -38,6 +42,15 @@ def set_ray_environment() -> None:
         # Ray was imported before this call and read the variable then: without this it would
         # rewrite 127.0.0.1 in a cluster address to the machine's external address.
         constants.ENABLE_RAY_CLUSTER = False
+    return previous
+
+
+def restore_environment(previous: dict[str, str | None]) -> None:
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -134,7 +147,14 @@ def _local_ip_towards(host: str, port: int) -> str | None:
         return None
 
 
-def connect(address: str, *, timeout: float, waiting_message: str | None = None, out=None) -> None:
+def connect(
+    address: str,
+    *,
+    timeout: float,
+    node_ip: str | None = None,
+    waiting_message: str | None = None,
+    out=None,
+) -> None:
     """Connects this process to the Ray cluster at `address`, waiting up to `timeout` seconds.
 
     Until the head's port answers, only a TCP probe is made (ray.init itself would block for tens
@@ -149,8 +169,8 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
     deadline = time.monotonic() + timeout
     said = False
     while True:
-        node_ip = _local_ip_towards(host, int(port))
-        if node_ip is not None:
+        route_ip = _local_ip_towards(host, int(port))
+        if route_ip is not None:
             try:
                 ray.init(
                     address=address,
@@ -158,7 +178,7 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
                     log_to_driver=False,
                     namespace="impala",
                     configure_logging=False,
-                    _node_ip_address=node_ip,
+                    _node_ip_address=node_ip or route_ip,
                 )
                 return
             except (ConnectionError, RuntimeError, ValueError):
@@ -173,23 +193,39 @@ def connect(address: str, *, timeout: float, waiting_message: str | None = None,
 
 @contextlib.contextmanager
 def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`."""
-    set_ray_environment()
+    """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`.
+    The process's environment is restored afterwards."""
+    previous = set_ray_environment()
     import ray
 
-    if address:
-        connect(address, timeout=60)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-            namespace="impala",
-            configure_logging=False,
-            _node_ip_address="127.0.0.1",
-        )
     try:
+        if address:
+            connect(address, timeout=60)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                namespace="impala",
+                configure_logging=False,
+                _node_ip_address="127.0.0.1",
+            )
         yield
     finally:
         ray.shutdown()
+        restore_environment(previous)
+
+
+def wait_for_actor(name: str, timeout: float, what: str):
+    """The named actor, once it exists; RunFailed naming `what` after `timeout` seconds."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{what} did not appear within {timeout:.0f} s") from None
+            time.sleep(0.2)

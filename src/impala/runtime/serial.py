@@ -1,74 +1,100 @@
 """The serial runtime: explorers and the learner take turns in one process.
 
 Deterministic under a seed (one thread, fixed env and sampling seeds); for tests and debugging.
+Explorers are stepped inline, in turn, whenever the loop asks for a batch.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec
+from impala.agent import Learner, ReplayBuffer, ReplayStaging, UnrollInfo, rollout_spec
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.metrics import Tracker
+from impala.loop import Batch
 from impala.runtime import common
 
 
-def run(cfg: Config, env: EnvInfo, tracker: Tracker) -> nn.Module:
-    learner = common.build_learner(cfg, env)
-    model, store = learner.model, learner.store
-    explorers = [common.build_explorer(cfg, env, i, store) for i in range(cfg.num_explorers)]
-    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    budget = common.explorer_budget(cfg)
-    made = [0] * cfg.num_explorers
+class SerialSource:
+    """Explorers in this process, as a `BatchSource` (see `impala.loop`)."""
 
-    if cfg.buffer == "replay":
-        slots = cfg.replay_slots_per_explorer
-        buffer = ReplayBuffer(
-            allocate(spec, cfg.num_explorers * slots),
-            torch.zeros(cfg.num_explorers, dtype=torch.int64),
-            slots,
-        )
-        staging = [
-            ReplayStaging(spec, slots, i, buffer, cfg.upload_frequency)
-            for i in range(cfg.num_explorers)
-        ]
-    else:
-        storage = allocate(spec, cfg.slots_per_batch)
-        filled: list[int] = []
+    def __init__(self, cfg: Config, env: EnvInfo, learner: Learner, tracker) -> None:
+        self.cfg, self.env, self.learner = cfg, env, learner
+        self.budget = common.explorer_budget(cfg)
+        self.made = [0] * cfg.num_explorers
+        self.explorers: list = []
+        self.counters: dict[str, int] = {}
+        self._infos: list[UnrollInfo] = []
+        self._turn = 0
+        self._filled: list[int] = []
+        self._generator = torch.Generator().manual_seed(cfg.seed)
 
-    def learn(batch: dict[str, torch.Tensor]) -> None:
-        tracker.on_update(learner.update(batch, common.progress(tracker, cfg)))
-        tracker.maybe_log()
+    def start(self) -> None:
+        cfg, env = self.cfg, self.env
+        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
+        for i in range(cfg.num_explorers):
+            self.explorers.append(common.build_explorer(cfg, env, i, self.learner.store))
+        if cfg.buffer == "replay":
+            slots = cfg.replay_slots_per_explorer
+            self.replay = ReplayBuffer(
+                allocate(spec, cfg.num_explorers * slots),
+                torch.zeros(cfg.num_explorers, dtype=torch.int64),
+                slots,
+            )
+            self.staging = [
+                ReplayStaging(spec, slots, i, self.replay, cfg.upload_frequency)
+                for i in range(cfg.num_explorers)
+            ]
+        else:
+            self.storage = allocate(spec, cfg.slots_per_batch)
 
-    try:
-        while not tracker.should_stop():
-            active = [i for i in range(cfg.num_explorers) if made[i] < budget]
-            if not active:
-                break
-            for i in active:
-                if cfg.buffer == "replay":
-                    info = explorers[i].fill(staging[i].next_slot())
-                    staging[i].commit(len(info.episode_returns))
-                    batch = buffer.sample(cfg.learn_batch_size, cfg.algo, generator)
-                else:
-                    slot = len(filled)
-                    info = explorers[i].fill(numpy_views(storage, slot))
-                    filled.append(slot)
-                    batch = None
-                    if len(filled) == cfg.slots_per_batch:
-                        batch = slots_to_batch(storage, filled, cfg.algo)
-                        filled = []
-                made[i] += info.steps
-                tracker.on_unroll(info)
-                if batch is not None:
-                    learn(batch)
-        if cfg.buffer == "fifo" and filled and not tracker.stop_reason:
-            learn(slots_to_batch(storage, filled, cfg.algo))
-    finally:
-        for explorer in explorers:
+    def _active(self) -> list[int]:
+        return [i for i in range(self.cfg.num_explorers) if self.made[i] < self.budget]
+
+    def next_batch(self, timeout: float) -> Batch | None:
+        """Steps the explorers in turn until a batch is ready (or all have made their steps)."""
+        cfg = self.cfg
+        while self._active():
+            i = self._turn % cfg.num_explorers
+            self._turn += 1
+            if self.made[i] >= self.budget:
+                continue
+            if cfg.buffer == "replay":
+                info = self.explorers[i].fill(self.staging[i].next_slot())
+                self.staging[i].commit(len(info.episode_returns))
+            else:
+                slot = len(self._filled)
+                info = self.explorers[i].fill(numpy_views(self.storage, slot))
+                self._filled.append(slot)
+            self.made[i] += info.steps
+            self._infos.append(info)
+            batch = self._batch(last=not self._active())
+            if batch is not None:
+                return batch
+        return None
+
+    def _batch(self, last: bool) -> Batch | None:
+        cfg = self.cfg
+        if cfg.buffer == "replay":
+            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+        if len(self._filled) == cfg.slots_per_batch or (last and self._filled):
+            batch = slots_to_batch(self.storage, self._filled, cfg.algo)
+            self._filled = []
+            return batch
+        return None
+
+    def poll(self) -> list[UnrollInfo]:
+        infos, self._infos = self._infos, []
+        return infos
+
+    def check(self) -> None:
+        pass
+
+    def exhausted(self) -> bool:
+        return not self._active() and not self._filled
+
+    def close(self) -> None:
+        for explorer in self.explorers:
             explorer.vec_env.close()
-    return model
+        self.explorers = []

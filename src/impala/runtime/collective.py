@@ -1,0 +1,129 @@
+"""Synchronous learners: gradient averaging and joint decisions over torch.distributed (gloo).
+
+Every learner takes its own batch, the gradients are averaged with an all-reduce, and every
+learner applies the same update, so all hold identical parameters (learner 0's initial ones are
+broadcast first). Each turn of the learner loop the learners also agree, in one all-reduce, on
+stopping (any learner's reason stops all), on updating (only when every one has a batch) and on
+the step count of the whole job (the learning-rate schedule's progress).
+
+When a learner fails it records the failure at hub 0 and leaves the group without entering
+another collective; the others' collectives then break, and they stop naming that first failure
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch
+from torch import nn
+
+from impala.errors import RunFailed, one_line
+from impala.loop import Decision
+from impala.runtime import ray_support
+
+
+class LearnerGroup:
+    """This learner's membership of the group of `world_size` synchronous learners."""
+
+    def __init__(self, rank: int, world_size: int, hub0, timeout: float) -> None:
+        self.rank, self.world_size, self.hub0, self.timeout = rank, world_size, hub0, timeout
+        self.joined = False
+
+    def join(self, head_host: str) -> None:
+        """Rendezvous through hub 0 (learner 0 publishes a free port of its host), then join."""
+        import ray
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            address = f"tcp://{head_host}:{ray_support.free_port(head_host)}"
+            ray.get(self.hub0.set_rendezvous.remote(address))
+        else:
+            deadline = time.monotonic() + self.timeout
+            while (address := ray.get(self.hub0.rendezvous.remote())) is None:
+                if time.monotonic() > deadline:
+                    raise RunFailed(
+                        f"learner {self.rank}: learner 0 did not open the learners' group "
+                        f"within {self.timeout:.0f} s"
+                    )
+                time.sleep(0.2)
+        dist.init_process_group(
+            "gloo",
+            init_method=address,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.timeout),
+        )
+        self.joined = True
+
+    def _collective(self, what: str, fn):
+        try:
+            return fn()
+        except RuntimeError as exc:  # gloo: a peer closed its connection or timed out
+            raise RunFailed(self._broken(what, exc)) from None
+
+    def _broken(self, what: str, exc: BaseException) -> str:
+        import ray
+
+        first = None
+        try:
+            first = ray.get(self.hub0.failure.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - hub 0 may be gone with learner 0
+            pass
+        cause = first or f"another learner stopped answering ({one_line(exc)[:200]})"
+        return f"learner {self.rank}: the learners' {what} broke: {cause}"
+
+    def broadcast_parameters(self, model: nn.Module) -> None:
+        import torch.distributed as dist
+
+        for param in model.parameters():
+            self._collective("start", lambda p=param: dist.broadcast(p.data, src=0))
+
+    def average_gradients(self, model: nn.Module) -> None:
+        """The learner's gradient hook: one all-reduce of all gradients as one flat tensor."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._collective("gradient averaging", lambda: dist.all_reduce(flat))
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(model.parameters(), grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def decide(self, stop: bool, have_batch: bool, steps: int) -> Decision:
+        import torch.distributed as dist
+
+        control = torch.tensor([float(stop), float(not have_batch), float(steps)])
+        self._collective("agreement", lambda: dist.all_reduce(control))
+        stop_all = bool(control[0] > 0)
+        return Decision(stop=stop_all, update=not stop_all and control[1] == 0, steps=int(control[2]))
+
+    def report_failure(self, line: str) -> None:
+        """Records this learner's failure at hub 0 (first one wins) and leaves the group at once,
+        so that the others' collectives break instead of waiting for the timeout."""
+        import ray
+
+        try:
+            ray.get(self.hub0.report_failure.remote(self.rank, line), timeout=5)
+        except Exception:  # noqa: BLE001 - best effort: the group breaks either way
+            pass
+        self.leave()
+
+    def finish(self) -> None:
+        """A clean end: wait for every learner (learner 0 keeps the Ray head up meanwhile)."""
+        import torch.distributed as dist
+
+        if self.joined:
+            self._collective("end", dist.barrier)
+        self.leave()
+
+    def leave(self) -> None:
+        import torch.distributed as dist
+
+        if self.joined and dist.is_initialized():
+            dist.destroy_process_group()
+        self.joined = False

@@ -1,0 +1,106 @@
+"""An explorer task of the seed's job form: acts, and sends its unrolls to the learners' hubs.
+
+The explorer joins every hub, takes the newest weights from the hub it sends to next (round
+robin), makes an unroll, and puts it: the unroll is serialised once (`ray.put`) and the hub
+holds the put while its inbox is full, so backpressure costs no resends of the data. It stops
+after its share of the job's steps, when the learners say the job is over, or at a signal
+(telling the hubs it left).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import IO
+
+from impala.agent.worker import ExplorerWorker
+from impala.config import Config
+from impala.envs import EnvInfo
+from impala.errors import ConfigError, RunFailed
+from impala.runtime import common, ray_support
+from impala.runtime.hosts import JobSpec
+from impala.shutdown import StopSignals
+
+PRINT_INTERVAL = 5.0
+
+
+def run_explorer_task(
+    cfg: Config,
+    spec: JobSpec,
+    env: EnvInfo,
+    *,
+    peer_timeout: float,
+    signals: StopSignals,
+    out: IO[str],
+) -> int:
+    import ray
+    from ray.exceptions import RayActorError
+
+    me = spec.name
+    hub0 = ray_support.wait_for_actor("hub-0", peer_timeout, f"{me}: learner 0's hub")
+    mismatch = ray.get(hub0.check.remote(spec.description(cfg)))
+    if mismatch:
+        raise ConfigError(f"this task's settings differ from learner 0's: {mismatch}")
+    hubs = [hub0] + [
+        ray_support.wait_for_actor(f"hub-{t}", peer_timeout, f"{me}: learner {t}'s hub")
+        for t in range(1, len(spec.learners))
+    ]
+    for hub in hubs:
+        ray.get(hub.join.remote(spec.task))
+    worker = ExplorerWorker(cfg, env, spec.task)
+    budget = common.explorer_budget(cfg, len(spec.explorers))
+    steps, episodes, returns, k = 0, 0, [], 0
+    try:
+        deadline = time.monotonic() + peer_timeout
+        while (weights := ray.get(hub0.weights.remote(-1))) is None:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{me}: learner 0 published no weights within {peer_timeout:.0f} s")
+            time.sleep(0.1)
+        worker.set_weights(*weights)
+        print(
+            f"{me}: joined {len(hubs)} learner(s); acting in {cfg.envs_per_explorer} x {cfg.env}",
+            file=out,
+            flush=True,
+        )
+        signals.defer()
+        last_print = time.monotonic()
+        status = "ok"
+        while steps < budget and not signals.requested:
+            hub = hubs[k % len(hubs)]
+            k += 1
+            weights = ray.get(hub.weights.remote(worker.version))
+            if weights is not None:
+                worker.set_weights(*weights)
+            payload, info = worker.unroll()
+            item = ray.put((payload, info))  # serialised once, however long the hub is full
+            while (status := ray.get(hub.put.remote(item))) == "full":
+                if signals.requested:
+                    break
+            if status == "done":
+                print(f"{me}: the learners have finished", file=out, flush=True)
+                break
+            if status != "ok":
+                break
+            steps += info.steps
+            episodes += len(info.episode_returns)
+            returns = (returns + info.episode_returns)[-100:]
+            if time.monotonic() - last_print > PRINT_INTERVAL:
+                mean = f"{sum(returns) / len(returns):.2f}" if returns else "-"
+                print(
+                    f"{me}: steps {steps:,} episodes {episodes:,} mean return {mean} "
+                    f"policy version {worker.version}",
+                    file=out,
+                    flush=True,
+                )
+                last_print = time.monotonic()
+        if steps >= budget or status == "done":
+            ray.get([hub.explorer_finished.remote(spec.task) for hub in hubs], timeout=5)
+            print(f"{me} done: {steps:,} steps, {episodes:,} episodes", file=out, flush=True)
+        else:
+            why = f"stopped by {signals.reason}" if signals.requested else "stopped"
+            ray.get([hub.explorer_left.remote(spec.task, why) for hub in hubs], timeout=5)
+            print(f"{me} {why}: {steps:,} steps, {episodes:,} episodes", file=out, flush=True)
+    except (RayActorError, ConnectionError) as exc:
+        raise RunFailed(f"{me}: lost the learners ({type(exc).__name__})") from None
+    finally:
+        worker.close()
+    return 0

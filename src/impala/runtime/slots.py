@@ -1,0 +1,118 @@
+"""Unroll slots in shared memory passed between explorer processes and the learner, lock-free.
+
+`multiprocessing.Queue`, `Event`, `Lock` and `Condition` all rest on semaphores shared between
+processes: one killed while holding one (a `Queue.get` waiting for a slot holds the reader
+lock) blocks every other process for good. Here nothing is shared that a dead process could hold:
+
+- Slots `[i * k, (i + 1) * k)` belong to explorer `i`. `state[s]` goes FREE -> FULL only by the
+  slot's explorer (after the unroll is written) and FULL -> FREE only by the learner (after it
+  copied the unroll out): one writer per transition, so a process killed at any instant leaves
+  every word valid. A dead explorer's FULL slots are still learned from; the slot it was writing
+  is still FREE, and its replacement (which owns the same slots) writes it again.
+- An explorer only writes into FREE slots of its own, so the learner never reads a torn unroll.
+  Each slot carries the serial of the unroll written into it, set before (`serial[s, 0]`) and
+  after (`serial[s, 1]`) the write; the learner checks them after its copy and counts any
+  mismatch (there should be none: the chaos check asserts it).
+- `made[i]`: env steps in explorer i's committed unrolls, written only by explorer i (its
+  replacement continues from it, so a budget is never made twice).
+- `stop[0]`: written only by the learner; explorers poll it.
+
+Wake-ups are by polling (sub-millisecond sleeps): no wait on anything another process could
+fail to release. The ordering of plain stores relies on x86-64's total store order (as the
+parameter store's seqlock does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+FREE, FULL = 0, 1
+
+
+class SlotBoard:
+    """The shared words that say which slot holds what; the unrolls themselves live in the
+    storage from `impala.agent.buffer.allocate`, indexed by the same slot numbers."""
+
+    def __init__(self, num_explorers: int, slots_per_explorer: int) -> None:
+        n = num_explorers * slots_per_explorer
+        self.slots_per_explorer = slots_per_explorer
+        self.state = torch.zeros(n, dtype=torch.int64).share_memory_()
+        self.order = torch.zeros(n, dtype=torch.int64).share_memory_()  # commit time, ns
+        self.serial = torch.zeros((n, 2), dtype=torch.int64).share_memory_()
+        self.made = torch.zeros(num_explorers, dtype=torch.int64).share_memory_()
+        self.stop = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._views: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_views"] = None  # numpy views are made afresh in each process
+        return state
+
+    @property
+    def _np(self) -> dict[str, np.ndarray]:
+        if self._views is None:
+            names = ("state", "order", "serial", "made", "stop")
+            self._views = {name: getattr(self, name).numpy() for name in names}
+        return self._views
+
+    def own(self, explorer: int) -> range:
+        k = self.slots_per_explorer
+        return range(explorer * k, (explorer + 1) * k)
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._np["stop"][0])
+
+    # --- the explorer's side ---------------------------------------------------------------------
+    def take(self, explorer: int, go_on: Callable[[], bool]) -> int | None:
+        """A FREE slot of `explorer`'s, waiting for one while `go_on()`; None once it is false."""
+        state = self._np["state"]
+        delay = 1e-4
+        while True:
+            for slot in self.own(explorer):
+                if state[slot] == FREE:
+                    return slot
+            if not go_on():
+                return None
+            time.sleep(delay)
+            delay = min(2 * delay, 2e-3)
+
+    def begin(self, slot: int, serial: int) -> None:
+        self._np["serial"][slot, 0] = serial
+
+    def commit(self, explorer: int, slot: int, serial: int, steps: int) -> None:
+        """The unroll in `slot` is whole: count its steps, then hand the slot to the learner."""
+        views = self._np
+        views["serial"][slot, 1] = serial
+        views["made"][explorer] += steps
+        views["order"][slot] = time.monotonic_ns()
+        views["state"][slot] = FULL  # last: this store publishes the slot
+
+    def add_steps(self, explorer: int, steps: int) -> None:
+        """Counts steps that went elsewhere (the seed's replay buffer has no slots to hand on)."""
+        self._np["made"][explorer] += steps
+
+    # --- the learner's side ----------------------------------------------------------------------
+    def full(self) -> list[int]:
+        """FULL slots, oldest commit first."""
+        views = self._np
+        slots = np.flatnonzero(views["state"] == FULL)
+        return slots[np.argsort(views["order"][slots], kind="stable")].tolist()
+
+    def whole(self, slots: list[int]) -> list[bool]:
+        """After copying `slots` out: whether each copy is of one unroll (begin == end serial)."""
+        serial = self._np["serial"][slots]
+        return (serial[:, 0] == serial[:, 1]).tolist()
+
+    def release(self, slots: list[int]) -> None:
+        self._np["state"][slots] = FREE
+
+    def made_by(self, explorer: int) -> int:
+        return int(self._np["made"][explorer])
+
+    def request_stop(self) -> None:
+        self._np["stop"][0] = 1
