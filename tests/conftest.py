@@ -1,9 +1,19 @@
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+TESTS = Path(__file__).parent
+PROGRAM = [sys.executable, "-m", "impala.cli"]
 
 
 @pytest.fixture
@@ -18,16 +28,110 @@ def shm_entries() -> set[str]:
         return set()
 
 
-def project_children() -> list:
-    """Live child processes, less multiprocessing's resource tracker (the standard library starts
-    it once per interpreter and it ends with the interpreter)."""
-    import psutil
-
+def project_children(proc: psutil.Process | None = None) -> list:
+    """Live descendants, less multiprocessing's resource tracker (the standard library starts it
+    once per interpreter and it ends with the interpreter)."""
     kids = []
-    for proc in psutil.Process().children(recursive=True):
+    for child in (proc or psutil.Process()).children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(proc.cmdline()):
-                kids.append(proc)
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                kids.append(child)
         except psutil.NoSuchProcess:
             pass
     return kids
+
+
+def explorer_processes(parent: psutil.Process | None = None) -> list:
+    """The local runtime's explorer processes under `parent` (default: this process)."""
+    return [
+        p for p in project_children(parent) if "multiprocessing.spawn" in " ".join(p.cmdline())
+    ]
+
+
+def start_cli(*args, env=None, cwd=None, prefix=()) -> subprocess.Popen:
+    """`impala ARGS` as a real process with default signal dispositions (SIGINT works)."""
+    return subprocess.Popen(
+        [*prefix, *PROGRAM, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        # A shell that started pytest in the background leaves SIGINT ignored, and children
+        # inherit that: give the command the terminal's default, as a user's shell would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def run_cli(*args, timeout=120, env=None, input=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*PROGRAM, *args], capture_output=True, text=True, timeout=timeout, env=env, input=input
+    )
+
+
+def env_with_tests_on_path() -> dict:
+    """The environment for a subprocess that imports the tests' helper modules."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_for_learning(run_dir: Path, timeout: float = 90.0, updates: int = 1) -> None:
+    wait_until(
+        lambda: any(r.get("updates", 0) >= updates for r in metrics(run_dir)),
+        timeout,
+        f"{updates} learner updates in {run_dir}",
+    )
+
+
+def stop_with(proc: subprocess.Popen, signum: int, timeout: float = 30.0):
+    """Sends `signum`, waits; returns (seconds to exit, stdout, stderr)."""
+    start = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return time.monotonic() - start, out, err
+
+
+def assert_gone(procs, timeout: float = 10.0) -> None:
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, [p.pid for p in alive]
+
+
+def ray_processes(marker: str | None = None) -> list[str]:
+    """Ray's own processes on this machine (optionally only those whose command line holds
+    `marker`, e.g. a temp dir), as 'pid cmdline' strings."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if proc.info["name"] in ("gcs_server", "raylet") or cmd.startswith("ray::"):
+            if marker is None or marker in cmd:
+                found.append(f"{proc.pid} {cmd[:100]}")
+    return found
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]

@@ -62,6 +62,9 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in HANDLED:
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN and signum not in self._previous:
+                continue  # e.g. SIGINT of a background job (`cmd &`): the shell asked for that
             previous = signal.signal(signum, self._handle)
             self._previous.setdefault(signum, previous)
 

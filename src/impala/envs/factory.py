@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import re
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -34,22 +37,60 @@ class EnvInfo:
 def make_env(env_id: str, *, max_episode_steps: int | None = None) -> gym.Env:
     """Makes one environment; `max_episode_steps` (the seed's `-m`) overrides its time limit.
 
-    Raises ConfigError for an unknown id, a non-discrete action space or a non-vector observation.
+    `env_id` may be `module:EnvId` (as in Gymnasium): the module, which registers the id, is
+    imported first, here and in every explorer process.
+
+    Raises ConfigError for an unknown id, an environment whose code cannot be imported, a
+    non-discrete action space or a non-vector observation.
     """
     register_envs()
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+    name = _import_registering_module(env_id)
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown environment id '{env_id}'{hint}")
+        raise ConfigError(f"unknown environment id '{name}'{hint}")
     kwargs = {"disable_env_checker": True}
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     try:
-        env = gym.make(env_id, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # old env versions: not our line
+            env = gym.make(name, **kwargs)
     except gym.error.Error as exc:  # missing optional dependency, bad kwargs, ...
-        raise ConfigError(f"cannot make environment '{env_id}': {exc}") from exc
+        raise ConfigError(f"cannot make environment '{env_id}': {_one_line(exc)}") from None
+    except ImportError as exc:  # the env's own code imports a package that is not installed
+        raise ConfigError(_missing_module(env_id, gym.spec(name), exc)) from None
     _check_spaces(env_id, env)
     return env
+
+
+def _import_registering_module(env_id: str) -> str:
+    """For `module:EnvId`, imports the module (which registers the id); returns the id."""
+    module, sep, name = env_id.partition(":")
+    if not sep:
+        return env_id
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module '{module}' for environment '{env_id}': {_one_line(exc)}"
+        ) from None
+    return name
+
+
+def _missing_module(env_id: str, spec: gym.envs.registration.EnvSpec, exc: ImportError) -> str:
+    missing = exc.name or _one_line(exc)
+    entry = spec.entry_point if isinstance(spec.entry_point, str) else ""
+    family = re.match(r"gymnasium\.envs\.(\w+)\.", entry)
+    if family:  # Gymnasium's own environments come with an extra per family
+        install = f'pip install "gymnasium[{family.group(1).replace("_", "-")}]"'
+    else:
+        install = f"install the package that provides '{missing.split('.')[0]}'"
+    return f"cannot make environment '{env_id}': module '{missing}' is not installed ({install})"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _check_spaces(env_id: str, env: gym.Env) -> None:
