@@ -43,9 +43,7 @@ def project_children(proc: psutil.Process | None = None) -> list:
 
 def explorer_processes(parent: psutil.Process | None = None) -> list:
     """The local runtime's explorer processes under `parent` (default: this process)."""
-    return [
-        p for p in project_children(parent) if "multiprocessing.spawn" in " ".join(p.cmdline())
-    ]
+    return [p for p in project_children(parent) if "multiprocessing.spawn" in " ".join(p.cmdline())]
 
 
 def start_cli(*args, env=None, cwd=None, prefix=()) -> subprocess.Popen:

@@ -1,48 +1,180 @@
-"""The command line: bad input ends with one line and exit code 2, never a traceback."""
+"""The command line: every command answers bad input with one line naming the offending value
+and exit code 2, leaving nothing running and nothing half-written (a table over all commands)."""
 
+import os
 import subprocess
 import sys
 
+import psutil
 import pytest
+from conftest import env_with_tests_on_path, run_cli, shm_entries
 
-from impala import config
+from impala import __version__, config
 from impala.cli import main
 from impala.errors import ConfigError
 
+J = ["-l", "localhost:45671", "-e", "localhost:45672"]  # a job's host lists (nothing listens)
 
-def run_cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "impala.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+# (command line, text the one line must contain); RUN is replaced by a fresh run folder.
+BAD_INPUT = [
+    # train
+    (["train", "--env", "NoSuchEnv-v9"], "unknown environment id 'NoSuchEnv-v9'"),
+    (["train", "--env", "CartPol-v1"], "'CartPol-v1' (did you mean CartPole-v1"),
+    (["train", "--env", "envs_for_tests:ImportFails-v0"], "'a_renderer_that_is_not_installed'"),
+    (["train", "--env", "no_such_module:Env-v0"], "cannot import module 'no_such_module'"),
+    (["train", "--env", "Pendulum-v1"], "'Pendulum-v1' has a Box action space"),
+    (["train", "--env", "FrozenLake-v1"], "'FrozenLake-v1' has a Discrete observation space"),
+    (["train", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
+    (["train", "--unroll-length", "-3"], "--unroll-length must be a positive integer, got -3"),
+    (["train", "-s", "-5"], "--steps-per-explorer must be a positive integer, got -5"),
+    (["train", "--num-explorers", "two"], "invalid int value: 'two'"),
+    (["train", "--learning-rate", "fast"], "invalid float value: 'fast'"),
+    (["train", "--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+    (["train", "--vtrace-lambda", "2"], "--vtrace-lambda must be in [0, 1], got 2.0"),
+    (["train", "--clip-rho-threshold", "-1"], "--clip-rho-threshold must be positive"),
+    (["train", "--max-restarts", "-1"], "--max-restarts must not be negative, got -1"),
+    (["train", "--restart-window", "0"], "--restart-window must be positive, got 0.0"),
+    (["train", "--algo", "ppo"], "invalid choice: 'ppo'"),
+    (["train", "--env", "CartPole-v1", "--batch-size", "40", "--envs-per-explorer", "16"], "(40)"),
+    (["train", "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
+    (["train", "--run-dir", "FILE/run"], "FILE/run"),
+    (["train", "--run-dir", "HELD"], "'HELD' already holds a run"),
+    (["--env", "CartPole-v1"], "no command before '--env'"),
+    (["fly"], "invalid choice: 'fly'"),
+    # bench
+    (["bench", "--env", "PongNoFrameskip-v4"], "unknown environment id 'PongNoFrameskip-v4'"),
+    (["bench", "--env", "CartPole-v1", "--seconds", "0"], "--seconds must be positive, got 0.0"),
+    (["bench", "--env", "CartPole-v1", "--warmup", "-1"], "--warmup must be positive, got -1.0"),
+    (["bench", "--env", "CartPole-v1", "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
+    (["bench", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
+    # the seed's job form
+    (["-l", "localhost:abc", "-e", "localhost:1234"], "'localhost:abc' is not host:port"),
+    (["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"], "'localhost' is not host:port"),
+    (["-l", "localhost:1233", "-e", "localhost:99999"], "'localhost:99999' is not host:port"),
+    (["-l", "localhost:1233", "-e", ""], "'' is not host:port"),
+    (["-l", "localhost:1233", "-e", "localhost:1233"], "an address appears twice"),
+    (["-l", "localhost:1233", "-e", "127.0.0.1:1233"], "an address appears twice"),
+    ([*J, "-j", "explorer", "-t", "1"], "--task-index 1 is outside the explorer list"),
+    ([*J, "-t", "-1"], "--task-index -1 is outside the learner list"),
+    ([*J, "-j", "boss"], "invalid choice: 'boss'"),
+    (["-l", "no-such-host.invalid:1233", "-e", "localhost:1234"], "'no-such-host.invalid'"),
+    ([*J, "--peer-timeout", "0"], "--peer-timeout must be positive, got 0.0"),
+    ([*J, "--env", "NoSuchEnv-v9"], "unknown environment id 'NoSuchEnv-v9'"),
+    ([*J, "--gamma", "-1"], "--gamma must be in [0, 1], got -1.0"),
+    ([*J, "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
+    ([*J, "-l", "203.0.113.9:1233"], "not an address of this machine"),
+]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--env", "NoSuchEnv-v9"], "unknown environment id 'NoSuchEnv-v9'"),
-        (["--env", "Pendulum-v1"], "Box action space"),
-        (["--num-explorers", "0"], "--num-explorers must be a positive integer"),
-        (["--unroll-length", "0"], "--unroll-length must be a positive integer"),
-        (["-s", "-5"], "--steps-per-explorer must be a positive integer"),
-        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-        (["--num-explorers", "two"], "invalid int value: 'two'"),
-        (["--algo", "ppo"], "invalid choice: 'ppo'"),
-    ],
-)
-def test_bad_input_one_line_exit_2(args, message, tmp_path):
-    proc = run_cli("train", "--run-dir", str(tmp_path / "r"), *args)
-    assert proc.returncode == 2
+def _ours() -> set[int]:
+    """Processes of this project's (commands and Ray), to see that a row leaves none behind."""
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "impala.cli" in cmd or "multiprocessing.spawn" in cmd or "impala-ray-" in cmd:
+            pids.add(proc.pid)
+    return pids
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=lambda v: " ".join(v)[:60])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "model.pt").write_bytes(b"earlier results")
+    run = tmp_path / "run"
+    subs = {"FILE/run": f"{file}/run", "HELD": str(held)}
+    args = [subs.get(a, a) for a in args]
+    message = message.replace("FILE/run", f"{file}/run").replace("HELD", str(held))
+    if args and args[0] in ("train", "bench") and "--run-dir" not in args:
+        args += ["--run-dir", str(run)]
+    if args and args[0].startswith("-") and "--run-dir" not in args and "-l" in args:
+        args += ["--run-dir", str(run)]
+    shm, procs = shm_entries(), _ours()
+    proc = run_cli(*args, env=env_with_tests_on_path(), timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert message in lines[0]
+    assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not run.exists()  # nothing half-written
+    assert (held / "model.pt").read_bytes() == b"earlier results"
+    assert shm_entries() == shm and _ours() <= procs  # nothing left running
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path):
+    """A read-only file system (root ignores a folder's permission bits, not a read-only mount)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        proc = run_cli("train", "--run-dir", str(ro / "run"))
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"cannot write the run folder '{ro / 'run'}': Read-only file system" in lines[0]
+
+
+def test_version_help_and_print_config(tmp_path):
+    assert run_cli("--version").stdout.strip() == f"impala {__version__}"
+    assert "Exit codes: 0 done, 1 failed" in run_cli("--help").stdout
+    proc = run_cli("train", "--env", "CartPole-v1", "--learning-rate", "0.01", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    cfg = config.Config(**__import__("json").loads(proc.stdout))
+    assert cfg.learning_rate == 0.01 and cfg.optimizer == "adam"  # the preset, then the user
+    assert not (tmp_path / "runs").exists()
+
+
+def test_flags_that_do_not_apply_get_a_warning(tmp_path):
+    proc = run_cli(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--runtime",
+        "serial",
+        "--total-steps",
+        "2000",
+        "--learn-batch-size",
+        "64",
+        "--vtrace-lambda",
+        "0.9",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "impala train: warning: --learn-batch-size has no effect with --buffer fifo"
+    ]
+    proc = run_cli(
+        "train",
+        "--algo",
+        "reinforce",
+        "--entropy-cost",
+        "0.1",
+        "--runtime",
+        "serial",
+        "-s",
+        "2000",
+        "--run-dir",
+        str(tmp_path / "r2"),
+    )
+    assert "--entropy-cost has no effect with --algo reinforce" in proc.stderr
+
+
+def test_the_batch_actually_used_is_stated(tmp_path):
+    proc = run_cli("train", "--runtime", "serial", "-s", "2000", "--run-dir", str(tmp_path / "r"))
+    assert "note: each update samples 1 sequence(s) of 40 steps" in proc.stdout
+    assert "--learn-batch-size 32" in proc.stdout
 
 
 def test_seed_flags_map_to_config(monkeypatch):
     seen = {}
 
-    def fake_train(cfg):
+    def fake_train(cfg, **kwargs):
         seen["cfg"] = cfg
+        return type("R", (), {"signal": None})()
 
     monkeypatch.setattr("impala.train.train", fake_train)
     code = main(
@@ -91,3 +223,8 @@ def test_presets_then_explicit_values():
     )
     with pytest.raises(ConfigError, match="unknown config field"):
         config.resolve({"nope": 1})
+
+
+def test_main_module_runs():
+    proc = subprocess.run([sys.executable, "-m", "impala.cli", "--version"], capture_output=True)
+    assert proc.returncode == 0 and os.fsdecode(proc.stdout).startswith("impala ")

@@ -100,16 +100,13 @@ def job_factory(tmp_path):
 
 
 def _assert_no_ray_processes(timeout=20):
+    """No task and no Ray process of a job's (their command lines name the job's temp dirs)."""
     deadline = time.monotonic() + timeout
     while True:
         left = []
         for proc in psutil.process_iter(["name", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
-            if (
-                proc.info["name"] in ("gcs_server", "raylet")
-                or "impala-ray-" in cmd
-                or "impala.cli -l" in cmd
-            ):
+            if "impala-ray-" in cmd or "impala.cli -l" in cmd:
                 left.append(f"{proc.pid} {cmd[:80]}")
         if not left:
             return
@@ -154,8 +151,8 @@ def test_one_learner_three_explorers(job_factory):
     for t in range(3):
         assert job.wait(f"explorer{t}", 150) == 0, job.err(f"explorer{t}")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
-    done = [line for line in job.out("learner0").splitlines() if line.startswith("learner 0 done")]
-    assert done and int(done[0].split()[3].replace(",", "")) >= 3 * 60000 * 0.95
+    done = re.search(r"learner 0 done \(step budget\): ([\d,]+) steps", job.out("learner0"))
+    assert done and int(done.group(1).replace(",", "")) >= 3 * 60000, job.out("learner0")
 
 
 def test_two_learners_stay_identical(job_factory, tmp_path):
@@ -203,32 +200,6 @@ def test_explorer_without_learner_gives_up_after_timeout(job_factory):
     assert len(err) == 1 and "within 4 s" in err[0], err
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (
-            ["-l", "localhost:abc", "-e", "localhost:1234"],
-            "--learner-hosts: 'localhost:abc' is not host:port",
-        ),
-        (
-            ["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"],
-            "--explorer-hosts: 'localhost' is not host:port",
-        ),
-        (
-            ["-l", "localhost:1233", "-e", "localhost:1234", "-j", "explorer", "-t", "1"],
-            "--task-index 1 is outside the explorer list",
-        ),
-        (["-l", "localhost:1233", "-e", "localhost:1234", "-j", "boss"], "invalid choice: 'boss'"),
-        (["-l", "localhost:1233", "-e", "localhost:1233"], "appears twice"),
-    ],
-)
-def test_bad_job_lines_exit_2(argv, message):
-    proc = subprocess.run([*PROGRAM, *argv], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-
-
 def test_port_already_taken(job_factory):
     job = job_factory()
     _host, port = job.l.split(":")
@@ -266,3 +237,125 @@ def test_learner_killed_with_sigkill_leaves_no_ray_node(job_factory):
     proc.kill()
     proc.wait()
     _assert_no_ray_processes(timeout=30)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_job_tasks_within_seconds(job_factory, tmp_path, signum, code):
+    job = job_factory()
+    learner = job.start("learner", 0, "-s", "5000000")
+    explorer = job.start("explorer", 0, "-s", "5000000")
+    deadline = time.monotonic() + 90
+    while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    start = time.monotonic()
+    learner.send_signal(signum)
+    assert learner.wait(timeout=30) == code, job.err("learner0")
+    assert time.monotonic() - start < 5
+    name = signal.Signals(signum).name
+    assert f"learner 0 stopped ({name})" in job.out("learner0")
+    assert "Traceback" not in job.err("learner0") and "SIGTERM received" not in job.err("learner0")
+    assert (tmp_path / "run-learner0" / "model.pt").exists()
+    # the explorer hears that the job is over and ends by itself
+    assert explorer.wait(timeout=30) == 0, job.err("explorer0")
+    assert "the learners have finished" in job.out("explorer0")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_an_explorer_task_within_seconds(job_factory, signum, code):
+    job = job_factory()
+    job.start("learner", 0, "-s", "5000000")
+    explorer = job.start("explorer", 0, "-s", "5000000")
+    deadline = time.monotonic() + 90
+    while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    start = time.monotonic()
+    explorer.send_signal(signum)
+    assert explorer.wait(timeout=30) == code, job.err("explorer0")
+    assert time.monotonic() - start < 5
+    assert f"explorer 0 stopped by {signal.Signals(signum).name}" in job.out("explorer0")
+    assert job.err("explorer0").strip() == ""
+    deadline = time.monotonic() + 10
+    while "explorer 0 left" not in job.out("learner0") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "explorer 0 left: stopped by" in job.out("learner0")
+
+
+def test_learners_with_different_learning_rates_are_refused(job_factory):
+    job = job_factory(2, 1)
+    job.start("learner", 0, "-a", "0.001")
+    second = job.start("learner", 1, "-a", "0.01")
+    assert second.wait(timeout=120) == 2, job.err("learner1")
+    lines = [line for line in job.err("learner1").splitlines() if line.strip()]
+    assert len(lines) == 1 and "learning_rate: 0.01 here, 0.001 at learner 0" in lines[0], lines
+
+
+def test_job_ends_when_an_explorer_is_gone_for_good(job_factory):
+    job = job_factory(1, 2)
+    job.start("learner", 0, "-s", "5000000", "--peer-timeout", "8")
+    job.start("explorer", 0, "-s", "5000000", "--peer-timeout", "8")
+    gone = job.start("explorer", 1, "-s", "5000000", "--peer-timeout", "8")
+    deadline = time.monotonic() + 90
+    while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    gone.kill()
+    start = time.monotonic()
+    assert job.wait("learner0", 60) == 1, job.err("learner0")
+    assert time.monotonic() - start < 25
+    lines = [line for line in job.err("learner0").splitlines() if line.strip()]
+    assert len(lines) == 1 and "explorer 1 has sent nothing for" in lines[0], lines
+    assert job.wait("explorer0", 30) == 0, job.err("explorer0")  # told the job is over
+
+
+def test_a_learner_killed_mid_training_ends_the_other_with_its_name(job_factory, tmp_path):
+    job = job_factory(2, 2)
+    args = (
+        "--env",
+        "CartPole-v1",
+        "-s",
+        "5000000",
+        "--envs-per-explorer",
+        "8",
+        "--batch-size",
+        "16",
+    )
+    for t in range(2):
+        job.start("learner", t, *args)
+    for t in range(2):
+        job.start("explorer", t, *args)
+    deadline = time.monotonic() + 120
+    while "updates" not in job.out("learner0") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(2)
+    job.procs["learner1"].kill()
+    start = time.monotonic()
+    assert job.wait("learner0", 60) == 1, job.err("learner0")
+    assert time.monotonic() - start < 20
+    lines = [line for line in job.err("learner0").splitlines() if line.strip()]
+    assert len(lines) == 1 and "learner 1 is gone" in lines[0], lines
+    assert (tmp_path / "run-learner0" / "model.pt").exists()
+
+
+def test_sigterm_to_one_of_two_learners_stops_both_cleanly(job_factory, tmp_path):
+    job = job_factory(2, 1)
+    args = (
+        "--env",
+        "CartPole-v1",
+        "-s",
+        "5000000",
+        "--envs-per-explorer",
+        "8",
+        "--batch-size",
+        "16",
+    )
+    for t in range(2):
+        job.start("learner", t, *args)
+    job.start("explorer", 0, *args)
+    deadline = time.monotonic() + 120
+    while "updates" not in job.out("learner0") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    job.procs["learner1"].send_signal(signal.SIGTERM)
+    assert job.wait("learner1", 30) == 143, job.err("learner1")
+    assert job.wait("learner0", 30) == 0, job.err("learner0")
+    a = torch.load(tmp_path / "run-learner0" / "model.pt")
+    b = torch.load(tmp_path / "run-learner1" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -66,43 +66,65 @@ def test_termination_has_zero_discount_and_no_bootstrap():
 
 
 def test_unroll_overlap_and_versions():
-    model = SeedNet(10)
-    exp, store = _explorer("ShortCorridor-v0", 3, model, max_steps=100)
-    _storage, out = _slot("ShortCorridor-v0", 3, max_steps=100)
-    first = exp.fill(out)
-    assert first.policy_version == 0 and np.all(out["policy_version"] == 0)
+    """Unroll k+1 starts at the observation unroll k ended on (the bootstrap overlap); CartPole's
+    observations all differ, so a copy from anywhere else would show."""
+    torch.manual_seed(0)
+    model = MLPNet(4, 2, num_hidden=8)
+    exp, store = _explorer("CartPole-v1", 3, model)
+    _storage, first = _slot("CartPole-v1", 3)
+    _storage, second = _slot("CartPole-v1", 3)
+    info = exp.fill(first)
+    assert info.policy_version == 0 and np.all(first["policy_version"] == 0)
     store.publish(model)  # the learner moves on: version 1
-    exp.fill(out)
-    assert np.all(out["policy_version"] == 1)
-    assert out["behaviour_logits"].shape == (T, 3, 2)
+    exp.fill(second)
+    assert np.all(second["policy_version"] == 1)
+    assert np.array_equal(first["obs"][T], second["obs"][0])
+    assert not np.array_equal(first["obs"][T - 1], second["obs"][0])
+    assert len({tuple(o) for o in first["obs"][:, 0]}) > T // 2  # observations do differ
+    assert first["behaviour_logits"].shape == (T, 3, 2)
 
 
 def test_sync_episode_refreshes_only_at_episode_start():
+    """With the seed's rule mu is refreshed when an episode starts, not at unroll starts; with
+    -m 4 an episode ends inside every 7-step unroll, so a never-refreshed mu would show."""
     model = SeedNet(10)
-    exp, store = _explorer("ShortCorridor-v0", 1, model, max_steps=100, sync="episode")
-    _storage, out = _slot("ShortCorridor-v0", 1, max_steps=100)
-    store.publish(model)
-    exp.fill(out)
-    versions = out["policy_version"][:, 0]
-    ended = np.flatnonzero(out["discount"][:, 0] == 0)
-    if len(ended):  # the version changes only right after an episode end
-        changes = np.flatnonzero(np.diff(versions))
-        assert set(changes) <= set(ended)
-    else:
-        assert np.all(versions == 0)
+    exp, store = _explorer("ShortCorridor-v0", 1, model, max_steps=4, sync="episode")
+    _storage, out = _slot("ShortCorridor-v0", 1, max_steps=4)
+    for expected_new in (1, 2):
+        store.publish(model)  # a new version while an episode is under way
+        exp.fill(out)
+        versions = out["policy_version"][:, 0]
+        ended = out["discount"][:, 0] == 0
+        assert ended.any()
+        first_end = int(np.flatnonzero(ended)[0])
+        assert np.all(versions[: first_end + 1] == expected_new - 1), versions
+        assert versions[first_end + 1] == expected_new, versions
+        for t in range(1, T):
+            if versions[t] != versions[t - 1]:
+                assert ended[t - 1], (t, versions, ended)
 
 
 def test_reinforce_returns_are_discounted_episode_returns():
+    """Each step's return is its reward plus gamma times the next step's return within its
+    episode, and the goal step's is its reward (+1); reversed returns would break both."""
+    gamma = 0.9
     model = SeedNet(10)
-    exp, _ = _explorer("ShortCorridor-v0", 2, model, max_steps=100, algo="reinforce", gamma=0.9)
-    _storage, out = _slot("ShortCorridor-v0", 2, max_steps=100)
-    info = exp.fill(out)
-    assert info.steps >= T * 2
-    # Every corridor return is a sum of -1s and a final +1, discounted: bounded by geometric sums
-    ret = out["mc_return"]
-    assert np.all(ret <= 1.0 + 1e-6) and np.all(ret >= -1.0 / (1 - 0.9) - 1e-6)
-    # The last step of an episode (reaching the goal) has return exactly +1.
-    assert np.isclose(ret, 1.0).any()
+    exp, _ = _explorer("ShortCorridor-v0", 2, model, max_steps=100, algo="reinforce", gamma=gamma)
+    rewards, returns = [], []
+    for _ in range(6):  # the finished steps run on from one unroll into the next
+        _storage, out = _slot("ShortCorridor-v0", 2, max_steps=100)
+        exp.fill(out)
+        rewards.append(out["reward"].reshape(-1))  # episodes lie whole and in order
+        returns.append(out["mc_return"].reshape(-1))
+    rewards, returns = np.concatenate(rewards), np.concatenate(returns)
+    goals = np.flatnonzero(rewards == 1.0)
+    assert len(goals) >= 2
+    for k in range(len(rewards) - 1):
+        if rewards[k] == 1.0:
+            assert returns[k] == pytest.approx(1.0)
+        else:
+            assert returns[k] == pytest.approx(rewards[k] + gamma * returns[k + 1], rel=1e-5)
+    assert np.all(np.diff(returns[goals[0] + 1 : goals[1] + 1]) > 0)  # rises towards the goal
 
 
 def test_seed_step_lines_follow_the_corridor():

@@ -91,7 +91,9 @@ def test_a_killed_explorer_actor_is_replaced_and_training_goes_on(tmp_path):
 
     thread = threading.Thread(target=kill_then_stop, daemon=True)
     thread.start()
-    result = train(_cfg(tmp_path / "r", total_steps=10**9, max_seconds=150), out=out, signals=signals)
+    result = train(
+        _cfg(tmp_path / "r", total_steps=10**9, max_seconds=150), out=out, signals=signals
+    )
     thread.join(timeout=5)
     assert result.stop_reason == "SIGTERM", (result, out.lines[-5:])
     restarts = [s for s in out.lines if "restarting it" in s]
@@ -123,8 +125,15 @@ def test_signal_stops_a_ray_run(tmp_path, signum, code):
     before = set(ray_processes())
     run_dir = tmp_path / "r"
     proc = start_cli(
-        "train", "--env", "CartPole-v1", "--runtime", "ray", "--run-dir", str(run_dir),
-        "--log-interval", "0.3",
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--runtime",
+        "ray",
+        "--run-dir",
+        str(run_dir),
+        "--log-interval",
+        "0.3",
     )
     try:
         wait_for_learning(run_dir, timeout=120)
@@ -140,12 +149,18 @@ def test_signal_stops_a_ray_run(tmp_path, signum, code):
     wait_until(lambda: set(ray_processes()) <= before, 20, "Ray to stop")
 
 
-def test_ray_runtime_on_an_existing_cluster(tmp_path):
-    """--ray-address: the roles run on a cluster started beforehand (as `ray start --head`)."""
-    from impala.runtime.ray_support import RayNode, free_port
+def test_ray_runtime_on_an_existing_cluster_with_token_auth(tmp_path, monkeypatch):
+    """--ray-address: the roles run on a cluster started beforehand (as `ray start --head` with
+    the user's token); the user's Ray settings are what the run uses."""
+    from impala.runtime.ray_support import RayNode, environment, free_port, ray_environment
 
+    token = tmp_path / "token"
+    token.write_text("a-token-of-the-users-cluster\n")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     port = free_port()
-    head = RayNode.head("127.0.0.1", port)
+    with environment(ray_environment(loopback=True, token_file=str(token))):
+        head = RayNode.head("127.0.0.1", port)
     try:
         result = train(_cfg(tmp_path / "r", total_steps=30_000, ray_address=f"127.0.0.1:{port}"))
         assert result.steps >= 30_000 and result.updates > 0

@@ -161,7 +161,9 @@ def test_explorers_killed_while_waiting_for_a_slot_do_not_freeze_the_run(tmp_pat
 def test_signal_stops_train_saves_and_leaves_nothing(tmp_path, signum, code):
     before = shm_entries()
     run_dir = tmp_path / "r"
-    proc = start_cli("train", "--env", "CartPole-v1", "--run-dir", str(run_dir), "--log-interval", "0.3")
+    proc = start_cli(
+        "train", "--env", "CartPole-v1", "--run-dir", str(run_dir), "--log-interval", "0.3"
+    )
     try:
         wait_for_learning(run_dir)
         children = project_children(psutil.Process(proc.pid))

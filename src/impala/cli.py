@@ -221,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> int:
     print_config = args.pop("print_config", False)
     options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds") if k in args}
+    for name, value in options.items():
+        if value is not None and (value < 0 or (value == 0 and name != "warmup")):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be positive, got {value!r}")
     cfg = config_mod.resolve(args)
     if print_config:
         print(cfg.to_json())
@@ -241,8 +245,8 @@ def _warn(prog: str, cfg: config_mod.Config, given: set[str]) -> None:
     for warning in config_mod.inapplicable(cfg, given):
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     note = config_mod.batch_note(cfg)
-    if note:
-        print(f"{prog}: note: {note}", file=sys.stderr)
+    if note:  # what was chosen, not a problem: with the run's own output
+        print(f"{prog}: note: {note}", flush=True)
 
 
 def _guarded(prog: str, run: Callable[[], int]) -> int:

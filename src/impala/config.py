@@ -72,6 +72,10 @@ class Config:
     """Replay: time steps sampled at random per learner update (seed --learn-batch-size)."""
     upload_frequency: int = 4
     """Replay: an explorer uploads its local buffer every this many episodes (seed -f)."""
+    replay_ratio: float = 1.0
+    """Replay: time steps the learner samples per env step the explorers make. A rate limit on
+    both sides (the learner waits for new steps, explorers wait for the learner, within one
+    buffer's worth), so what is learned does not depend on the machine's speed."""
     # --- learning ---------------------------------------------------------------------------
     learner_threads: int = 1
     """Torch threads of the learner's update (the explorers need the other cores)."""
@@ -138,6 +142,12 @@ class Config:
         return max(1, self.batch_size // self.envs_per_explorer)
 
     @property
+    def replay_slack(self) -> int:
+        """Replay: how far (in sampled steps) explorers may run ahead of the learner: one global
+        buffer's worth."""
+        return self.buffer_size * self.num_explorers
+
+    @property
     def replay_slots_per_explorer(self) -> int:
         """Unroll slots in each explorer's slice of the replay buffer (its `-b` time steps)."""
         return max(1, self.buffer_size // (self.unroll_length * self.envs_per_explorer))
@@ -199,6 +209,8 @@ def _validate(cfg: Config) -> None:
     for name in ("baseline_cost", "entropy_cost", "log_interval"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)!r}")
+    if cfg.replay_ratio <= 0:
+        raise ConfigError(f"--replay-ratio must be positive, got {cfg.replay_ratio!r}")
     if cfg.max_restarts < 0:
         raise ConfigError(f"--max-restarts must not be negative, got {cfg.max_restarts!r}")
     if cfg.restart_window <= 0:
@@ -224,6 +236,7 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "buffer_size": ("buffer", ("replay",)),
     "learn_batch_size": ("buffer", ("replay",)),
     "upload_frequency": ("buffer", ("replay",)),
+    "replay_ratio": ("buffer", ("replay",)),
     "baseline_cost": ("algo", ("vtrace",)),
     "entropy_cost": ("algo", ("vtrace",)),
     "loss_reduction": ("algo", ("vtrace",)),

@@ -4,7 +4,13 @@ Nothing here knows about processes: the runtimes in `impala.runtime` wire the ro
 in one process, across local processes through shared memory, or across hosts.
 """
 
-from impala.agent.buffer import ReplayBuffer, ReplayStaging, rollout_spec, slots_to_batch
+from impala.agent.buffer import (
+    ReplayBuffer,
+    ReplayRate,
+    ReplayStaging,
+    rollout_spec,
+    slots_to_batch,
+)
 from impala.agent.explorer import Explorer, UnrollInfo
 from impala.agent.learner import Learner
 from impala.agent.params import ParameterStore
@@ -14,6 +20,7 @@ __all__ = [
     "Learner",
     "ParameterStore",
     "ReplayBuffer",
+    "ReplayRate",
     "ReplayStaging",
     "UnrollInfo",
     "rollout_spec",

@@ -169,6 +169,26 @@ class ReplayBuffer:
         return {k: self.storage[k][slot, :, e].transpose(0, 1) for k in _VTRACE_FIELDS}
 
 
+class ReplayRate:
+    """The replay buffer's rate limit: the learner samples `ratio` time steps per env step made.
+
+    `debt = ratio * made - sampled`: the learner may sample while it is positive, explorers may
+    go on while it is below `slack` (so neither runs away from the other, however fast each is).
+    """
+
+    def __init__(self, ratio: float, slack: float) -> None:
+        self.ratio, self.slack = ratio, slack
+
+    def debt(self, made: int, sampled: int) -> float:
+        return self.ratio * made - sampled
+
+    def learner_may_sample(self, made: int, sampled: int) -> bool:
+        return self.debt(made, sampled) > 0
+
+    def explorers_may_act(self, made: int, sampled: int) -> bool:
+        return self.debt(made, sampled) < self.slack
+
+
 class ReplayStaging:
     """An explorer's local round-robin buffer, uploaded to its slice every `upload_frequency`
     episodes (the seed prototype's `-f`)."""

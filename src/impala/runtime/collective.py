@@ -64,14 +64,21 @@ class LearnerGroup:
             raise RunFailed(self._broken(what, exc)) from None
 
     def _broken(self, what: str, exc: BaseException) -> str:
+        """Names the first failure: the one a learner recorded at hub 0, else a learner whose
+        hub is gone with it (a learner killed outright records nothing)."""
         import ray
 
-        first = None
+        cause = None
         try:
-            first = ray.get(self.hub0.failure.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - hub 0 may be gone with learner 0
-            pass
-        cause = first or f"another learner stopped answering ({one_line(exc)[:200]})"
+            cause = ray.get(self.hub0.failure.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - hub 0 is gone: learner 0 is
+            cause = "learner 0 is gone (its process ended)" if self.rank else None
+        for rank in range(self.world_size):
+            if cause is not None:
+                break
+            if rank != self.rank and not ray_support.actor_alive(f"hub-{rank}"):
+                cause = f"learner {rank} is gone (its process ended)"
+        cause = cause or f"another learner stopped answering ({one_line(exc)[:200]})"
         return f"learner {self.rank}: the learners' {what} broke: {cause}"
 
     def broadcast_parameters(self, model: nn.Module) -> None:
@@ -100,7 +107,9 @@ class LearnerGroup:
         control = torch.tensor([float(stop), float(not have_batch), float(steps)])
         self._collective("agreement", lambda: dist.all_reduce(control))
         stop_all = bool(control[0] > 0)
-        return Decision(stop=stop_all, update=not stop_all and control[1] == 0, steps=int(control[2]))
+        return Decision(
+            stop=stop_all, update=not stop_all and control[1] == 0, steps=int(control[2])
+        )
 
     def report_failure(self, line: str) -> None:
         """Records this learner's failure at hub 0 (first one wins) and leaves the group at once,

@@ -10,7 +10,8 @@ after its share of the job's steps, when the learners say the job is over, or at
 from __future__ import annotations
 
 import time
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
 from impala.agent.worker import ExplorerWorker
 from impala.config import Config
@@ -21,6 +22,15 @@ from impala.runtime.hosts import JobSpec
 from impala.shutdown import StopSignals
 
 PRINT_INTERVAL = 5.0
+
+
+def send(put: Callable[[Any], str], item: Any, signals: StopSignals) -> str:
+    """Puts `item` (a reference to the serialised unroll) until the hub takes it; each put waits
+    in the hub while its inbox is full, so a slow learner costs neither resends of the data nor a
+    busy loop. Returns the hub's last answer ('ok', 'done', or 'full' if a stop was asked)."""
+    while (status := put(item)) == "full" and not signals.requested:
+        pass
+    return status
 
 
 def run_explorer_task(
@@ -72,9 +82,7 @@ def run_explorer_task(
                 worker.set_weights(*weights)
             payload, info = worker.unroll()
             item = ray.put((payload, info))  # serialised once, however long the hub is full
-            while (status := ray.get(hub.put.remote(item))) == "full":
-                if signals.requested:
-                    break
+            status = send(lambda it, hub=hub: ray.get(hub.put.remote(it)), item, signals)
             if status == "done":
                 print(f"{me}: the learners have finished", file=out, flush=True)
                 break

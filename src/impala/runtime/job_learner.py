@@ -14,7 +14,14 @@ from typing import IO, Any
 
 import torch
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, UnrollInfo, rollout_spec
+from impala.agent import (
+    Learner,
+    ParameterStore,
+    ReplayBuffer,
+    ReplayRate,
+    UnrollInfo,
+    rollout_spec,
+)
 from impala.agent.buffer import allocate, unrolls_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
@@ -37,7 +44,13 @@ class HubSource:
     """A learner task's hub, as a `BatchSource` (see `impala.loop`)."""
 
     def __init__(
-        self, cfg: Config, spec: JobSpec, env: EnvInfo, learner: Learner, hub, tracker: Tracker,
+        self,
+        cfg: Config,
+        spec: JobSpec,
+        env: EnvInfo,
+        learner: Learner,
+        hub,
+        tracker: Tracker,
         peer_timeout: float,
     ) -> None:
         self.cfg, self.spec, self.learner, self.hub = cfg, spec, learner, hub
@@ -51,8 +64,12 @@ class HubSource:
         self._next_status = 0.0
         self._last_publish = 0.0
         self._next_drain = 0.0
+        self._publishing = None
         self._published = -1
         self._generator = torch.Generator().manual_seed(cfg.seed + spec.task)
+        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self._made = 0
+        self._sampled = 0
         self.replay: ReplayBuffer | None = None
         if cfg.buffer == "replay":
             slots = cfg.replay_slots_per_explorer
@@ -83,40 +100,61 @@ class HubSource:
             not force and now - self._last_publish < PUBLISH_INTERVAL
         ):
             return
+        if self._publishing is not None:  # one publication in flight at a time, not waited on
+            done, _ = ray.wait([self._publishing], timeout=60 if force else 0)
+            if not done:
+                return
         version, flat = store.snapshot()
-        ray.get(self.hub.publish.remote(version, flat.numpy()))
+        self._publishing = self.hub.publish.remote(version, flat.numpy())
         self._published, self._last_publish = version, now
 
     def next_batch(self, timeout: float) -> Batch | None:
+        self._publish()
+        batch = self._take_batch()
+        if batch is None:
+            self._drain(timeout)
+            batch = self._take_batch()
+        return batch
+
+    def _drain(self, timeout: float) -> None:
+        """Moves what the hub holds into the learner (waiting up to `timeout` for something),
+        at most every DRAIN_INTERVAL unless waiting, and only while fewer than two batches are
+        pending: beyond that the hub's capacity holds the explorers back (backpressure)."""
         import ray
 
-        self._publish()
         now = time.monotonic()
-        if now < self._next_drain:
-            batch = self._take_batch()
-            if batch is not None:
-                return batch  # the seed's replay buffer: sample between visits to the hub
+        if timeout <= 0 and now < self._next_drain:
+            return
+        if self.replay is None and len(self.pending) >= 2 * self.cfg.slots_per_batch:
+            return
+        if self.replay is not None and self.replay.num_slots_filled > 0:
+            if not self.rate.explorers_may_act(self._made, self._sampled):
+                return  # a buffer's worth behind the replay rate: explorers wait at the hub
         self._next_drain = now + DRAIN_INTERVAL
-        ready = self.replay is not None or len(self.pending) >= self.cfg.slots_per_batch
-        items, events = ray.get(self.hub.drain.remote(64, 0.0 if ready else timeout))
+        items, events = ray.get(self.hub.drain.remote(64, timeout))
         for event in events:
             print(f"learner {self.spec.task}: {event}", file=self.out, flush=True)
         for payload, info in items:
             self._infos.append(info)
+            self._made += info.steps
             if payload is None:
                 continue
             if self.replay is not None:
                 self.replay.upload(info.explorer, payload["local"], payload["count"])
             else:
                 self.pending.append(payload["unroll"])
-        return self._take_batch()
 
     def _take_batch(self) -> Batch | None:
         cfg = self.cfg
         if self.replay is not None:
             if self._all_finished():
                 return None
-            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if not self.rate.learner_may_sample(self._made, self._sampled):
+                return None  # sampled enough per env step made: wait for new steps
+            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if batch is not None:
+                self._sampled += batch["action"].numel()
+            return batch
         k = cfg.slots_per_batch
         if len(self.pending) >= k or (self.pending and self._all_finished()):
             batch = unrolls_to_batch(self.pending[:k], cfg.algo)
@@ -125,6 +163,9 @@ class HubSource:
         return None
 
     def poll(self) -> list[UnrollInfo]:
+        # Also while the loop holds a batch (synchronous learners waiting for each other): the
+        # hub keeps being emptied, so explorers are never stuck on one learner's full inbox.
+        self._drain(0.0)
         infos, self._infos = self._infos, []
         return infos
 

@@ -22,7 +22,7 @@ from impala import config as config_mod
 from impala.envs import probe_env
 from impala.errors import ConfigError, exit_code_for_signal
 from impala.runtime.cluster import Cluster
-from impala.runtime.hosts import make_spec
+from impala.runtime.hosts import make_spec, reserve
 from impala.shutdown import StopSignals
 
 
@@ -49,11 +49,13 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
     cfg = config_mod.resolve(args)
     env = probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)
+    reserve(*spec.own).close()  # this task's address: free and this machine's, or one line
     run_dir = make_run_dir(cfg) if spec.job == "learner" else None
     # One torch thread for an explorer (and the learner's setting for a learner): intra-op
     # threads that spin on cores the other processes need cost far more than they give.
     threads = cfg.learner_threads if spec.job == "learner" else 1
-    with torch_threads(threads), Cluster(spec, peer_timeout, out, token_file=token_file):
+    cluster = Cluster(spec, peer_timeout, out, token_file=token_file, run_dir=run_dir)
+    with torch_threads(threads), cluster:
         signals.install()  # again: Ray's init puts its own SIGTERM handler in place
         if spec.job == "learner":
             run_learner_task(

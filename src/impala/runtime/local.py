@@ -29,7 +29,14 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, ReplayStaging, UnrollInfo
+from impala.agent import (
+    Learner,
+    ParameterStore,
+    ReplayBuffer,
+    ReplayRate,
+    ReplayStaging,
+    UnrollInfo,
+)
 from impala.agent.buffer import allocate, numpy_views, rollout_spec, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
@@ -78,12 +85,19 @@ class _SlotSink:
 
 class _ReplaySink:
     """An explorer's end of the seed's replay buffer: its local buffer, uploaded every -f
-    episodes into its own slice."""
+    episodes into its own slice; it waits while the learner is a buffer's worth behind."""
 
-    def __init__(self, staging: ReplayStaging, board: SlotBoard, index: int) -> None:
-        self.staging, self.board, self.index = staging, board, index
+    def __init__(
+        self, staging: ReplayStaging, board: SlotBoard, index: int, rate: ReplayRate
+    ) -> None:
+        self.staging, self.board, self.index, self.rate = staging, board, index, rate
 
     def next_slot(self, go_on) -> dict | None:
+        board, replay = self.board, self.staging.buffer
+        while not self.rate.explorers_may_act(board.made_in_total(), board.sampled_steps()):
+            if replay.num_slots_filled == 0 or not go_on():
+                break  # nothing to sample yet: the learner cannot catch up without us
+            time.sleep(1e-3)
         return self.staging.next_slot() if go_on() else None
 
     def commit(self, info: UnrollInfo) -> None:
@@ -116,7 +130,8 @@ def _explorer_main(
             staging = ReplayStaging(
                 spec, cfg.replay_slots_per_explorer, index, shared["replay"], cfg.upload_frequency
             )
-            sink: Any = _ReplaySink(staging, board, index)
+            rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+            sink: Any = _ReplaySink(staging, board, index, rate)
         else:
             sink = _SlotSink(board, shared["storage"], index)
         while board.made_by(index) < budget and go_on():
@@ -159,6 +174,8 @@ class LocalSource:
         self.board: SlotBoard | None = None
         self.storage: dict[str, torch.Tensor] = {}
         self.replay: ReplayBuffer | None = None
+        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self._sampled = 0
 
     # --- starting ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -219,7 +236,13 @@ class LocalSource:
         if self.replay is not None:
             if self._all_made():
                 return None  # the explorers are done: so is sampling
-            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if not self.rate.learner_may_sample(self.board.made_in_total(), self._sampled):
+                return None  # sampled enough per env step made: wait for new steps
+            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if batch is not None:
+                self._sampled += batch["action"].numel()
+                self.board.set_sampled_steps(self._sampled)
+            return batch
         full = self.board.full()
         enough = len(full) >= cfg.slots_per_batch
         if not (enough or (full and self._all_made())):  # the last batch may be partial
@@ -314,4 +337,3 @@ class LocalSource:
             if conn is not None:
                 conn.close()
                 self.conns[i] = None
-

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from impala.agent import Learner, ParameterStore, ReplayBuffer, UnrollInfo, rollout_spec
+from impala.agent import Learner, ReplayBuffer, ReplayRate, UnrollInfo, rollout_spec
 from impala.agent.buffer import allocate, unrolls_to_batch
 from impala.agent.worker import ExplorerWorker
 from impala.config import Config
@@ -78,6 +78,9 @@ class RaySource:
         self._weights_version = -1
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self._stack = contextlib.ExitStack()
+        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self._made = 0
+        self._sampled = 0
 
     def start(self) -> None:
         cfg = self.cfg
@@ -111,11 +114,17 @@ class RaySource:
     def _request(self, i: int) -> None:
         if self.requested[i] >= self.budget:
             return
-        if len(self.pending) >= 2 * self.cfg.slots_per_batch:
-            self.idle.add(i)  # backpressure: the learner has two batches waiting
+        if len(self.pending) >= 2 * self.cfg.slots_per_batch or self._replay_behind():
+            self.idle.add(i)  # backpressure: the learner has work waiting
             return
         self.requested[i] += self.steps_per_unroll
         self.inflight[self.actors[i].unroll.remote(self._weights)] = i
+
+    def _replay_behind(self) -> bool:
+        """The learner is a buffer's worth behind the replay rate (and has data to catch up)."""
+        if self.replay is None or self.replay.num_slots_filled == 0:
+            return False
+        return not self.rate.explorers_may_act(self._made, self._sampled)
 
     def _receive(self, ref: Any) -> None:
         import ray
@@ -134,6 +143,7 @@ class RaySource:
             return
         payload, info = result
         self._infos.append(info)
+        self._made += info.steps
         self.requested[i] += info.steps - self.steps_per_unroll  # REINFORCE unrolls vary
         if payload is not None and self.replay is not None:
             self.replay.upload(i, payload["local"], payload["count"])
@@ -188,7 +198,12 @@ class RaySource:
         if self.replay is not None:
             if not self.inflight and not self.idle:
                 return None  # the explorers are done: so is sampling
-            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if not self.rate.learner_may_sample(self._made, self._sampled):
+                return None  # sampled enough per env step made: wait for new steps
+            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            if batch is not None:
+                self._sampled += batch["action"].numel()
+            return batch
         k = cfg.slots_per_batch
         if len(self.pending) >= k or (self.pending and not self.inflight and not self.idle):
             batch = unrolls_to_batch(self.pending[:k], cfg.algo)

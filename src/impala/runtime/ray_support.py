@@ -1,15 +1,20 @@
-"""Ray plumbing: the environment Ray needs here, starting and stopping a head, connecting.
+"""Ray plumbing: the environment Ray reads, starting and stopping nodes, connecting.
 
-Facts this relies on (see the project's machine notes): Ray binds the external interface unless
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; token authentication must be off on both ends of a cluster
-started this way; usage stats are off. A head that a task starts is a `ray start --head --block`
-child of that task: signalling it stops every Ray process it started.
+Facts this relies on (measured on the project's machines, Ray 2.60): with
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 every service binds 127.0.0.1 (right on loopback; a worker
+node on another host then refuses to join); token authentication needs RAY_AUTH_MODE=token and
+the same token in every process of the cluster; `ray start --block` drains for 30 s on SIGTERM
+unless RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0. A node a task starts is a `ray start --block`
+child of that task (through `node_guard`): signalling it stops every Ray process it started.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,50 +26,77 @@ from collections.abc import Iterator
 
 from impala.errors import ConfigError, RunFailed
 
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+COMMON_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "0",
     # `ray start --block` drains for 30 s on SIGTERM by default; ours stop at once.
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
+OBJECT_STORE_BYTES = 2 * 10**9  # per node we start: unrolls and weights need little
 
 
-def set_ray_environment() -> dict[str, str | None]:
-    """Sets what Ray reads at start (called by the runtime, never at import); returns the
-    previous values, for `restore_environment`."""
-    previous = {key: os.environ.get(key) for key in RAY_ENV}
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        # Ray was imported before this call and read the variable then: without this it would
-        # rewrite 127.0.0.1 in a cluster address to the machine's external address.
-        constants.ENABLE_RAY_CLUSTER = False
-    return previous
+def ray_environment(*, loopback: bool, token_file: str | None) -> dict[str, str | None]:
+    """What Ray must read, in every process of a cluster (None: unset).
+
+    On loopback, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 pins every Ray service to 127.0.0.1 (else
+    Ray rewrites 127.0.0.1 to the machine's external address). Across hosts it must be unset: a
+    worker node refuses to join otherwise, and services listen on each node's own address, so
+    Ray's token authentication is on (the token read from `token_file`).
+    """
+    env: dict[str, str | None] = dict(COMMON_ENV)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0" if loopback else None
+    if token_file is not None:
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=os.path.abspath(token_file),
+            RAY_AUTH_TOKEN=None,
+        )
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
 
 
-def restore_environment(previous: dict[str, str | None]) -> None:
-    for key, value in previous.items():
+@contextlib.contextmanager
+def environment(values: dict[str, str | None], *, keep_users: bool = False) -> Iterator[None]:
+    """`values` in os.environ (None: unset) for a while, then as before. With `keep_users`, a
+    variable the user set already is left as it is (their cluster's auth settings)."""
+    previous = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        if keep_users and key in os.environ:
+            continue
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    constants = sys.modules.get("ray._private.ray_constants")
+    patched = constants is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+    if patched:
+        # Ray was imported before and read the variable then: without this it would rewrite
+        # 127.0.0.1 in a cluster address to the machine's external address.
+        before, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    _reload_auth_settings()
+    try:
+        yield
+    finally:
+        if patched:
+            constants.ENABLE_RAY_CLUSTER = before
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_auth_settings()
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raises ConfigError if `host:port` cannot be bound (taken, or not this machine's)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR: connections of an earlier run left in TIME_WAIT do not make a port taken;
-        # a listener does.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((socket.gethostbyname(host), port))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {host}:{port}: port already taken ({exc.strerror})"
-            ) from None
+def _reload_auth_settings() -> None:
+    """Ray caches its auth mode and token per process when it first reads them; make it read
+    them again (a process may use several clusters, each with its own token)."""
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is None:
+        return  # not loaded yet: it will read the environment as it is now
+    with contextlib.suppress(Exception):  # these are Ray's internals: best effort
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,16 +111,27 @@ def _ray_executable() -> str:
 
 
 class RayNode:
-    """A Ray node this process starts (`ray start --block`) and stops."""
+    """A Ray node this process starts (`ray start --block`, in a temp dir of its own) and stops.
 
-    def __init__(self, args: list[str], temp_dir: str | None) -> None:
-        set_ray_environment()
-        self._temp_dir = temp_dir
+    Several nodes may share one file system (several tasks on one host, or network-namespace
+    "hosts" in tests): each gets its own temp dir, worker ports and agent ports.
+    """
+
+    def __init__(self, args: list[str]) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="impala-ray-")
         self.log = tempfile.TemporaryFile()
         # Through a guard that stops the node if this task dies without cleaning up.
         guard = [sys.executable, "-m", "impala.runtime.node_guard", str(os.getpid())]
+        command = [_ray_executable(), "start", "--block", "--disable-usage-stats"]
         self.proc = subprocess.Popen(
-            [*guard, _ray_executable(), "start", "--block", "--disable-usage-stats", *args],
+            [
+                *guard,
+                *command,
+                *args,
+                f"--temp-dir={self.temp_dir}",
+                f"--object-store-memory={OBJECT_STORE_BYTES}",
+                "--dashboard-agent-listen-port=0",
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the terminal's Ctrl-C reaches the task, which stops the node
@@ -97,23 +140,19 @@ class RayNode:
     @classmethod
     def head(cls, host: str, port: int) -> RayNode:
         ip = socket.gethostbyname(host)
-        temp_dir = tempfile.mkdtemp(prefix="impala-ray-")
         return cls(
-            [
-                "--head",
-                f"--port={port}",
-                f"--node-ip-address={ip}",
-                "--include-dashboard=false",
-                f"--dashboard-agent-listen-port={free_port(ip)}",
-                f"--temp-dir={temp_dir}",
-            ],
-            temp_dir,
+            ["--head", f"--port={port}", f"--node-ip-address={ip}", "--include-dashboard=false"]
         )
 
     @classmethod
     def worker(cls, head_address: str, host: str) -> RayNode:
         return cls(
-            [f"--address={head_address}", f"--node-ip-address={socket.gethostbyname(host)}"], None
+            [
+                f"--address={head_address}",
+                f"--node-ip-address={socket.gethostbyname(host)}",
+                "--min-worker-port=0",  # nodes on one host must not share the default range
+                "--max-worker-port=0",
+            ]
         )
 
     def failed(self) -> str | None:
@@ -134,8 +173,7 @@ class RayNode:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
-        if self._temp_dir:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _local_ip_towards(host: str, port: int) -> str | None:
@@ -152,23 +190,26 @@ def connect(
     *,
     timeout: float,
     node_ip: str | None = None,
+    node: RayNode | None = None,
     waiting_message: str | None = None,
     out=None,
 ) -> None:
     """Connects this process to the Ray cluster at `address`, waiting up to `timeout` seconds.
 
     Until the head's port answers, only a TCP probe is made (ray.init itself would block for tens
-    of seconds per try). This node's address is the one on the route to the head (on loopback,
-    127.0.0.1), never a guess that could be an interface the head cannot reach.
-    Raises TimeoutError naming the address when nothing answers in time.
+    of seconds per try). The driver attaches to `node` (one this task started) if given, else to
+    the node at `node_ip` (default: this machine's address on the route to the head).
+    Raises TimeoutError naming the address when nothing answers in time, ConfigError when the
+    cluster refuses this task's authentication token, RunFailed when `node` died.
     """
-    set_ray_environment()  # before the first `import ray`: Ray reads some of it at import
     import ray
 
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     said = False
     while True:
+        if node is not None and node.failed():
+            raise _node_error(node.failed())
         route_ip = _local_ip_towards(host, int(port))
         if route_ip is not None:
             try:
@@ -179,10 +220,12 @@ def connect(
                     namespace="impala",
                     configure_logging=False,
                     _node_ip_address=node_ip or route_ip,
+                    _temp_dir=node.temp_dir if node is not None else None,
                 )
                 return
-            except (ConnectionError, RuntimeError, ValueError):
-                pass
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                if _is_auth_error(exc):
+                    raise _auth_error(address) from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing answered at {address} within {timeout:.0f} s")
         if waiting_message and not said:
@@ -191,30 +234,83 @@ def connect(
         time.sleep(0.5)
 
 
+def _is_auth_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{type(seen).__name__} {seen}"
+        if "InvalidAuthToken" in text or "AuthenticationError" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _auth_error(address: str) -> ConfigError:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    mode = os.environ.get("RAY_AUTH_MODE")
+    have = f"the token in {path}" if mode == "token" and path else "no token"
+    return ConfigError(
+        f"the Ray cluster at {address} refused {have}: give every task of the job the same "
+        "--auth-token-file"
+    )
+
+
+def _node_error(line: str) -> Exception:
+    if "InvalidAuthToken" in line or "AuthenticationError" in line:
+        return ConfigError(
+            f"this host's Ray node was refused by the head ({line.strip()[-160:]}): give every "
+            "task of the job the same --auth-token-file"
+        )
+    return RunFailed(f"this host's Ray node failed to start: {line.strip()[-200:]}")
+
+
 @contextlib.contextmanager
 def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
     """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`.
-    The process's environment is restored afterwards."""
-    previous = set_ray_environment()
-    import ray
 
+    A fresh instance listens on 127.0.0.1 only and requires a token made for this run (so other
+    local users cannot run code in it either). For an existing cluster the user's own Ray
+    settings (its auth mode and token) are kept. The process's environment is restored after.
+    """
+    if address:
+        loopback = _is_loopback_address(address.rsplit(":", 1)[0])
+        env = ray_environment(loopback=loopback, token_file=None)
+        env.pop("RAY_AUTH_MODE")  # whatever the user's cluster needs
+    else:
+        env = ray_environment(loopback=True, token_file=None)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_session_token())
+        env["RAY_AUTH_TOKEN_PATH"] = None
+    with environment(env, keep_users=bool(address)):
+        import ray
+
+        try:
+            if address:
+                connect(address, timeout=60)
+            else:
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    namespace="impala",
+                    configure_logging=False,
+                    _node_ip_address="127.0.0.1",
+                )
+            yield
+        finally:
+            ray.shutdown()
+
+
+@functools.cache
+def _session_token() -> str:
+    """One random token per process for the fresh local instances it starts."""
+    return secrets.token_hex(32)
+
+
+def _is_loopback_address(host: str) -> bool:
     try:
-        if address:
-            connect(address, timeout=60)
-        else:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                logging_level="ERROR",
-                log_to_driver=False,
-                namespace="impala",
-                configure_logging=False,
-                _node_ip_address="127.0.0.1",
-            )
-        yield
-    finally:
-        ray.shutdown()
-        restore_environment(previous)
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def wait_for_actor(name: str, timeout: float, what: str):
@@ -229,3 +325,14 @@ def wait_for_actor(name: str, timeout: float, what: str):
             if time.monotonic() > deadline:
                 raise RunFailed(f"{what} did not appear within {timeout:.0f} s") from None
             time.sleep(0.2)
+
+
+def actor_alive(name: str, timeout: float = 3.0) -> bool:
+    """Whether the named actor exists and answers (any method call; `status` on hubs)."""
+    import ray
+
+    try:
+        ray.get(ray.get_actor(name).status.remote(), timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - gone, dead or unreachable: not alive for our purpose
+        return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from impala.agent import Learner, ReplayBuffer, ReplayStaging, UnrollInfo, rollout_spec
+from impala.agent import Learner, ReplayBuffer, ReplayRate, ReplayStaging, UnrollInfo, rollout_spec
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
@@ -29,6 +29,8 @@ class SerialSource:
         self._turn = 0
         self._filled: list[int] = []
         self._generator = torch.Generator().manual_seed(cfg.seed)
+        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self._sampled = 0
 
     def start(self) -> None:
         cfg, env = self.cfg, self.env
@@ -53,9 +55,13 @@ class SerialSource:
         return [i for i in range(self.cfg.num_explorers) if self.made[i] < self.budget]
 
     def next_batch(self, timeout: float) -> Batch | None:
-        """Steps the explorers in turn until a batch is ready (or all have made their steps)."""
+        """Steps the explorers in turn until a batch is ready (or all have made their steps);
+        with the replay buffer, samples while the rate limit allows before stepping on."""
         cfg = self.cfg
         while self._active():
+            batch = self._sample()
+            if batch is not None:
+                return batch
             i = self._turn % cfg.num_explorers
             self._turn += 1
             if self.made[i] >= self.budget:
@@ -74,10 +80,21 @@ class SerialSource:
                 return batch
         return None
 
+    def _sample(self) -> Batch | None:
+        cfg = self.cfg
+        if cfg.buffer != "replay" or not self.rate.learner_may_sample(
+            sum(self.made), self._sampled
+        ):
+            return None
+        batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+        if batch is not None:
+            self._sampled += batch["action"].numel()
+        return batch
+
     def _batch(self, last: bool) -> Batch | None:
         cfg = self.cfg
         if cfg.buffer == "replay":
-            return self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
+            return self._sample()
         if len(self._filled) == cfg.slots_per_batch or (last and self._filled):
             batch = slots_to_batch(self.storage, self._filled, cfg.algo)
             self._filled = []

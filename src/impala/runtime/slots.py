@@ -16,6 +16,8 @@ lock) blocks every other process for good. Here nothing is shared that a dead pr
 - `made[i]`: env steps in explorer i's committed unrolls, written only by explorer i (its
   replacement continues from it, so a budget is never made twice).
 - `stop[0]`: written only by the learner; explorers poll it.
+- `sampled[0]`: time steps the learner sampled from the seed's replay buffer, written only by the
+  learner; explorers read it for the replay rate limit.
 
 Wake-ups are by polling (sub-millisecond sleeps): no wait on anything another process could
 fail to release. The ordering of plain stores relies on x86-64's total store order (as the
@@ -45,6 +47,7 @@ class SlotBoard:
         self.serial = torch.zeros((n, 2), dtype=torch.int64).share_memory_()
         self.made = torch.zeros(num_explorers, dtype=torch.int64).share_memory_()
         self.stop = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.sampled = torch.zeros(1, dtype=torch.int64).share_memory_()  # replay rate limit
         self._views: dict[str, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
@@ -55,7 +58,7 @@ class SlotBoard:
     @property
     def _np(self) -> dict[str, np.ndarray]:
         if self._views is None:
-            names = ("state", "order", "serial", "made", "stop")
+            names = ("state", "order", "serial", "made", "stop", "sampled")
             self._views = {name: getattr(self, name).numpy() for name in names}
         return self._views
 
@@ -113,6 +116,16 @@ class SlotBoard:
 
     def made_by(self, explorer: int) -> int:
         return int(self._np["made"][explorer])
+
+    def made_in_total(self) -> int:
+        return int(self._np["made"].sum())
+
+    def sampled_steps(self) -> int:
+        """Time steps the learner sampled from the replay buffer (written by the learner only)."""
+        return int(self._np["sampled"][0])
+
+    def set_sampled_steps(self, steps: int) -> None:
+        self._np["sampled"][0] = steps
 
     def request_stop(self) -> None:
         self._np["stop"][0] = 1
