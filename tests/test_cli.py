@@ -223,6 +223,11 @@ def test_presets_then_explicit_values():
     )
     with pytest.raises(ConfigError, match="unknown config field"):
         config.resolve({"nope": 1})
+    # the user's -s is the budget, not the preset's total
+    assert (
+        config.resolve({"env": "CartPole-v1", "steps_per_explorer": 60_000}).steps_total == 120_000
+    )
+    assert config.resolve({"env": "CartPole-v1"}).steps_total == 2_000_000
 
 
 def test_main_module_runs():

@@ -28,14 +28,15 @@ def test_weights_are_served_only_when_newer():
 def test_put_waits_for_room_then_answers_full(monkeypatch):
     monkeypatch.setattr(hub_module, "PUT_WAIT", 0.3)
     hub = Hub(0, {}, capacity=1)
-    assert hub.put(_item()) == "ok"
+    hub.publish(3, "w3")
+    assert hub.put(_item(), 2) == ("ok", (3, "w3"))  # newer weights come with the answer
     start = time.monotonic()
-    assert hub.put(_item()) == "full"
+    assert hub.put(_item(), 3) == ("full", None)
     assert time.monotonic() - start >= 0.25  # it waited in the hub, not in a busy loop
     threading.Timer(0.1, lambda: hub.drain(1, 0)).start()
-    assert hub.put(_item()) == "ok"  # room made while it waited
+    assert hub.put(_item(), 3)[0] == "ok"  # room made while it waited
     hub.finish()
-    assert hub.put(_item()) == "done"
+    assert hub.put(_item())[0] == "done"
 
 
 def test_status_tracks_silence_and_leaving():

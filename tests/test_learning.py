@@ -21,10 +21,18 @@ def _train(tmp_path, *args, timeout=240):
     return proc.stdout, records
 
 
-@pytest.mark.parametrize("algo", ["vtrace", "reinforce"])
-def test_main_job_learns_the_corridor_policy(tmp_path, algo):
-    """`impala train` (the seed's corridor, defaults): avg-right-prob ends within 0.59 +- 0.03."""
-    out, _ = _train(tmp_path, "--algo", algo, "--seed", "0")
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),  # the main job exactly as a user starts it: V-trace, local runtime, 1M steps
+        # the seed's own learner; serial (deterministic), a shorter run
+        ("--algo", "reinforce", "--runtime", "serial", "-s", "400000"),
+    ],
+    ids=["vtrace", "reinforce"],
+)
+def test_main_job_learns_the_corridor_policy(tmp_path, args):
+    """`impala train` (the seed's corridor): avg-right-prob ends within 0.59 +- 0.03."""
+    out, _ = _train(tmp_path, "--seed", "0", *args)
     lines = [line for line in out.splitlines() if line.startswith("task 0 step ")]
     assert len(lines) >= 5
     prob = float(lines[-1].split("avg-right-prob=")[1])

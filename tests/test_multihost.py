@@ -70,7 +70,7 @@ def hosts():
 def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
     job = Job(hosts, tmp_path, learners=[0], explorers=[1, 2])
     token = tmp_path / "token"
-    steps = ("-s", "400000", "--auth-token-file", str(token))
+    steps = ("-s", "250000", "--auth-token-file", str(token))
     job.start("learner", 0, *steps)
     job.wait_for("learner0", "Ray token authentication is on", 60)  # learner 0 made the token
     assert token.stat().st_mode & 0o777 == 0o600
@@ -81,7 +81,7 @@ def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
     assert job.procs["learner0"].wait(timeout=60) == 0, job.err("learner0")
     prob, lines = job.seed_prob("learner0")
     assert lines > 5 and abs(prob - 0.59) <= 0.03, job.out("learner0")[-500:]
-    assert "done (step budget): 800," in job.out("learner0")
+    assert "done (step budget): 500," in job.out("learner0")
 
 
 def test_two_learners_on_two_hosts_stay_identical(hosts, tmp_path):
@@ -92,7 +92,7 @@ def test_two_learners_on_two_hosts_stay_identical(hosts, tmp_path):
     token.write_text("0123456789abcdef-a-token-made-by-the-user\n")
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token\n")
-    common = ("-s", "150000")
+    common = ("-s", "100000")
     job.start("learner", 0, *common, "--auth-token-file", str(token))
     refused = job.start("learner", 1, *common, "--auth-token-file", str(wrong), name="wrong")
     assert refused.wait(timeout=120) == 2, job.err("wrong")

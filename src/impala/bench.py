@@ -27,7 +27,7 @@ from impala.envs import make_vector_env, probe_env
 from impala.errors import RunFailed
 from impala.runtime.common import describe_exit
 from impala.shutdown import StopSignals
-from impala.train import train
+from impala.train import check_run_dir, train
 
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
@@ -131,6 +131,7 @@ def bench(
     """
     out = out if out is not None else sys.stdout
     probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)  # bad ids: one line
+    check_run_dir(cfg)  # before the ceiling's minute, not after it
     ceiling_seconds = seconds if ceiling_seconds is None else ceiling_seconds
     print(
         f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "

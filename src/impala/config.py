@@ -72,7 +72,7 @@ class Config:
     """Replay: time steps sampled at random per learner update (seed --learn-batch-size)."""
     upload_frequency: int = 4
     """Replay: an explorer uploads its local buffer every this many episodes (seed -f)."""
-    replay_ratio: float = 1.0
+    replay_ratio: float = 0.5
     """Replay: time steps the learner samples per env step the explorers make. A rate limit on
     both sides (the learner waits for new steps, explorers wait for the learner, within one
     buffer's worth), so what is learned does not depend on the machine's speed."""
@@ -263,7 +263,7 @@ def inapplicable(cfg: Config, given: set[str]) -> list[str]:
                 warnings.append(
                     f"{_flag(name)} has no effect with {_flag(switch)} {getattr(cfg, switch)}"
                 )
-    if "steps_per_explorer" in given and cfg.total_steps is not None:
+    if "steps_per_explorer" in given and "total_steps" in given:
         warnings.append("--steps-per-explorer has no effect when --total-steps is given")
     return warnings
 
@@ -343,7 +343,10 @@ def resolve(explicit: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
     env_id = explicit.get("env", Config.env)
-    values = {**PRESETS.get(env_id, {}), **explicit}
+    preset = dict(PRESETS.get(env_id, {}))
+    if "steps_per_explorer" in explicit and "total_steps" not in explicit:
+        preset.pop("total_steps", None)  # the user's -s is the budget, not the preset's total
+    values = {**preset, **explicit}
     try:
         return Config(**values)
     except TypeError as exc:

@@ -40,14 +40,32 @@ def make_source(cfg: Config, env: EnvInfo, learner, tracker: Tracker) -> BatchSo
     return LocalSource(cfg, env, learner, tracker)
 
 
+def run_dir_path(cfg: Config) -> Path:
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.env.replace('/', '_').replace(':', '_')}-{stamp}-{os.getpid()}"
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Raises the ConfigError `make_run_dir` would, leaving nothing behind (for commands that
+    do other work before training)."""
+    path = run_dir_path(cfg)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        make_run_dir(cfg)
+    finally:
+        if path in missing:
+            (path / "config.json").unlink(missing_ok=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def make_run_dir(cfg: Config) -> Path:
     """Creates the run folder (ConfigError, one line, if it cannot be made or already holds a
     run: nothing already written is overwritten)."""
-    if cfg.run_dir is not None:
-        path = Path(cfg.run_dir)
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{cfg.env.replace('/', '_')}-{stamp}-{os.getpid()}"
+    path = run_dir_path(cfg)
     try:
         path.mkdir(parents=True, exist_ok=True)
         taken = [name for name in RUN_FILES if (path / name).exists()]

@@ -32,22 +32,28 @@ class LearnerGroup:
         self.joined = False
 
     def join(self, head_host: str) -> None:
-        """Rendezvous through hub 0 (learner 0 publishes a free port of its host), then join."""
+        """Rendezvous through hub 0 (learner 0 publishes a free port of its host); every learner
+        waits there, in Python (a signal stops the wait), until all are present, and only then
+        enters torch.distributed's own rendezvous, which then returns at once."""
         import ray
         import torch.distributed as dist
 
         if self.rank == 0:
             address = f"tcp://{head_host}:{ray_support.free_port(head_host)}"
             ray.get(self.hub0.set_rendezvous.remote(address))
-        else:
-            deadline = time.monotonic() + self.timeout
-            while (address := ray.get(self.hub0.rendezvous.remote())) is None:
-                if time.monotonic() > deadline:
-                    raise RunFailed(
-                        f"learner {self.rank}: learner 0 did not open the learners' group "
-                        f"within {self.timeout:.0f} s"
-                    )
-                time.sleep(0.2)
+        ray.get(self.hub0.arrive.remote(self.rank))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            address, present = ray.get(self.hub0.rendezvous.remote())
+            if address is not None and len(present) == self.world_size:
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - set(present))
+                raise RunFailed(
+                    f"learner {self.rank}: learner(s) {', '.join(map(str, missing))} did not "
+                    f"join within {self.timeout:.0f} s (see --peer-timeout)"
+                )
+            time.sleep(0.2)
         dist.init_process_group(
             "gloo",
             init_method=address,

@@ -37,6 +37,7 @@ class Hub:
         self._rejoins = 0
         self._events: list[str] = []
         self._rendezvous: str | None = None
+        self._arrived: set[int] = set()
         self._failure: str | None = None
 
     # --- joining -------------------------------------------------------------------------------
@@ -64,8 +65,9 @@ class Hub:
             return self._rejoins
 
     # --- explorers' side -----------------------------------------------------------------------
-    def put(self, item: tuple[Any, Any]) -> str:
-        """Queues `(payload, info)`, waiting up to PUT_WAIT for room; 'ok', 'full' or 'done'."""
+    def put(self, item: tuple[Any, Any], have_version: int = -1) -> tuple[str, Any]:
+        """Queues `(payload, info)`, waiting up to PUT_WAIT for room. Returns 'ok', 'full' or
+        'done', and the newest weights if newer than `have_version` (one round trip for both)."""
         deadline = time.monotonic() + PUT_WAIT
         with self._cond:
             explorer = item[1].explorer
@@ -73,21 +75,24 @@ class Hub:
             while not self._done and len(self._inbox) >= self.capacity:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return "full"
+                    return "full", self._newer(have_version)
                 self._cond.wait(remaining)
             if self._done:
-                return "done"
+                return "done", None
             self._inbox.append(item)
             self._last_seen[explorer] = time.monotonic()
             self._cond.notify_all()
-            return "ok"
+            return "ok", self._newer(have_version)
+
+    def _newer(self, have_version: int) -> tuple[int, Any] | None:
+        if self._weights is None or self._weights[0] <= have_version:
+            return None
+        return self._weights
 
     def weights(self, have_version: int) -> tuple[int, Any] | None:
         """The newest weights if newer than `have_version` (never older ones)."""
         with self._cond:
-            if self._weights is None or self._weights[0] <= have_version:
-                return None
-            return self._weights
+            return self._newer(have_version)
 
     def explorer_finished(self, explorer: int) -> None:
         with self._cond:
@@ -145,8 +150,15 @@ class Hub:
     def set_rendezvous(self, address: str) -> None:
         self._rendezvous = address
 
-    def rendezvous(self) -> str | None:
-        return self._rendezvous
+    def arrive(self, learner: int) -> None:
+        """A learner passed the settings check and waits for the others."""
+        with self._cond:
+            self._arrived.add(learner)
+
+    def rendezvous(self) -> tuple[str | None, list[int]]:
+        """The learners' group address (once learner 0 set it) and the learners present."""
+        with self._cond:
+            return self._rendezvous, sorted(self._arrived)
 
     def report_failure(self, learner: int, line: str) -> None:
         """The first learner failure is kept: the others name it when their collective breaks."""

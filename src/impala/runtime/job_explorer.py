@@ -33,6 +33,55 @@ def send(put: Callable[[Any], str], item: Any, signals: StopSignals) -> str:
     return status
 
 
+class _Sender:
+    """Sends unrolls to the hubs round robin with one put in flight: the explorer makes its next
+    unroll while the last one travels (or waits in a full hub)."""
+
+    def __init__(self, hubs: list, worker: ExplorerWorker, signals: StopSignals) -> None:
+        self.hubs, self.worker, self.signals = hubs, worker, signals
+        self.turn = 0
+        self.pending: tuple | None = None  # (hub, item, reference to the reply, info)
+
+    def submit(self, item: Any, info: Any) -> tuple[str, Any]:
+        """Sends `item` once the previous put is through; returns that put's answer and the
+        info of the unroll it carried (None for the first)."""
+        status, sent = self.flush()
+        if status == "ok":
+            hub = self.hubs[self.turn % len(self.hubs)]
+            self.turn += 1
+            self.pending = (hub, item, hub.put.remote(item, self.worker.version), info)
+        return status, sent
+
+    def flush(self) -> tuple[str, Any]:
+        import ray
+
+        if self.pending is None:
+            return "ok", None
+        hub, item, reply, info = self.pending
+        self.pending = None
+        status, weights = ray.get(reply)
+        if weights is not None:
+            self.worker.set_weights(*weights)
+        if status == "full":
+            status = send(_HubPut(hub, self.worker), item, self.signals)
+        return status, info if status == "ok" else None
+
+
+class _HubPut:
+    """`put(item)` for `send`: one round trip that also brings newer weights, if any."""
+
+    def __init__(self, hub, worker: ExplorerWorker) -> None:
+        self.hub, self.worker = hub, worker
+
+    def __call__(self, item: Any) -> str:
+        import ray
+
+        status, weights = ray.get(self.hub.put.remote(item, self.worker.version))
+        if weights is not None:
+            self.worker.set_weights(*weights)
+        return status
+
+
 def run_explorer_task(
     cfg: Config,
     spec: JobSpec,
@@ -58,7 +107,7 @@ def run_explorer_task(
         ray.get(hub.join.remote(spec.task))
     worker = ExplorerWorker(cfg, env, spec.task)
     budget = common.explorer_budget(cfg, len(spec.explorers))
-    steps, episodes, returns, k = 0, 0, [], 0
+    steps, episodes, returns = 0, 0, []
     try:
         deadline = time.monotonic() + peer_timeout
         while (weights := ray.get(hub0.weights.remote(-1))) is None:
@@ -73,21 +122,24 @@ def run_explorer_task(
         )
         signals.defer()
         last_print = time.monotonic()
-        status = "ok"
-        while steps < budget and not signals.requested:
-            hub = hubs[k % len(hubs)]
-            k += 1
-            weights = ray.get(hub.weights.remote(worker.version))
-            if weights is not None:
-                worker.set_weights(*weights)
-            payload, info = worker.unroll()
-            item = ray.put((payload, info))  # serialised once, however long the hub is full
-            status = send(lambda it, hub=hub: ray.get(hub.put.remote(it)), item, signals)
+        status, made = "ok", 0
+        sender = _Sender(hubs, worker, signals)
+        while status == "ok" and not signals.requested:
+            if made < budget:
+                payload, info = worker.unroll()
+                made += info.steps
+                # Serialised once, however long a hub is full; sent while the next is made.
+                status, info = sender.submit(ray.put((payload, info)), info)
+            else:
+                status, info = sender.flush()
+                if info is None:
+                    break  # all sent
             if status == "done":
                 print(f"{me}: the learners have finished", file=out, flush=True)
-                break
             if status != "ok":
                 break
+            if info is None:
+                continue  # the first unroll is on its way
             steps += info.steps
             episodes += len(info.episode_returns)
             returns = (returns + info.episode_returns)[-100:]
