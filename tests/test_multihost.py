@@ -86,21 +86,24 @@ def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
 
 def test_two_learners_on_two_hosts_stay_identical(hosts, tmp_path):
     """Learners on hosts 0 and 1; explorer 1 shares host 1 with learner 1 (two Ray nodes on one
-    host); a task with the wrong token is refused with one line."""
+    host); explorer 0 starts first, on a host of its own; a task with the wrong token is refused
+    with one line."""
     job = Job(hosts, tmp_path, learners=[0, 1], explorers=[2, 1])
     token = tmp_path / "token"
     token.write_text("0123456789abcdef-a-token-made-by-the-user\n")
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token\n")
     common = ("-s", "100000")
+    job.start("explorer", 0, *common, "--auth-token-file", str(token))
+    job.wait_for("explorer0", "waiting for learner 0", 60)
+    time.sleep(3)
     job.start("learner", 0, *common, "--auth-token-file", str(token))
     refused = job.start("learner", 1, *common, "--auth-token-file", str(wrong), name="wrong")
     assert refused.wait(timeout=120) == 2, job.err("wrong")
     lines = [line for line in job.err("wrong").splitlines() if line.startswith("impala")]
     assert len(lines) == 1 and "--auth-token-file" in lines[0], job.err("wrong")[-1000:]
     job.start("learner", 1, *common, "--auth-token-file", str(token))
-    for t in range(2):
-        job.start("explorer", t, *common, "--auth-token-file", str(token))
+    job.start("explorer", 1, *common, "--auth-token-file", str(token))
     for name in ("explorer0", "explorer1", "learner0", "learner1"):
         assert job.procs[name].wait(timeout=240) == 0, job.err(name)
     a = torch.load(tmp_path / "run-learner0" / "model.pt")

@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import IO
 
@@ -62,9 +63,7 @@ class Cluster:
                 self.head = ray_support.RayNode.head(host, port)
             else:
                 self.reservation = reserve(host, port)
-                if not is_this_machine(spec.head_host):
-                    self.node = ray_support.RayNode.worker(spec.head_address, host)
-            self._connect(resolve(host))
+            self._connect(host)
         except BaseException:
             self.__exit__()
             raise
@@ -99,20 +98,30 @@ class Cluster:
             raise ConfigError(f"cannot read --auth-token-file '{path}': {exc.strerror}") from None
         return path
 
-    def _connect(self, ip: str) -> None:
+    def _connect(self, host: str) -> None:
+        """Waits for the head (saying so), starts this host's own node if the head is on another
+        host (only then: a node that cannot reach its head gives up), and connects."""
         spec = self.spec
         wait = (
             f"{spec.name}: waiting for learner 0 at {spec.head_address} "
             f"(up to {self.timeout:.0f} s)"
         )
+        deadline = time.monotonic() + self.timeout
         try:
-            ray_support.connect(
+            ray_support.wait_for_port(
                 spec.head_address,
                 timeout=self.timeout,
-                node_ip=ip,
-                node=self.node,
                 waiting_message=None if self.head else wait,
                 out=self.out,
+                failed=self.head.failed if self.head else None,
+            )
+            if self.head is None and not is_this_machine(spec.head_host):
+                self.node = ray_support.RayNode.worker(spec.head_address, host)
+            ray_support.connect(
+                spec.head_address,
+                timeout=max(1.0, deadline - time.monotonic()),
+                node_ip=resolve(host),
+                node=self.node,
             )
         except TimeoutError as exc:
             failed = self.head.failed() if self.head else None

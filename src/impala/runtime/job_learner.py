@@ -237,12 +237,15 @@ def run_learner_task(
     """Runs learner task `spec.task` to its end (in a connected Ray cluster); returns 0 or the
     signal's exit code. RunFailed when the job cannot go on."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from impala.train import run_learner
 
     job = spec.description(cfg)
     hub_class = ray.remote(num_cpus=0, max_concurrency=16)(Hub)
-    hub = hub_class.options(name=f"hub-{spec.task}").remote(
+    # On this task's own node: Ray would place it anywhere, and a node goes with its task.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    hub = hub_class.options(name=f"hub-{spec.task}", scheduling_strategy=here).remote(
         spec.task, job, 4 * cfg.slots_per_batch + 8
     )
     if spec.task > 0:

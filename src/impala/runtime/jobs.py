@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from impala import config as config_mod
 from impala.envs import probe_env
-from impala.errors import ConfigError, exit_code_for_signal
+from impala.errors import ConfigError, RunFailed, exit_code_for_signal
 from impala.runtime.cluster import Cluster
 from impala.runtime.hosts import make_spec, reserve
 from impala.shutdown import StopSignals
@@ -57,10 +57,30 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     cluster = Cluster(spec, peer_timeout, out, token_file=token_file, run_dir=run_dir)
     with torch_threads(threads), cluster:
         signals.install()  # again: Ray's init puts its own SIGTERM handler in place
-        if spec.job == "learner":
-            run_learner_task(
-                cfg, spec, env, peer_timeout=peer_timeout, run_dir=run_dir, signals=signals, out=out
-            )
-        else:
-            run_explorer_task(cfg, spec, env, peer_timeout=peer_timeout, signals=signals, out=out)
+        import ray.exceptions
+
+        try:
+            if spec.job == "learner":
+                run_learner_task(
+                    cfg,
+                    spec,
+                    env,
+                    peer_timeout=peer_timeout,
+                    run_dir=run_dir,
+                    signals=signals,
+                    out=out,
+                )
+            else:
+                run_explorer_task(
+                    cfg, spec, env, peer_timeout=peer_timeout, signals=signals, out=out
+                )
+        except ray.exceptions.RayError as exc:  # a peer's node or actor went away
+            raise RunFailed(
+                f"{spec.name}: lost part of the job's Ray cluster ({_first_line(exc)})"
+            ) from None
     return exit_code_for_signal(signals.signum) if signals.requested else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]

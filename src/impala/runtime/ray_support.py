@@ -185,6 +185,30 @@ def _local_ip_towards(host: str, port: int) -> str | None:
         return None
 
 
+def wait_for_port(
+    address: str,
+    *,
+    timeout: float,
+    waiting_message: str | None = None,
+    out=None,
+    failed=None,
+) -> None:
+    """Waits until something listens at `address` (printing `waiting_message` once if it must
+    wait); TimeoutError after `timeout` s, or at once if `failed()` says the server died."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    said = False
+    while _local_ip_towards(host, int(port)) is None:
+        if failed is not None and failed():
+            raise TimeoutError(failed())
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing answered at {address} within {timeout:.0f} s")
+        if waiting_message and not said:
+            print(waiting_message, file=out or sys.stdout, flush=True)
+            said = True
+        time.sleep(0.5)
+
+
 def connect(
     address: str,
     *,
