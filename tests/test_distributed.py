@@ -136,13 +136,13 @@ def test_seed_command_lines_run_the_corridor(job_factory):
     assert job.err("learner0").strip() == "" and job.err("explorer0").strip() == ""
 
 
-def test_explorer_first_learner_8_seconds_later(job_factory):
+def test_explorer_first_learner_5_seconds_later(job_factory):
     job = job_factory()
-    job.start("explorer", 0, "-s", "40000")
-    time.sleep(8)
+    job.start("explorer", 0, "-s", "20000")
+    time.sleep(5)
     assert job.procs["explorer0"].poll() is None
     assert "waiting for learner 0" in job.out("explorer0")
-    job.start("learner", 0, "-s", "40000")
+    job.start("learner", 0, "-s", "20000")
     assert job.wait("explorer0", 120) == 0, job.err("explorer0")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
     assert job.seed_lines("learner0")
@@ -165,17 +165,17 @@ def test_killed_explorer_rejoins_and_learning_goes_on(job_factory):
     (the replay rate limit keeps it from overfitting its buffer meanwhile), reports the rejoin
     and finishes the job."""
     job = job_factory()
-    learner = job.start("learner", 0, "-s", "100000")
-    first = job.start("explorer", 0, "-s", "100000")
+    learner = job.start("learner", 0, "-s", "60000")
+    first = job.start("explorer", 0, "-s", "60000")
     deadline = time.monotonic() + 90
     while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     updates_at_kill = int(job.seed_lines("learner0")[-1].split()[3])
-    time.sleep(4)
+    time.sleep(3)
     assert learner.poll() is None  # still up, waiting for its explorer
-    job.start("explorer", 0, "-s", "100000", name="explorer0-again")
+    job.start("explorer", 0, "-s", "60000", name="explorer0-again")
     assert job.wait("explorer0-again", 150) == 0, job.err("explorer0-again")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
     assert "explorer 0 rejoined (rejoins so far: 1)" in job.out("learner0")
@@ -281,9 +281,9 @@ def test_learners_with_different_learning_rates_are_refused(job_factory):
 
 def test_job_ends_when_an_explorer_is_gone_for_good(job_factory):
     job = job_factory(1, 2)
-    job.start("learner", 0, "-s", "5000000", "--peer-timeout", "8")
-    job.start("explorer", 0, "-s", "5000000", "--peer-timeout", "8")
-    gone = job.start("explorer", 1, "-s", "5000000", "--peer-timeout", "8")
+    job.start("learner", 0, "-s", "5000000", "--peer-timeout", "5")
+    job.start("explorer", 0, "-s", "5000000", "--peer-timeout", "5")
+    gone = job.start("explorer", 1, "-s", "5000000", "--peer-timeout", "5")
     deadline = time.monotonic() + 90
     while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
         time.sleep(0.3)

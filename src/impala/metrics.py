@@ -114,8 +114,8 @@ class Tracker:
         now = time.monotonic()
         if not force and now - self._last_log_time < self.cfg.log_interval:
             return
-        if self._interval_updates == 0 and not force:
-            return
+        if self._interval_updates == 0 and (not force or self.steps == self._last_log_steps):
+            return  # nothing new to say (a forced record right after a regular one included)
         sps = (self.steps - self._last_log_steps) / max(now - self._last_log_time, 1e-9)
         means = {k: v / max(self._interval_updates, 1) for k, v in self._interval_metrics.items()}
         record: dict[str, Any] = {

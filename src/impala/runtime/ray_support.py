@@ -33,6 +33,10 @@ COMMON_ENV = {
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 OBJECT_STORE_BYTES = 2 * 10**9  # per node we start: unrolls and weights need little
+# For drivers connecting to a cluster: give up on an unanswering or refusing GCS after 5 s (our
+# connect loop tries again until --peer-timeout, and tells a refused token apart at once) and
+# keep Ray's C++ warnings (one a second while refused) off the task's stderr.
+DRIVER_ENV = {"RAY_gcs_server_port_wait_time_s": "5", "RAY_BACKEND_LOG_LEVEL": "error"}
 
 
 def ray_environment(*, loopback: bool, token_file: str | None) -> dict[str, str | None]:
@@ -237,15 +241,16 @@ def connect(
         route_ip = _local_ip_towards(host, int(port))
         if route_ip is not None:
             try:
-                ray.init(
-                    address=address,
-                    logging_level="ERROR",
-                    log_to_driver=False,
-                    namespace="impala",
-                    configure_logging=False,
-                    _node_ip_address=node_ip or route_ip,
-                    _temp_dir=node.temp_dir if node is not None else None,
-                )
+                with environment(DRIVER_ENV, keep_users=True):
+                    ray.init(
+                        address=address,
+                        logging_level="ERROR",
+                        log_to_driver=False,
+                        namespace="impala",
+                        configure_logging=False,
+                        _node_ip_address=node_ip or route_ip,
+                        _temp_dir=node.temp_dir if node is not None else None,
+                    )
                 return
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 if _is_auth_error(exc):
