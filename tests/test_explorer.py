@@ -165,3 +165,21 @@ def test_parameter_store_versions_and_copies():
     before = [p.clone() for p in other.parameters()]
     store.assign(2, torch.zeros_like(store.flat))
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))
+
+
+def test_action_sampling_follows_the_policy():
+    """The explorer's inverse-CDF sampling draws each action with its softmax probability."""
+    model = SeedNet(4, obs_dim=1, num_actions=3)
+    with torch.no_grad():
+        model.hidden.weight.zero_()
+        model.hidden.bias.fill_(1.0)
+        model.out.weight.zero_()
+        model.out.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.0]))  # logits 0, 1, -1; value 0
+    exp, _ = _explorer("ShortCorridor-v0", 1, model)
+    obs = np.ones((20_000, 1), dtype=np.float32)
+    with torch.inference_mode():
+        actions, logits = exp._act(obs)
+    expected = torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0).numpy()
+    freq = np.bincount(actions, minlength=3) / len(actions)
+    assert np.allclose(freq, expected, atol=0.012), (freq, expected)
+    assert logits.shape == (20_000, 3)

@@ -127,7 +127,8 @@ def bench(
     """Prints and returns the ceiling, the training throughput, their ratio and memory figures.
 
     Training runs `warmup + seconds`; the ceiling is measured for `ceiling_seconds` (default
-    `seconds`). A stop signal during training ends the bench early (`figures["signal"]`).
+    `seconds`) in two halves, before and after training, and averaged. A stop signal during
+    training ends the bench early (`figures["signal"]`).
     """
     out = out if out is not None else sys.stdout
     probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)  # bad ids: one line
@@ -135,11 +136,13 @@ def bench(
     ceiling_seconds = seconds if ceiling_seconds is None else ceiling_seconds
     print(
         f"random-policy ceiling: {cfg.num_explorers} processes x {cfg.envs_per_explorer} "
-        f"envs of {cfg.env}, {ceiling_seconds:.0f} s ...",
+        f"envs of {cfg.env}, {ceiling_seconds / 2:.0f} s before and after training ...",
         file=out,
         flush=True,
     )
-    ceiling = random_ceiling(cfg, ceiling_seconds)
+    # Half before and half after training: a machine whose speed drifts (shared hosts do)
+    # biases neither side of the ratio.
+    ceiling_before = random_ceiling(cfg, ceiling_seconds / 2)
     print(f"training for {warmup:.0f} s warm-up + {seconds:.0f} s ...", file=out, flush=True)
     train_cfg = dataclasses.replace(
         cfg,
@@ -155,6 +158,10 @@ def bench(
         result = train(train_cfg, out=out, signals=signals)
     finally:
         sampler.stop()
+    ceiling_after = ceiling_before
+    if result.signal is None:
+        ceiling_after = random_ceiling(cfg, ceiling_seconds / 2)
+    ceiling = (ceiling_before + ceiling_after) / 2
     records = [json.loads(line) for line in open(f"{result.run_dir}/metrics.jsonl")]
     measured = [r for r in records if r["time"] >= warmup]
     if len(measured) >= 2:
@@ -168,6 +175,7 @@ def bench(
         "explorers": cfg.num_explorers,
         "envs_per_explorer": cfg.envs_per_explorer,
         "random_ceiling_steps_per_s": round(ceiling, 1),
+        "random_ceiling_before_after": [round(ceiling_before, 1), round(ceiling_after, 1)],
         "training_steps_per_s": round(throughput, 1),
         "ratio": round(throughput / ceiling, 4) if ceiling else None,
         "memory_mib_after_warmup": round(mem[0], 1) if mem else None,
@@ -176,7 +184,11 @@ def bench(
         "memory_growth": round(mem[-1] / mem[0] - 1, 4) if mem else None,
         "signal": result.signal,
     }
-    print(f"random-policy ceiling  {ceiling:>12,.0f} env steps/s", file=out)
+    print(
+        f"random-policy ceiling  {ceiling:>12,.0f} env steps/s (before {ceiling_before:,.0f}, "
+        f"after {ceiling_after:,.0f})",
+        file=out,
+    )
     print(f"training throughput    {throughput:>12,.0f} env steps/s", file=out)
     print(f"ratio                  {throughput / ceiling:>12.1%}", file=out)
     if mem:

@@ -26,6 +26,10 @@ class SeedNet(nn.Module):
         out = self.out(self.hidden(obs.float()))
         return out[:, : self.num_actions], out[:, self.num_actions]
 
+    def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs `[N, obs_dim]` -> logits `[N, A]` (what acting needs)."""
+        return self.forward(obs)[0]
+
 
 def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -72,3 +76,7 @@ class MLPNet(nn.Module):
         policy_features = self.policy_torso(obs)
         value_features = policy_features if self.value_torso is None else self.value_torso(obs)
         return self.policy_head(policy_features), self.value_head(value_features).squeeze(-1)
+
+    def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs `[N, obs_dim]` -> logits `[N, A]`, without the value tower (acting needs none)."""
+        return self.policy_head(self.policy_torso(obs.float()))
