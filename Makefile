@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-slow bench lint clean
+.PHONY: setup train test test-slow bench chaos lint clean
 
 $(BIN)/impala: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,13 @@ test-slow: setup
 bench: setup
 	$(BIN)/impala bench --env CartPole-v1 $(ARGS)
 
+chaos: setup
+	$(BIN)/python benchmarks/chaos.py $(ARGS)
+
 lint: setup
 	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

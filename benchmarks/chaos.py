@@ -104,7 +104,10 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
         "--max-restarts",
         "100",
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The child's output goes to a file: a pipe read only at the end fills up and blocks it.
+    log_path = run_dir.parent / f"{name}.out"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     descendants: set[psutil.Process] = set()
     kills, asleep, memory = 0, 0, []
@@ -123,7 +126,7 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
                 kills += 1
             next_kill = now + rng.uniform(0.5, 1.5) * every
         time.sleep(1.0)
-    output = proc.stdout.read()
+    output = log_path.read_text()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = []
     t = WARMUP

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from impala.agent import ReplayBuffer, ReplayStaging, rollout_spec, slots_to_batch
+from impala.agent import ReplayBuffer, ReplayRate, ReplayStaging, rollout_spec, slots_to_batch
 from impala.agent.buffer import allocate
 from impala.envs import probe_env
 
@@ -77,3 +77,21 @@ def test_replay_sampling_skips_a_slice_whose_upload_never_finished():
     assert set(batch["reward"].flatten().tolist()) == {2.0}
     seq[1] = 5
     assert buffer.sample(5 * T, "vtrace", gen) is None
+
+
+def test_replay_rate_limits_the_learner_and_the_explorers():
+    spec = _spec()
+    buffer = ReplayBuffer(allocate(spec, 2), torch.zeros(1, dtype=torch.int64), 2)
+    local = {k: np.zeros((2, *v.shape[1:]), v.numpy().dtype) for k, v in buffer.storage.items()}
+    buffer.upload(0, local, 2)
+    rate = ReplayRate(0.5, slack=100)
+    gen = torch.Generator().manual_seed(0)
+    assert rate.sample(buffer, 0, 2 * T, "vtrace", gen) is None  # nothing owed yet
+    batches = 0
+    while rate.sample(buffer, 100, 2 * T, "vtrace", gen) is not None:
+        batches += 1
+    assert batches == 5 and rate.sampled == 50  # 0.5 x 100 steps, in batches of 10
+    assert rate.explorers_may_act(100)  # owed 0 < 100
+    assert rate.explorers_may_act(299)  # owed 99.5
+    assert not rate.explorers_may_act(300)  # a buffer's worth behind: explorers wait
+    assert rate.explorers_may_act(300, sampled=60)  # as an explorer process sees it

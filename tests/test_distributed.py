@@ -349,6 +349,7 @@ def test_two_learners_stay_identical_and_stop_together(job_factory, tmp_path):
     job.procs["learner1"].send_signal(signal.SIGTERM)
     assert job.wait("learner1", 30) == 143, job.err("learner1")
     assert job.wait("learner0", 30) == 0, job.err("learner0")
+    assert "learner 0 done (another learner stopped)" in job.out("learner0")
     for t in range(2):
         assert job.wait(f"explorer{t}", 30) == 0, job.err(f"explorer{t}")
     a = torch.load(tmp_path / "run-learner0" / "model.pt")

@@ -167,3 +167,17 @@ def test_ray_runtime_on_an_existing_cluster_with_token_auth(tmp_path, monkeypatc
         assert head.failed() is None  # the cluster outlives the job that used it
     finally:
         head.stop()
+
+
+def test_a_sigkilled_ray_learner_leaves_no_ray_process(tmp_path):
+    """The fresh local Ray is a guarded node: Ray's agents and workers go with the learner."""
+    before = set(ray_processes())
+    run_dir = tmp_path / "r"
+    proc = start_cli("train", "--env", "CartPole-v1", "--runtime", "ray", "--run-dir", str(run_dir))
+    try:
+        wait_for_learning(run_dir, timeout=120)
+        assert len(set(ray_processes()) - before) >= 4  # gcs, raylet, agents, actors
+    finally:
+        proc.kill()
+        proc.communicate()
+    wait_until(lambda: set(ray_processes()) <= before, 30, "every Ray process to go")

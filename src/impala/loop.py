@@ -92,8 +92,9 @@ def learn(
         stop = stop or (batch is None and source.exhausted())
         decision = consensus.decide(stop, batch is not None, tracker.steps)
         if decision.stop:
-            if not tracker.stop_reason and source.exhausted():
-                tracker.stop_reason = "step budget"
+            if not tracker.stop_reason:
+                exhausted = source.exhausted()
+                tracker.stop_reason = "step budget" if exhausted else "another learner stopped"
             return
         if not decision.update:
             continue  # synchronous learners: another one has no batch yet; keep ours

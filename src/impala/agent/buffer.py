@@ -174,19 +174,33 @@ class ReplayRate:
 
     `debt = ratio * made - sampled`: the learner may sample while it is positive, explorers may
     go on while it is below `slack` (so neither runs away from the other, however fast each is).
+    The learner's side keeps `sampled` here; explorers in other processes pass it in.
     """
 
     def __init__(self, ratio: float, slack: float) -> None:
         self.ratio, self.slack = ratio, slack
+        self.sampled = 0
 
-    def debt(self, made: int, sampled: int) -> float:
-        return self.ratio * made - sampled
+    def explorers_may_act(self, made: int, sampled: int | None = None) -> bool:
+        sampled = self.sampled if sampled is None else sampled
+        return self.ratio * made - sampled < self.slack
 
-    def learner_may_sample(self, made: int, sampled: int) -> bool:
-        return self.debt(made, sampled) > 0
-
-    def explorers_may_act(self, made: int, sampled: int) -> bool:
-        return self.debt(made, sampled) < self.slack
+    def sample(
+        self,
+        buffer: ReplayBuffer,
+        made: int,
+        learn_batch_size: int,
+        algo: str,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor] | None:
+        """A batch from `buffer` if the learner is owed one (`made` env steps so far), else
+        None (it waits for new steps)."""
+        if self.ratio * made - self.sampled <= 0:
+            return None
+        batch = buffer.sample(learn_batch_size, algo, generator)
+        if batch is not None:
+            self.sampled += batch["action"].numel()
+        return batch
 
 
 class ReplayStaging:

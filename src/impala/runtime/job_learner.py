@@ -69,7 +69,6 @@ class HubSource:
         self._generator = torch.Generator().manual_seed(cfg.seed + spec.task)
         self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
         self._made = 0
-        self._sampled = 0
         self.replay: ReplayBuffer | None = None
         if cfg.buffer == "replay":
             slots = cfg.replay_slots_per_explorer
@@ -128,7 +127,7 @@ class HubSource:
         if self.replay is None and len(self.pending) >= 2 * self.cfg.slots_per_batch:
             return
         if self.replay is not None and self.replay.num_slots_filled > 0:
-            if not self.rate.explorers_may_act(self._made, self._sampled):
+            if not self.rate.explorers_may_act(self._made):
                 return  # a buffer's worth behind the replay rate: explorers wait at the hub
         self._next_drain = now + DRAIN_INTERVAL
         items, events = ray.get(self.hub.drain.remote(64, timeout))
@@ -149,12 +148,9 @@ class HubSource:
         if self.replay is not None:
             if self._all_finished():
                 return None
-            if not self.rate.learner_may_sample(self._made, self._sampled):
-                return None  # sampled enough per env step made: wait for new steps
-            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
-            if batch is not None:
-                self._sampled += batch["action"].numel()
-            return batch
+            return self.rate.sample(
+                self.replay, self._made, cfg.learn_batch_size, cfg.algo, self._generator
+            )
         k = cfg.slots_per_batch
         if len(self.pending) >= k or (self.pending and self._all_finished()):
             batch = unrolls_to_batch(self.pending[:k], cfg.algo)

@@ -175,7 +175,6 @@ class LocalSource:
         self.storage: dict[str, torch.Tensor] = {}
         self.replay: ReplayBuffer | None = None
         self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
-        self._sampled = 0
 
     # --- starting ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -236,12 +235,11 @@ class LocalSource:
         if self.replay is not None:
             if self._all_made():
                 return None  # the explorers are done: so is sampling
-            if not self.rate.learner_may_sample(self.board.made_in_total(), self._sampled):
-                return None  # sampled enough per env step made: wait for new steps
-            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
-            if batch is not None:
-                self._sampled += batch["action"].numel()
-                self.board.set_sampled_steps(self._sampled)
+            made = self.board.made_in_total()
+            batch = self.rate.sample(
+                self.replay, made, cfg.learn_batch_size, cfg.algo, self._generator
+            )
+            self.board.set_sampled_steps(self.rate.sampled)  # explorers read it
             return batch
         full = self.board.full()
         enough = len(full) >= cfg.slots_per_batch

@@ -80,7 +80,6 @@ class RaySource:
         self._stack = contextlib.ExitStack()
         self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
         self._made = 0
-        self._sampled = 0
 
     def start(self) -> None:
         cfg = self.cfg
@@ -124,7 +123,7 @@ class RaySource:
         """The learner is a buffer's worth behind the replay rate (and has data to catch up)."""
         if self.replay is None or self.replay.num_slots_filled == 0:
             return False
-        return not self.rate.explorers_may_act(self._made, self._sampled)
+        return not self.rate.explorers_may_act(self._made)
 
     def _receive(self, ref: Any) -> None:
         import ray
@@ -198,12 +197,9 @@ class RaySource:
         if self.replay is not None:
             if not self.inflight and not self.idle:
                 return None  # the explorers are done: so is sampling
-            if not self.rate.learner_may_sample(self._made, self._sampled):
-                return None  # sampled enough per env step made: wait for new steps
-            batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
-            if batch is not None:
-                self._sampled += batch["action"].numel()
-            return batch
+            return self.rate.sample(
+                self.replay, self._made, cfg.learn_batch_size, cfg.algo, self._generator
+            )
         k = cfg.slots_per_batch
         if len(self.pending) >= k or (self.pending and not self.inflight and not self.idle):
             batch = unrolls_to_batch(self.pending[:k], cfg.algo)

@@ -142,10 +142,12 @@ class RayNode:
         )
 
     @classmethod
-    def head(cls, host: str, port: int) -> RayNode:
+    def head(cls, host: str, port: int, num_cpus: int | None = None) -> RayNode:
         ip = socket.gethostbyname(host)
+        cpus = [] if num_cpus is None else [f"--num-cpus={num_cpus}"]
         return cls(
             ["--head", f"--port={port}", f"--node-ip-address={ip}", "--include-dashboard=false"]
+            + cpus
         )
 
     @classmethod
@@ -219,8 +221,6 @@ def connect(
     timeout: float,
     node_ip: str | None = None,
     node: RayNode | None = None,
-    waiting_message: str | None = None,
-    out=None,
 ) -> None:
     """Connects this process to the Ray cluster at `address`, waiting up to `timeout` seconds.
 
@@ -234,7 +234,6 @@ def connect(
 
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
-    said = False
     while True:
         if node is not None and node.failed():
             raise _node_error(node.failed())
@@ -257,9 +256,6 @@ def connect(
                     raise _auth_error(address) from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing answered at {address} within {timeout:.0f} s")
-        if waiting_message and not said:
-            print(waiting_message, file=out or sys.stdout, flush=True)
-            said = True
         time.sleep(0.5)
 
 
@@ -296,8 +292,9 @@ def _node_error(line: str) -> Exception:
 def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
     """A Ray session: a fresh local instance on loopback, or the existing cluster at `address`.
 
-    A fresh instance listens on 127.0.0.1 only and requires a token made for this run (so other
-    local users cannot run code in it either). For an existing cluster the user's own Ray
+    A fresh instance is a guarded `ray start --head` (so even a SIGKILLed learner leaves no Ray
+    process behind), listens on 127.0.0.1 only and requires a token made for this process (so
+    other local users cannot run code in it either). For an existing cluster the user's own Ray
     settings (its auth mode and token) are kept. The process's environment is restored after.
     """
     if address:
@@ -308,25 +305,22 @@ def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[
         env = ray_environment(loopback=True, token_file=None)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_session_token())
         env["RAY_AUTH_TOKEN_PATH"] = None
+    head = None
     with environment(env, keep_users=bool(address)):
         import ray
 
         try:
-            if address:
-                connect(address, timeout=60)
-            else:
-                ray.init(
-                    num_cpus=num_cpus,
-                    include_dashboard=False,
-                    logging_level="ERROR",
-                    log_to_driver=False,
-                    namespace="impala",
-                    configure_logging=False,
-                    _node_ip_address="127.0.0.1",
-                )
+            if not address:
+                port = free_port()
+                head = RayNode.head("127.0.0.1", port, num_cpus=num_cpus)
+                address = f"127.0.0.1:{port}"
+                wait_for_port(address, timeout=120, failed=head.failed)
+            connect(address, timeout=60, node_ip="127.0.0.1" if head else None)
             yield
         finally:
             ray.shutdown()
+            if head is not None:
+                head.stop()
 
 
 @functools.cache

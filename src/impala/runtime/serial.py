@@ -30,7 +30,6 @@ class SerialSource:
         self._filled: list[int] = []
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
-        self._sampled = 0
 
     def start(self) -> None:
         cfg, env = self.cfg, self.env
@@ -82,14 +81,10 @@ class SerialSource:
 
     def _sample(self) -> Batch | None:
         cfg = self.cfg
-        if cfg.buffer != "replay" or not self.rate.learner_may_sample(
-            sum(self.made), self._sampled
-        ):
+        if cfg.buffer != "replay":
             return None
-        batch = self.replay.sample(cfg.learn_batch_size, cfg.algo, self._generator)
-        if batch is not None:
-            self._sampled += batch["action"].numel()
-        return batch
+        made = sum(self.made)
+        return self.rate.sample(self.replay, made, cfg.learn_batch_size, cfg.algo, self._generator)
 
     def _batch(self, last: bool) -> Batch | None:
         cfg = self.cfg
