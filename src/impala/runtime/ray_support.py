@@ -35,7 +35,8 @@ COMMON_ENV = {
 OBJECT_STORE_BYTES = 2 * 10**9  # per node we start: unrolls and weights need little
 # For drivers connecting to a cluster: give up on an unanswering or refusing GCS after 5 s (our
 # connect loop tries again until --peer-timeout, and tells a refused token apart at once) and
-# keep Ray's C++ warnings (one a second while refused) off the task's stderr.
+# keep Ray's C++ warnings off the task's stderr (the core announces this level on fd 2 when it
+# starts: `connect` sends fd 2 to a scratch file meanwhile).
 DRIVER_ENV = {"RAY_gcs_server_port_wait_time_s": "5", "RAY_BACKEND_LOG_LEVEL": "error"}
 
 
@@ -240,7 +241,7 @@ def connect(
         route_ip = _local_ip_towards(host, int(port))
         if route_ip is not None:
             try:
-                with environment(DRIVER_ENV, keep_users=True):
+                with environment(DRIVER_ENV, keep_users=True), _stderr_discarded():
                     ray.init(
                         address=address,
                         logging_level="ERROR",
@@ -257,6 +258,25 @@ def connect(
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing answered at {address} within {timeout:.0f} s")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _stderr_discarded() -> Iterator[None]:
+    """Sends file descriptor 2 to a scratch file while Ray's core starts in this process: its C++
+    logger writes there directly (a line announcing RAY_BACKEND_LOG_LEVEL, then warnings while a
+    head refuses us), and what matters of that reaches the user as our own one-line error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _is_auth_error(exc: BaseException) -> bool:
