@@ -110,20 +110,23 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     descendants: set[psutil.Process] = set()
-    kills, asleep, memory = 0, 0, []
+    kills, asleep, memory, kill_times = 0, 0, [], []
     start = time.monotonic()
     next_kill = start + WARMUP / 2 + rng.uniform(0.5, 1.5) * every
     while proc.poll() is None:
         now = time.monotonic()
         descendants.update(root.children(recursive=True))
         memory.append((now - start, _rss(root)))
-        if now >= next_kill:
+        # No kill in the run's last seconds: an explorer killed while the run ends is (rightly)
+        # not restarted, which would read as a missed restart.
+        if now >= next_kill and now - start < seconds - 5:
             victims = _explorers(root, ray)
             if victims:
                 victim = rng.choice(victims)
                 asleep += _asleep(victim)
                 victim.kill()
                 kills += 1
+                kill_times.append(round(now - start, 1))
             next_kill = now + rng.uniform(0.5, 1.5) * every
         time.sleep(1.0)
     output = log_path.read_text()
@@ -161,6 +164,7 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
         "memory_growth": round(max(after) / after[0] - 1, 4) if after else None,
         "processes_left": left,
         "shm_left": sorted(set(os.listdir("/dev/shm")) - shm_before),
+        "kill_times": kill_times,
     }
     figures["ok"] = bool(
         proc.returncode == 0
