@@ -17,7 +17,7 @@ Algo = Literal["vtrace", "reinforce"]
 Runtime = Literal["local", "serial", "ray"]
 BufferKind = Literal["fifo", "replay"]
 Sync = Literal["unroll", "episode"]
-Optimizer = Literal["rmsprop", "adam", "adagrad", "sgd"]
+Optimizer = Literal["rmsprop", "rmsprop-tf", "adam", "adagrad", "sgd"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,8 @@ class Config:
     learning_rate: float = 6e-4
     """Learning rate (seed -a)."""
     optimizer: Optimizer = "rmsprop"
-    """'rmsprop' (paper), 'adam', 'adagrad' (seed) or 'sgd'."""
+    """'rmsprop' (PyTorch's), 'rmsprop-tf' (TensorFlow's, as in the paper: epsilon inside the
+    square root, mean square starting at 1; see impala.optim), 'adam', 'adagrad' (seed), 'sgd'."""
     lr_schedule: Literal["constant", "linear"] = "linear"
     """'linear' decays the learning rate to 0 over the run (paper); 'constant' keeps it."""
     rmsprop_alpha: float = 0.99
@@ -175,7 +176,7 @@ CHOICES = {
     "runtime": ("local", "serial", "ray"),
     "buffer": ("fifo", "replay"),
     "sync": ("unroll", "episode"),
-    "optimizer": ("rmsprop", "adam", "adagrad", "sgd"),
+    "optimizer": ("rmsprop", "rmsprop-tf", "adam", "adagrad", "sgd"),
     "lr_schedule": ("constant", "linear"),
     "loss_reduction": ("sum", "mean"),
     "net": ("seed", "mlp"),
@@ -244,9 +245,9 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "clip_c_threshold": ("algo", ("vtrace",)),
     "clip_pg_rho_threshold": ("algo", ("vtrace",)),
     "vtrace_lambda": ("algo", ("vtrace",)),
-    "rmsprop_alpha": ("optimizer", ("rmsprop",)),
-    "rmsprop_momentum": ("optimizer", ("rmsprop",)),
-    "optimizer_eps": ("optimizer", ("rmsprop", "adam")),
+    "rmsprop_alpha": ("optimizer", ("rmsprop", "rmsprop-tf")),
+    "rmsprop_momentum": ("optimizer", ("rmsprop", "rmsprop-tf")),
+    "optimizer_eps": ("optimizer", ("rmsprop", "rmsprop-tf", "adam")),
     "ray_address": ("runtime", ("ray",)),
     "max_restarts": ("runtime", ("local", "ray")),
     "restart_window": ("runtime", ("local", "ray")),

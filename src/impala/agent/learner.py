@@ -10,6 +10,7 @@ from torch import nn
 from impala import losses, vtrace
 from impala.agent.params import ParameterStore
 from impala.config import Config
+from impala.optim import RMSpropTF
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -28,6 +29,14 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
             eps=cfg.optimizer_eps,
             momentum=cfg.rmsprop_momentum,
             foreach=True,
+        )
+    if cfg.optimizer == "rmsprop-tf":
+        return RMSpropTF(
+            params,
+            lr=cfg.learning_rate,
+            decay=cfg.rmsprop_alpha,
+            eps=cfg.optimizer_eps,
+            momentum=cfg.rmsprop_momentum,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps, fused=True)

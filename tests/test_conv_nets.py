@@ -1,0 +1,73 @@
+"""The paper's networks (Fig. 3): shapes and parameter counts worked out from the figure."""
+
+import pytest
+import torch
+
+from impala.nets.conv import AtariDeepNet, AtariShallowNet, MinAtarNet
+
+
+def _conv(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out
+
+
+def _dense(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def _count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+A = 6
+
+
+def test_shallow_net_has_the_papers_layers():
+    net = AtariShallowNet((4, 84, 84), A)
+    # 84 -(8x8 /4)-> 20 -(4x4 /2)-> 9
+    want = _conv(4, 16, 8) + _conv(16, 32, 4) + _dense(32 * 9 * 9, 256) + _dense(256, A) + 257
+    assert _count(net) == want
+
+
+def test_deep_net_has_the_papers_layers():
+    net = AtariDeepNet((4, 84, 84), A)
+    sections = 0
+    for c_in, c in [(4, 16), (16, 32), (32, 32)]:
+        sections += _conv(c_in, c, 3) + 4 * _conv(c, c, 3)  # a conv, two blocks of two convs
+    # three max-pools of stride 2 with SAME padding: 84 -> 42 -> 21 -> 11
+    want = sections + _dense(32 * 11 * 11, 256) + _dense(256, A) + 257
+    assert _count(net) == want
+
+
+def test_minatar_net():
+    net = MinAtarNet((4, 10, 10), A)
+    assert _count(net) == _conv(4, 16, 3) + _dense(16 * 8 * 8, 128) + _dense(128, A) + 129
+
+
+@pytest.mark.parametrize(
+    "make, shape, dtype",
+    [
+        (AtariShallowNet, (4, 84, 84), torch.uint8),
+        (AtariDeepNet, (4, 84, 84), torch.uint8),
+        (MinAtarNet, (7, 10, 10), torch.bool),
+    ],
+)
+def test_image_nets_take_compact_observations(make, shape, dtype):
+    torch.manual_seed(0)
+    net = make(shape, A)
+    obs = torch.randint(0, 256 if dtype == torch.uint8 else 2, (5, *shape)).to(dtype)
+    logits, values = net(obs)
+    assert logits.shape == (5, A) and values.shape == (5,)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(net.policy_logits(obs), logits)
+    (logits.sum() + values.sum()).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_deep_net_blocks_are_residual():
+    """With a block's second conv zeroed, the block is the identity."""
+    net = AtariDeepNet((4, 84, 84), A)
+    block = net.torso_net[0][0][2]
+    torch.nn.init.zeros_(block.conv1.weight)
+    torch.nn.init.zeros_(block.conv1.bias)
+    x = torch.randn(2, 16, 42, 42)
+    torch.testing.assert_close(block(x), x)
