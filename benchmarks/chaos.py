@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from impala.bench import tree_rss_mib
+
 SETTINGS = {
     "cartpole": ["--env", "CartPole-v1"],
     "learner-bound": [
@@ -59,16 +61,6 @@ def _explorers(root: psutil.Process, ray: bool) -> list[psutil.Process]:
         if (ray and "_ExplorerActor" in cmd) or (not ray and "multiprocessing.spawn" in cmd):
             found.append(proc)
     return found
-
-
-def _rss(root: psutil.Process) -> float:
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
 
 
 def _asleep(proc: psutil.Process) -> bool:
@@ -116,7 +108,7 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
     while proc.poll() is None:
         now = time.monotonic()
         descendants.update(root.children(recursive=True))
-        memory.append((now - start, _rss(root)))
+        memory.append((now - start, tree_rss_mib(root)))
         # No kill in the run's last seconds: an explorer killed while the run ends is (rightly)
         # not restarted, which would read as a missed restart.
         if now >= next_kill and now - start < seconds - 5:

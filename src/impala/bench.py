@@ -90,6 +90,17 @@ def random_ceiling(cfg: Config, seconds: float) -> float:
     return float(sum(rates))
 
 
+def tree_rss_mib(root: psutil.Process) -> float:
+    """Resident memory of `root` and all its descendants, in MiB."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 class _MemorySampler(threading.Thread):
     """Samples the resident memory of this process and its children every second."""
 
@@ -102,13 +113,7 @@ class _MemorySampler(threading.Thread):
         me = psutil.Process()
         start = time.monotonic()
         while not self._stop_event.wait(1.0):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.samples.append((time.monotonic() - start, total / 2**20))
+            self.samples.append((time.monotonic() - start, tree_rss_mib(me)))
 
     def stop(self) -> None:
         self._stop_event.set()
