@@ -53,7 +53,7 @@ def check_run_dir(cfg: Config) -> None:
     path = run_dir_path(cfg)
     missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        make_run_dir(cfg)
+        make_run_dir(cfg, path)  # the same path (a default one is stamped with the time)
     finally:
         if path in missing:
             (path / "config.json").unlink(missing_ok=True)
@@ -62,10 +62,10 @@ def check_run_dir(cfg: Config) -> None:
                 folder.rmdir()
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """Creates the run folder (ConfigError, one line, if it cannot be made or already holds a
-    run: nothing already written is overwritten)."""
-    path = run_dir_path(cfg)
+def make_run_dir(cfg: Config, path: Path | None = None) -> Path:
+    """Creates the run folder, `path` or `run_dir_path(cfg)` (ConfigError, one line, if it
+    cannot be made or already holds a run: nothing already written is overwritten)."""
+    path = run_dir_path(cfg) if path is None else path
     try:
         path.mkdir(parents=True, exist_ok=True)
         taken = [name for name in RUN_FILES if (path / name).exists()]

@@ -53,15 +53,11 @@ class _Sender:
         return status, sent
 
     def flush(self) -> tuple[str, Any]:
-        import ray
-
         if self.pending is None:
             return "ok", None
         hub, item, reply, info = self.pending
         self.pending = None
-        status, weights = ray.get(reply)
-        if weights is not None:
-            self.worker.set_weights(*weights)
+        status = _answer(reply, self.worker)
         if status == "full":
             status = send(_HubPut(hub, self.worker), item, self.signals)
         return status, info if status == "ok" else None
@@ -74,12 +70,17 @@ class _HubPut:
         self.hub, self.worker = hub, worker
 
     def __call__(self, item: Any) -> str:
-        import ray
+        return _answer(self.hub.put.remote(item, self.worker.version), self.worker)
 
-        status, weights = ray.get(self.hub.put.remote(item, self.worker.version))
-        if weights is not None:
-            self.worker.set_weights(*weights)
-        return status
+
+def _answer(reply: Any, worker: ExplorerWorker) -> str:
+    """A hub's reply to a put: its status; newer weights in it go to `worker`."""
+    import ray
+
+    status, weights = ray.get(reply)
+    if weights is not None:
+        worker.set_weights(*weights)
+    return status
 
 
 def run_explorer_task(
