@@ -17,7 +17,24 @@ class FailsInExplorers(CartPoleEnv):
         super().__init__(**kwargs)
 
 
+class MatrixObservations(CartPoleEnv):
+    """CartPole observed as a 2x2 matrix, a shape no network takes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observation_space = gym.spaces.Box(-10.0, 10.0, (2, 2), "float32")
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        return obs.reshape(2, 2), info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return obs.reshape(2, 2), *rest
+
+
 for env_id, entry_point in {
+    "MatrixObservations-v0": "envs_for_tests:MatrixObservations",
     "FailsInExplorers-v0": "envs_for_tests:FailsInExplorers",
     # Its module imports a package that is not installed (as a MuJoCo env without imageio).
     "ImportFails-v0": "envs_for_tests_broken:BrokenEnv",

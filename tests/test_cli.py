@@ -7,6 +7,7 @@ import sys
 
 import psutil
 import pytest
+import torch
 from conftest import env_with_tests_on_path, run_cli, shm_entries
 
 from impala import __version__, config
@@ -42,7 +43,13 @@ BAD_INPUT = [
     (["--env", "CartPole-v1"], "no command before '--env'"),
     (["fly"], "invalid choice: 'fly'"),
     # bench
-    (["bench", "--env", "PongNoFrameskip-v4"], "unknown environment id 'PongNoFrameskip-v4'"),
+    (["bench", "--env", "ALE/NoSuchGame-v5"], "unknown environment id 'ALE/NoSuchGame-v5'"),
+    (["train", "--env", "envs_for_tests:MatrixObservations-v0"], "no network takes"),
+    (["train", "--env", "MinAtar/Breakout-v1", "--net", "mlp"], "'mlp' needs a flat vector"),
+    (["train", "--env", "CartPole-v1", "--net", "shallow"], "'shallow' needs image observations"),
+    (["train", "--core", "lstm", "--net", "seed"], "--core lstm needs a network with a torso"),
+    (["train", "--env", "CartPole-v1", "--core", "lstm", "--algo", "reinforce"], "--algo vtrace"),
+    (["train", "--env", "CartPole-v1", "--device", "gpu"], "invalid choice: 'gpu'"),
     (["bench", "--env", "CartPole-v1", "--seconds", "0"], "--seconds must be positive, got 0.0"),
     (["bench", "--env", "CartPole-v1", "--warmup", "-1"], "--warmup must be positive, got -1.0"),
     (["bench", "--env", "CartPole-v1", "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
@@ -64,6 +71,10 @@ BAD_INPUT = [
     ([*J, "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
     ([*J, "-l", "203.0.113.9:1233"], "not an address of this machine"),
 ]
+
+
+if not torch.cuda.is_available():
+    BAD_INPUT.append((["train", "--device", "cuda"], "--device cuda: no CUDA device here"))
 
 
 def _ours() -> set[int]:

@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from impala.nets.conv import AtariDeepNet, AtariShallowNet, MinAtarNet
+from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.heads import PolicyValueNet
+
+
+def AtariShallowNet(shape, num_actions):
+    return PolicyValueNet(shallow_torso(shape), num_actions)
+
+
+def AtariDeepNet(shape, num_actions):
+    return PolicyValueNet(deep_torso(shape), num_actions)
+
+
+def MinAtarNet(shape, num_actions):
+    return PolicyValueNet(minatar_torso(shape), num_actions)
 
 
 def _conv(c_in, c_out, k):
@@ -66,7 +79,7 @@ def test_image_nets_take_compact_observations(make, shape, dtype):
 def test_deep_net_blocks_are_residual():
     """With a block's second conv zeroed, the block is the identity."""
     net = AtariDeepNet((4, 84, 84), A)
-    block = net.torso_net[0][0][2]
+    block = net.torso.convs[0][2]
     torch.nn.init.zeros_(block.conv1.weight)
     torch.nn.init.zeros_(block.conv1.bias)
     x = torch.randn(2, 16, 42, 42)

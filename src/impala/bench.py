@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import torch.multiprocessing as mp
 
+from impala.agent.factory import settle
 from impala.config import Config
 from impala.envs import make_vector_env, probe_env
 from impala.errors import RunFailed
@@ -32,9 +33,7 @@ from impala.train import check_run_dir, train
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    vec = make_vector_env(
-        cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode
-    )
+    vec = make_vector_env(cfg.env, cfg.envs_per_explorer, **cfg.env_options)
     try:
         vec.reset(seed=cfg.seed + index)
         rng = np.random.default_rng(cfg.seed + index)
@@ -136,7 +135,7 @@ def bench(
     training ends the bench early (`figures["signal"]`).
     """
     out = out if out is not None else sys.stdout
-    probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)  # bad ids: one line
+    settle(cfg, probe_env(cfg.env, **cfg.env_options))  # bad ids, nets, devices: one line
     check_run_dir(cfg)  # before the ceiling's minute, not after it
     ceiling_seconds = seconds if ceiling_seconds is None else ceiling_seconds
     print(

@@ -85,7 +85,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         }
         default = field.default
         if field.type in ("bool", bool):
-            kwargs["action"] = "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif name in config_mod.CHOICES:
             kwargs["choices"] = config_mod.CHOICES[name]
         elif field.type in ("int", int):

@@ -62,9 +62,10 @@ def check_run_dir(cfg: Config) -> None:
                 folder.rmdir()
 
 
-def make_run_dir(cfg: Config, path: Path | None = None) -> Path:
-    """Creates the run folder, `path` or `run_dir_path(cfg)` (ConfigError, one line, if it
-    cannot be made or already holds a run: nothing already written is overwritten)."""
+def make_run_dir(cfg: Config, path: Path | None = None, extra: dict | None = None) -> Path:
+    """Creates the run folder, `path` or `run_dir_path(cfg)`, with its config.json (the config
+    and `extra`). ConfigError, one line, if it cannot be made or already holds a run: nothing
+    already written is overwritten."""
     path = run_dir_path(cfg) if path is None else path
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def make_run_dir(cfg: Config, path: Path | None = None) -> Path:
                 f"run folder '{path}' already holds a run ({', '.join(taken)}); "
                 "choose another --run-dir"
             )
-        (path / "config.json").write_text(cfg.to_json() + "\n")
+        (path / "config.json").write_text(cfg.to_json(extra) + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write the run folder '{path}': {exc.strerror}") from None
     return path
@@ -145,11 +146,13 @@ def train(
     cannot go on raises RunFailed after the same clean-up. The caller's signal handlers and torch
     thread count are as before when this returns.
     """
+    from impala.agent.factory import run_record, settle
     from impala.runtime.common import build_learner
 
     out = out if out is not None else sys.stdout
-    env = probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)
-    run_dir = make_run_dir(cfg)
+    env = probe_env(cfg.env, **cfg.env_options)
+    cfg = settle(cfg, env)
+    run_dir = make_run_dir(cfg, extra=run_record(cfg, env))
     own_signals = signals is None
     signals = signals if signals is not None else StopSignals()
     with contextlib.ExitStack() as stack:

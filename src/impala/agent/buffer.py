@@ -6,7 +6,9 @@ explorer that made it. The runtime pre-allocates the storage (plain or shared me
 unrolls by index; these functions only read and write tensors.
 
 Batches handed to the learner:
-- V-trace: time-major sequences, `obs [T+1, B, *obs]`, other fields `[T, B, ...]`;
+- V-trace: time-major sequences, `obs [T+1, B, *obs]`, other fields `[T, B, ...]`; with a
+  recurrent core also the core's inputs `prev_action`, `prev_reward`, `first [T+1, B]` and its
+  state at the unroll's start `core_h`, `core_c [B, H]`;
 - REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
 """
 
@@ -20,11 +22,24 @@ from impala.envs import EnvInfo
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def rollout_spec(env: EnvInfo, unroll_length: int, num_envs: int) -> Spec:
-    """Field name -> (shape, dtype) of one unroll of `num_envs` environments."""
+def rollout_spec(
+    env: EnvInfo, unroll_length: int, num_envs: int, core_size: int | None = None
+) -> Spec:
+    """Field name -> (shape, dtype) of one unroll of `num_envs` environments (`core_size`: the
+    LSTM's units, for a recurrent network). Observations keep the environment's type (uint8
+    frames stay uint8 until the learner's forward pass)."""
     T, E, A = unroll_length, num_envs, env.num_actions
     obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
-    return {
+    recurrent: Spec = {}
+    if core_size is not None:
+        recurrent = {
+            "prev_action": ((T + 1, E), torch.int64),
+            "prev_reward": ((T + 1, E), torch.float32),
+            "first": ((T + 1, E), torch.bool),
+            "core_h": ((E, core_size), torch.float32),
+            "core_c": ((E, core_size), torch.float32),
+        }
+    return recurrent | {
         "obs": ((T + 1, E, *env.obs_shape), obs_dtype),
         "action": ((T, E), torch.int64),
         "behaviour_logits": ((T, E, A), torch.float32),
@@ -73,8 +88,12 @@ def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, t
         # [S, T, E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
         T = stacked["action"].shape[1]
         return {k: stacked[k][:, :T].flatten(0, 2) for k in _REINFORCE_FIELDS}
-    # [S, T(+1), E, ...] -> [T(+1), S * E, ...]
-    return {k: stacked[k].transpose(0, 1).flatten(1, 2) for k in _VTRACE_FIELDS}
+    # [S, T(+1), E, ...] -> [T(+1), S * E, ...]; a state [S, E, H] -> [S * E, H]
+    batch = {k: stacked[k].transpose(0, 1).flatten(1, 2) for k in _vtrace_fields(stacked)}
+    for k in _STATE_FIELDS:
+        if k in stacked:
+            batch[k] = stacked[k].flatten(0, 1)
+    return batch
 
 
 _VTRACE_FIELDS = (
@@ -86,6 +105,14 @@ _VTRACE_FIELDS = (
     "truncation_value",
     "policy_version",
 )
+_CORE_INPUTS = ("prev_action", "prev_reward", "first")
+_STATE_FIELDS = ("core_h", "core_c")  # no time axis
+
+
+def _vtrace_fields(fields) -> tuple[str, ...]:
+    return _VTRACE_FIELDS + tuple(k for k in _CORE_INPUTS if k in fields)
+
+
 _REINFORCE_FIELDS = ("obs", "action", "behaviour_logits", "mc_return", "policy_version")
 
 
@@ -166,7 +193,13 @@ class ReplayBuffer:
         slot = slots[torch.randint(len(slots), (n,), generator=generator)]
         e = torch.randint(E, (n,), generator=generator)
         # storage[k][slot, :, e] is [n, T(+1), ...]; the learner wants time-major.
-        return {k: self.storage[k][slot, :, e].transpose(0, 1) for k in _VTRACE_FIELDS}
+        batch = {
+            k: self.storage[k][slot, :, e].transpose(0, 1) for k in _vtrace_fields(self.storage)
+        }
+        for k in _STATE_FIELDS:
+            if k in self.storage:
+                batch[k] = self.storage[k][slot, e]
+        return batch
 
 
 class ReplayRate:

@@ -5,6 +5,16 @@ of the policy network (mu, the behaviour policy). It refreshes mu from the param
 start of every unroll (the paper) or whenever an episode starts (the seed prototype), and writes
 trajectories into the arrays it is given (a shared-memory slot or a local buffer), with the
 behaviour logits and the version of the weights that produced each action.
+
+What is learned and what is reported can differ (the Atari protocol): rewards are clipped to
+`[-reward_clip, reward_clip]` for learning, and with `episodic_life` a lost life ends the episode
+for learning (discount 0, the recurrent state reset), while the returns reported are the whole
+game's unclipped score.
+
+With a recurrent network (`model.is_recurrent`) the explorer carries the core state from step to
+step and unroll to unroll, feeds the last action and reward, and records with every unroll the
+state at its start and the per-step inputs (`prev_action`, `prev_reward`, `first`), so that the
+learner replays the unroll exactly.
 """
 
 from __future__ import annotations
@@ -66,6 +76,8 @@ class Explorer:
         sync: str = "unroll",
         seed: int = 0,
         step_printer: Callable[[str], None] | None = None,
+        reward_clip: float | None = None,
+        episodic_life: bool = False,
     ) -> None:
         self.index = index
         self.vec_env = vec_env
@@ -75,6 +87,8 @@ class Explorer:
         self.gamma = gamma
         self.algo = algo
         self.sync = sync
+        self.reward_clip = reward_clip
+        self.episodic_life = episodic_life
         self.num_envs = vec_env.num_envs
         self.rng = np.random.default_rng(seed)
         self.version = -1
@@ -89,6 +103,15 @@ class Explorer:
         self._open_episodes: list[list[_Step]] = [[] for _ in range(self.num_envs)]
         self._finished_steps: deque[tuple[_Step, float]] = deque()
         self._finished_episodes: deque[tuple[float, int]] = deque()
+        self._lives = infos.get("lives")
+        self.recurrent = bool(getattr(model, "is_recurrent", False))
+        if self.recurrent:
+            # The inputs of the next step: the state, the last action and (learning) reward, and
+            # whether the next observation starts an episode (the state is reset before it).
+            self.core_state = model.initial_state(self.num_envs)
+            self.prev_action = np.zeros(self.num_envs, dtype=np.int64)
+            self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
+            self.first = np.ones(self.num_envs, dtype=bool)
         self.refresh()
 
     def refresh(self) -> None:
@@ -97,32 +120,73 @@ class Explorer:
         if version is not None:
             self.version = version
 
+    def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
+        """One step of the recurrent network: logits `[N, A]`, values `[N]`, the next state."""
+        logits, values, state = self.model.unroll(
+            torch.from_numpy(obs)[None],
+            torch.from_numpy(prev_action)[None],
+            torch.from_numpy(prev_reward)[None],
+            torch.from_numpy(first)[None],
+            state,
+        )
+        return logits[0], values[0], state
+
     def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples an action per environment from mu: inverse-CDF sampling in numpy, which costs
         a fraction of torch.multinomial's per-call overhead on these small batches."""
-        logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
+        if self.recurrent:
+            logits, _, self.core_state = self._core_step(
+                obs, self.prev_action, self.prev_reward, self.first, self.core_state
+            )
+            logits = logits.numpy()
+        else:
+            logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         cdf = probs.cumsum(axis=1)
         u = self.rng.random((len(logits), 1)) * cdf[:, -1:]
         actions = np.minimum((cdf < u).sum(axis=1), logits.shape[1] - 1)
         return actions, logits
 
-    def _values(self, obs: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(obs))[1].numpy().astype(np.float64)
+    def _values(self, obs: np.ndarray, envs: np.ndarray, actions, rewards) -> np.ndarray:
+        """V_mu of the last observations `obs` of the episodes in environments `envs`."""
+        if not self.recurrent:
+            return self.model(torch.from_numpy(obs))[1].numpy().astype(np.float64)
+        h, c = self.core_state  # after the step that led to `obs`
+        _, values, _ = self._core_step(
+            obs, actions[envs], rewards[envs], np.zeros(len(envs), dtype=bool), (h[envs], c[envs])
+        )
+        return values.numpy().astype(np.float64)
 
     def _step(self) -> tuple[Any, ...]:
-        """One step of every environment; returns what an unroll records about it."""
+        """One step of every environment; returns what an unroll records about it: the learning
+        reward and ends of episodes (see the module doc)."""
         obs = self.obs
         actions, logits = self._act(obs)
         next_obs, rewards, terminated, truncated, infos = self.vec_env.step(actions)
+        done = terminated | truncated  # the game's episode: reported, and reset by the env
+        learn_rewards = np.asarray(rewards, dtype=np.float32)
+        if self.reward_clip is not None:
+            learn_rewards = np.clip(learn_rewards, -self.reward_clip, self.reward_clip)
+        learn_terminated = terminated
+        lives = infos.get("lives")
+        if self.episodic_life and lives is not None and self._lives is not None:
+            learn_terminated = terminated | ((np.asarray(lives) < self._lives) & ~done)
+        self._lives = lives
         # A truncated (not terminated) episode is bootstrapped from the value of its own last
         # observation; `next_obs` already holds the next episode's first observation.
         truncation_value = np.zeros(self.num_envs, dtype=np.float64)
-        cut = truncated & ~terminated
+        cut = truncated & ~learn_terminated
         if cut.any():
-            final_obs = np.stack([infos["final_obs"][i] for i in np.flatnonzero(cut)])
-            truncation_value[cut] = self._values(final_obs.astype(obs.dtype, copy=False))
-        done = terminated | truncated
+            envs = np.flatnonzero(cut)
+            final_obs = np.stack([infos["final_obs"][i] for i in envs])
+            truncation_value[cut] = self._values(
+                final_obs.astype(obs.dtype, copy=False), envs, actions, learn_rewards
+            )
+        learn_done = learn_terminated | truncated
+        if self.recurrent:
+            self.prev_action = np.asarray(actions, dtype=np.int64)
+            self.prev_reward = learn_rewards
+            self.first = learn_done
         self.steps_made += self.num_envs
         if self.step_printer is not None:
             self._print_steps(actions, next_obs, done, infos)
@@ -136,7 +200,7 @@ class Explorer:
         self.episode_length[done] = 0
         self._finished_episodes.extend(finished)
         self.obs = next_obs
-        return obs, actions, logits, rewards, terminated, done, truncation_value
+        return obs, actions, logits, learn_rewards, learn_terminated, learn_done, truncation_value
 
     def _print_steps(self, actions, next_obs, done, infos) -> None:
         states = infos.get("state", next_obs)
@@ -172,8 +236,18 @@ class Explorer:
             lengths.append(length)
         return UnrollInfo(self.index, steps, returns, lengths, self.version)
 
+    def _record_core_inputs(self, out: dict[str, np.ndarray], t: int) -> None:
+        out["prev_action"][t] = self.prev_action
+        out["prev_reward"][t] = self.prev_reward
+        out["first"][t] = self.first
+
     def _fill_unroll(self, out: dict[str, np.ndarray]) -> int:
+        if self.recurrent:
+            out["core_h"][...] = self.core_state[0].numpy()
+            out["core_c"][...] = self.core_state[1].numpy()
         for t in range(self.unroll_length):
+            if self.recurrent:
+                self._record_core_inputs(out, t)
             obs, actions, logits, rewards, _terminated, done, trunc_value = self._step()
             out["obs"][t] = obs
             out["action"][t] = actions
@@ -184,6 +258,8 @@ class Explorer:
             out["policy_version"][t] = self.version
             self._after_step(done)
         out["obs"][self.unroll_length] = self.obs
+        if self.recurrent:
+            self._record_core_inputs(out, self.unroll_length)
         return self.unroll_length * self.num_envs
 
     def _fill_finished_episodes(self, out: dict[str, np.ndarray]) -> int:

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from torch import nn
 
 from impala.agent.explorer import Explorer
+from impala.agent.learner import resolve_device
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, make_vector_env
-from impala.nets import build_net
+from impala.envs.atari import protocol_record
+from impala.nets import build_net, resolve_net
+
+
+def settle(cfg: Config, env: EnvInfo, *, learner: bool = True) -> Config:
+    """The run's config with what depends on the environment made explicit (the network 'auto'
+    stands for), after the checks that need the environment or the machine: ConfigError, one
+    line, for observations no network takes, a network that does not fit them, or (for a
+    learner) a device this machine lacks."""
+    if learner:
+        resolve_device(cfg.device)
+    return dataclasses.replace(cfg, net=resolve_net(cfg.net, env))
+
+
+def run_record(cfg: Config, env: EnvInfo) -> dict[str, Any]:
+    """What a run's config.json says beyond the config: the Atari protocol used."""
+    if env.family == "atari":
+        return {"atari_protocol": protocol_record(cfg.atari_protocol)}
+    return {}
 
 
 def build_model(cfg: Config, env: EnvInfo) -> nn.Module:
-    return build_net(cfg.net, env, num_hidden=cfg.num_hidden, num_layers=cfg.num_layers)
+    return build_net(
+        cfg.net,
+        env,
+        num_hidden=cfg.num_hidden,
+        num_layers=cfg.num_layers,
+        core=cfg.core,
+        core_size=cfg.core_size,
+    )
 
 
 def explorer_seed(cfg: Config, index: int) -> int:
@@ -23,9 +52,7 @@ def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore)
     """Explorer `index` with its own environments and a fresh copy of the network."""
     model = build_model(cfg, env)
     model.requires_grad_(False)
-    vec_env = make_vector_env(
-        cfg.env, cfg.envs_per_explorer, max_episode_steps=cfg.max_steps_per_episode
-    )
+    vec_env = make_vector_env(cfg.env, cfg.envs_per_explorer, **cfg.env_options)
     return Explorer(
         index,
         vec_env,
@@ -37,4 +64,6 @@ def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore)
         sync=cfg.sync,
         seed=explorer_seed(cfg, index),
         step_printer=(lambda line: print(line, flush=True)) if cfg.print_steps else None,
+        reward_clip=cfg.reward_clip,
+        episodic_life=cfg.episodic_life,
     )

@@ -44,7 +44,7 @@ class ExplorerWorker:
         version[0] = -2  # version -1: nothing received yet, the explorer must not act on these
         self.store = ParameterStore(flat, version)
         self.explorer = build_explorer(cfg, env, index, self.store)
-        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
+        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
         if cfg.buffer == "replay":
             self._capture = _CapturedUpload()
             self._staging = ReplayStaging(

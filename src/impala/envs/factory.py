@@ -10,17 +10,27 @@ import warnings
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from impala.envs import atari, minatar
+from impala.envs.atari import AtariProtocol
 from impala.errors import ConfigError
 
 CORRIDOR_ID = "ShortCorridor-v0"
+CARTPOLE_NO_VELOCITY_ID = "CartPoleNoVelocity-v1"
 
 
 def register_envs() -> None:
-    """Registers the short corridor with Gymnasium (idempotent, like `ale_py`'s registration)."""
+    """Registers the project's environments with Gymnasium (idempotent): the short corridor and
+    CartPole with its velocities hidden (a memory task)."""
     if CORRIDOR_ID not in gym.registry:
         gym.register(id=CORRIDOR_ID, entry_point="impala.envs.corridor:ShortCorridorEnv")
+    if CARTPOLE_NO_VELOCITY_ID not in gym.registry:
+        gym.register(
+            id=CARTPOLE_NO_VELOCITY_ID,
+            entry_point="impala.envs.masked:cartpole_no_velocity",
+            max_episode_steps=500,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,24 +42,73 @@ class EnvInfo:
     obs_dtype: np.dtype
     num_actions: int
     max_episode_steps: int | None
+    family: str = "gymnasium"
+    """'atari' (the paper's protocol applies), 'minatar' or 'gymnasium'."""
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.obs_shape) == 3
 
 
-def make_env(env_id: str, *, max_episode_steps: int | None = None) -> gym.Env:
-    """Makes one environment; `max_episode_steps` (the seed's `-m`) overrides its time limit.
-
-    `env_id` may be `module:EnvId` (as in Gymnasium): the module, which registers the id, is
-    imported first, here and in every explorer process.
-
-    Raises ConfigError for an unknown id, an environment whose code cannot be imported, a
-    non-discrete action space or a non-vector observation.
-    """
+def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
+    """The registered id and spec for `env_id` (`module:EnvId` imports the module first); the
+    Atari and MinAtar ids are registered on demand, with the install line when their extra is
+    missing."""
     register_envs()
     name = _import_registering_module(env_id)
+    if name not in gym.registry:
+        if atari.looks_like_atari(name) and not atari.register():
+            raise ConfigError(
+                f"'{name}' is an Atari game and ale-py is not installed: {atari.ATARI_EXTRA}"
+            )
+        if minatar.looks_like_minatar(name) and not minatar.register():
+            raise ConfigError(
+                f"'{name}' is a MinAtar game and MinAtar is not installed: {minatar.MINATAR_EXTRA}"
+            )
+        if name not in gym.registry:
+            atari.register()  # other ale-py ids (Pong-v4, ...), when it is installed
     if name not in gym.registry:
         close = difflib.get_close_matches(name, list(gym.registry), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown environment id '{name}'{hint}")
-    kwargs = {"disable_env_checker": True}
+    return name, gym.spec(name)
+
+
+def env_family(env_id: str) -> str:
+    """'atari', 'minatar' or 'gymnasium' for a registered id."""
+    _, spec = _spec_of(env_id)
+    if atari.atari_game(spec) is not None:
+        return "atari"
+    return "minatar" if minatar.is_minatar(spec) else "gymnasium"
+
+
+def make_env(
+    env_id: str,
+    *,
+    max_episode_steps: int | None = None,
+    atari_protocol: AtariProtocol | None = None,
+    render_mode: str | None = None,
+) -> gym.Env:
+    """Makes one environment; `max_episode_steps` (the seed's `-m`) overrides its time limit.
+
+    `env_id` may be `module:EnvId` (as in Gymnasium): the module, which registers the id, is
+    imported first, here and in every explorer process. Atari ids get `atari_protocol` (the
+    paper's by default, see `impala.envs.atari`), MinAtar ids channel-first uint8 planes.
+
+    Raises ConfigError for an unknown id, a missing extra or ROM, an environment whose code
+    cannot be imported, a non-discrete action space or a non-Box observation.
+    """
+    name, spec = _spec_of(env_id)
+    game = atari.atari_game(spec)
+    if game is not None:
+        atari.check_rom(name, game)
+        protocol = _with_frame_cap(atari_protocol or AtariProtocol(), max_episode_steps)
+        env = atari.make_atari_env(name, protocol, render_mode=render_mode)
+        _check_spaces(env_id, env)
+        return env
+    kwargs: dict = {"disable_env_checker": True}
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     try:
@@ -59,9 +118,20 @@ def make_env(env_id: str, *, max_episode_steps: int | None = None) -> gym.Env:
     except gym.error.Error as exc:  # missing optional dependency, bad kwargs, ...
         raise ConfigError(f"cannot make environment '{env_id}': {_one_line(exc)}") from None
     except ImportError as exc:  # the env's own code imports a package that is not installed
-        raise ConfigError(_missing_module(env_id, gym.spec(name), exc)) from None
+        raise ConfigError(_missing_module(env_id, spec, exc)) from None
+    if minatar.is_minatar(spec):
+        env = minatar.channels_first(env)
     _check_spaces(env_id, env)
     return env
+
+
+def _with_frame_cap(protocol: AtariProtocol, max_episode_steps: int | None) -> AtariProtocol:
+    """An Atari episode cap given in agent steps becomes one in frames."""
+    if max_episode_steps is None:
+        return protocol
+    return dataclasses.replace(
+        protocol, max_frames_per_episode=max_episode_steps * protocol.frame_skip
+    )
 
 
 def _import_registering_module(env_id: str) -> str:
@@ -108,9 +178,14 @@ def _check_spaces(env_id: str, env: gym.Env) -> None:
         )
 
 
-def probe_env(env_id: str, *, max_episode_steps: int | None = None) -> EnvInfo:
+def probe_env(
+    env_id: str,
+    *,
+    max_episode_steps: int | None = None,
+    atari_protocol: AtariProtocol | None = None,
+) -> EnvInfo:
     """Makes the environment once to read its spaces, then closes it."""
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
+    env = make_env(env_id, max_episode_steps=max_episode_steps, atari_protocol=atari_protocol)
     try:
         space = env.observation_space
         spec_steps = env.spec.max_episode_steps if env.spec is not None else None
@@ -120,19 +195,32 @@ def probe_env(env_id: str, *, max_episode_steps: int | None = None) -> EnvInfo:
             obs_dtype=np.dtype(space.dtype),
             num_actions=int(env.action_space.n),
             max_episode_steps=max_episode_steps if max_episode_steps is not None else spec_steps,
+            family=env_family(env_id),
         )
     finally:
         env.close()
 
 
 def make_vector_env(
-    env_id: str, num_envs: int, *, max_episode_steps: int | None = None
-) -> SyncVectorEnv:
+    env_id: str,
+    num_envs: int,
+    *,
+    max_episode_steps: int | None = None,
+    atari_protocol: AtariProtocol | None = None,
+) -> VectorEnv:
     """`num_envs` copies stepped together, reset in the same step that ends an episode.
 
     Same-step autoreset puts the last observation of a finished episode in
-    `infos["final_obs"]`, which the explorer needs to bootstrap a truncated episode.
+    `infos["final_obs"]`, which the explorer needs to bootstrap a truncated episode. Atari games
+    run in ale-py's vector environment (see `impala.envs.atari`), others in Gymnasium's
+    `SyncVectorEnv` (its `AsyncVectorEnv` gains nothing on 2 cores: explorers are processes).
     """
+    name, spec = _spec_of(env_id)
+    game = atari.atari_game(spec)
+    if game is not None:
+        atari.check_rom(name, game)
+        protocol = _with_frame_cap(atari_protocol or AtariProtocol(), max_episode_steps)
+        return atari.make_atari_vector_env(game, num_envs, protocol)
     return SyncVectorEnv(
         [lambda: make_env(env_id, max_episode_steps=max_episode_steps) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,

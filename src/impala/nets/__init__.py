@@ -1,6 +1,17 @@
-"""Policy-value networks: observations `[N, *obs_shape]` in, `(logits [N, A], values [N])` out."""
+"""Policy-value networks: observations `[N, *obs_shape]` in, `(logits [N, A], values [N])` out;
+recurrent ones (`is_recurrent`) unroll over time from a state (`impala.nets.recurrent`)."""
 
-from impala.nets.factory import build_net
+from impala.nets.factory import NET_NAMES, build_net, resolve_net
+from impala.nets.heads import PolicyValueNet
 from impala.nets.mlp import MLPNet, SeedNet
+from impala.nets.recurrent import RecurrentNet
 
-__all__ = ["MLPNet", "SeedNet", "build_net"]
+__all__ = [
+    "NET_NAMES",
+    "MLPNet",
+    "PolicyValueNet",
+    "RecurrentNet",
+    "SeedNet",
+    "build_net",
+    "resolve_net",
+]

@@ -1,4 +1,4 @@
-"""Choosing a network by name for an environment."""
+"""Choosing a network by name (or by the observation's type) for an environment."""
 
 from __future__ import annotations
 
@@ -8,21 +8,76 @@ from torch import nn
 
 from impala.envs import EnvInfo
 from impala.errors import ConfigError
-from impala.nets.mlp import MLPNet, SeedNet
+from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.heads import PolicyValueNet
+from impala.nets.mlp import MLPNet, MLPTorso, SeedNet
+from impala.nets.recurrent import RecurrentNet
 
-NET_NAMES = ("seed", "mlp")
+NET_NAMES = ("auto", "seed", "mlp", "shallow", "deep", "minatar")
+IMAGE_NETS = ("shallow", "deep", "minatar")
+VECTOR_NETS = ("seed", "mlp")
+# Images at least this high and wide are Atari-sized (the shallow net's strides need 36).
+ATARI_SIZED = 36
 
 
-def build_net(name: str, env: EnvInfo, *, num_hidden: int, num_layers: int = 2) -> nn.Module:
-    """Builds network `name` ('seed' or 'mlp') for `env`'s observation and action spaces."""
-    if len(env.obs_shape) != 1:
+def resolve_net(name: str, env: EnvInfo) -> str:
+    """The network 'auto' stands for: 'mlp' for vectors, 'shallow' for Atari-sized images
+    `[C, H, W]`, 'minatar' for small ones. Raises ConfigError for observations no network takes
+    and for a network that does not take the environment's."""
+    rank = len(env.obs_shape)
+    if rank not in (1, 3):
         raise ConfigError(
-            f"network '{name}' needs a flat vector observation; '{env.env_id}' has shape "
-            f"{env.obs_shape}"
+            f"'{env.env_id}' has observations of shape {env.obs_shape}, which no network takes "
+            "(vectors [N] go to 'mlp', images [C, H, W] to 'shallow', 'deep' or 'minatar')"
         )
-    obs_dim = math.prod(env.obs_shape)
+    if name == "auto":
+        if rank == 1:
+            return "mlp"
+        return "shallow" if min(env.obs_shape[1:]) >= ATARI_SIZED else "minatar"
+    if name in VECTOR_NETS and rank != 1:
+        raise ConfigError(
+            f"network '{name}' needs a flat vector observation; '{env.env_id}' has images of "
+            f"shape {env.obs_shape} (use --net {' or '.join(IMAGE_NETS)})"
+        )
+    if name in IMAGE_NETS and rank != 3:
+        raise ConfigError(
+            f"network '{name}' needs image observations [C, H, W]; '{env.env_id}' has shape "
+            f"{env.obs_shape} (use --net mlp)"
+        )
+    if name in ("shallow", "deep") and min(env.obs_shape[1:]) < ATARI_SIZED:
+        raise ConfigError(
+            f"network '{name}' needs images of at least {ATARI_SIZED}x{ATARI_SIZED}; "
+            f"'{env.env_id}' has {env.obs_shape[1]}x{env.obs_shape[2]} (use --net minatar)"
+        )
+    if name not in NET_NAMES:
+        raise ConfigError(f"unknown network '{name}' (choose from {', '.join(NET_NAMES)})")
+    return name
+
+
+def build_net(
+    name: str,
+    env: EnvInfo,
+    *,
+    num_hidden: int,
+    num_layers: int = 2,
+    core: str = "ff",
+    core_size: int = 256,
+) -> nn.Module:
+    """Network `name` (see NET_NAMES) for `env`, feed-forward (`core='ff'`) or with an LSTM
+    core (`core='lstm'`)."""
+    name = resolve_net(name, env)
     if name == "seed":
-        return SeedNet(num_hidden, obs_dim=obs_dim, num_actions=env.num_actions)
+        if core != "ff":
+            raise ConfigError("the seed network has no torso for an LSTM core; use --net mlp")
+        return SeedNet(num_hidden, obs_dim=env.obs_shape[0], num_actions=env.num_actions)
     if name == "mlp":
-        return MLPNet(obs_dim, env.num_actions, num_hidden=num_hidden, num_layers=num_layers)
-    raise ConfigError(f"unknown network '{name}' (choose from {', '.join(NET_NAMES)})")
+        obs_dim = math.prod(env.obs_shape)
+        if core == "ff":
+            return MLPNet(obs_dim, env.num_actions, num_hidden=num_hidden, num_layers=num_layers)
+        torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers)
+    else:
+        make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
+        torso = make(env.obs_shape)
+    if core == "lstm":
+        return RecurrentNet(torso, env.num_actions, core_size=core_size)
+    return PolicyValueNet(torso, env.num_actions)

@@ -15,6 +15,8 @@ class SeedNet(nn.Module):
     left and right, and the state value.
     """
 
+    is_recurrent = False
+
     def __init__(self, num_hidden: int = 10, obs_dim: int = 1, num_actions: int = 2) -> None:
         super().__init__()
         self.num_actions = num_actions
@@ -38,6 +40,27 @@ def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _orthogonal_init(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+
+
+class MLPTorso(nn.Module):
+    """`num_layers` layers of `num_hidden` tanh units: the torso under an LSTM core."""
+
+    def __init__(self, obs_dim: int, *, num_hidden: int = 64, num_layers: int = 2) -> None:
+        super().__init__()
+        self.tower = _tower([obs_dim] + [num_hidden] * num_layers, nn.Tanh)
+        self.num_features = num_hidden
+        _orthogonal_init(self)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs `[N, obs_dim]` -> features `[N, num_hidden]`."""
+        return self.tower(obs.float())
+
+
 class MLPNet(nn.Module):
     """An MLP policy-value network for flat vector observations and discrete actions.
 
@@ -46,6 +69,8 @@ class MLPNet(nn.Module):
     disturb the policy's features. `shared=True` gives one torso with two heads.
     Orthogonal initialisation, with a small policy head so that the first policy is near uniform.
     """
+
+    is_recurrent = False
 
     def __init__(
         self,
@@ -63,10 +88,7 @@ class MLPNet(nn.Module):
         self.value_torso = None if shared else _tower(sizes, nn.Tanh)
         self.policy_head = nn.Linear(sizes[-1], num_actions)
         self.value_head = nn.Linear(sizes[-1], 1)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
-                nn.init.zeros_(module.bias)
+        _orthogonal_init(self)
         nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
         nn.init.orthogonal_(self.value_head.weight, gain=1.0)
 

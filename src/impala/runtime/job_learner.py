@@ -74,7 +74,9 @@ class HubSource:
             slots = cfg.replay_slots_per_explorer
             self.replay = ReplayBuffer(
                 allocate(
-                    rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer),
+                    rollout_spec(
+                        env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
+                    ),
                     slots * self.num_explorers,
                 ),
                 torch.zeros(self.num_explorers, dtype=torch.int64),

@@ -31,6 +31,7 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
 
     ConfigError for bad input (one line, exit 2), RunFailed when the job cannot go on (exit 1).
     """
+    from impala.agent.factory import run_record, settle
     from impala.runtime.job_explorer import run_explorer_task
     from impala.runtime.job_learner import run_learner_task
     from impala.train import make_run_dir, torch_threads
@@ -48,9 +49,10 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     token_file = args.pop("auth_token_file", None)
     args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
     cfg = config_mod.resolve(args)
-    env = probe_env(cfg.env, max_episode_steps=cfg.max_steps_per_episode)
+    env = probe_env(cfg.env, **cfg.env_options)
+    cfg = settle(cfg, env, learner=spec.job == "learner")
     reserve(*spec.own).close()  # this task's address: free and this machine's, or one line
-    run_dir = make_run_dir(cfg) if spec.job == "learner" else None
+    run_dir = make_run_dir(cfg, extra=run_record(cfg, env)) if spec.job == "learner" else None
     # One torch thread for an explorer (and the learner's setting for a learner): intra-op
     # threads that spin on cores the other processes need cost far more than they give.
     threads = cfg.learner_threads if spec.job == "learner" else 1

@@ -126,7 +126,9 @@ def _explorer_main(
     try:
         explorer = common.build_explorer(cfg, env, index, ParameterStore(*shared["params"]))
         if shared["replay"] is not None:
-            spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
+            spec = rollout_spec(
+                env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
+            )
             staging = ReplayStaging(
                 spec, cfg.replay_slots_per_explorer, index, shared["replay"], cfg.upload_frequency
             )
@@ -179,7 +181,9 @@ class LocalSource:
     # --- starting ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        spec = rollout_spec(self.env, cfg.unroll_length, cfg.envs_per_explorer)
+        spec = rollout_spec(
+            self.env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
+        )
         if cfg.buffer == "replay":
             per_explorer = cfg.replay_slots_per_explorer
         else:

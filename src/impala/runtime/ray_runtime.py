@@ -91,7 +91,9 @@ class RaySource:
             _ExplorerActor
         )
         if cfg.buffer == "replay":
-            spec = rollout_spec(self.env, cfg.unroll_length, cfg.envs_per_explorer)
+            spec = rollout_spec(
+                self.env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
+            )
             slots = cfg.replay_slots_per_explorer
             self.replay = ReplayBuffer(
                 allocate(spec, slots * n), torch.zeros(n, dtype=torch.int64), slots

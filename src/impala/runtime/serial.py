@@ -33,7 +33,7 @@ class SerialSource:
 
     def start(self) -> None:
         cfg, env = self.cfg, self.env
-        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
+        spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
         for i in range(cfg.num_explorers):
             self.explorers.append(common.build_explorer(cfg, env, i, self.learner.store))
         if cfg.buffer == "replay":

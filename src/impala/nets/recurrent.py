@@ -1,0 +1,69 @@
+"""The LSTM core (Espeholt et al. 2018, Fig. 3): torso -> LSTM -> policy and value heads.
+
+As in the paper, the LSTM's input at time t is the torso's features of `x_t` with the one-hot
+action `a_{t-1}` and the reward `r_{t-1}` clipped to [-1, 1] that led to `x_t`. The state is
+carried from step to step and from one unroll to the next, and reset to zeros before the first
+observation of an episode (`first[t]`), inside an unroll too. An explorer records the state at
+the start of each unroll, so the learner replays the unroll from exactly that state.
+
+Shapes: time-major, `obs [T, B, ...]`, `prev_action [T, B]` (int), `prev_reward [T, B]`,
+`first [T, B]` (bool), state `(h [B, H], c [B, H])`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impala.nets.heads import Heads
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class RecurrentNet(nn.Module):
+    """`torso` (obs `[N, ...]` -> `[N, F]`), an LSTM of `core_size` units, two linear heads."""
+
+    is_recurrent = True
+
+    def __init__(self, torso: nn.Module, num_actions: int, core_size: int = 256) -> None:
+        super().__init__()
+        self.torso = torso
+        self.num_actions = num_actions
+        self.core_size = core_size
+        self.core = nn.LSTMCell(torso.num_features + num_actions + 1, core_size)
+        self.heads = Heads(core_size, num_actions)
+
+    def initial_state(self, batch_size: int) -> State:
+        """Zeros `(h [B, H], c [B, H])`."""
+        device = self.heads.policy.weight.device
+        zeros = torch.zeros(batch_size, self.core_size, device=device)
+        return zeros, zeros.clone()
+
+    def unroll(
+        self,
+        obs: torch.Tensor,
+        prev_action: torch.Tensor,
+        prev_reward: torch.Tensor,
+        first: torch.Tensor,
+        state: State,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """-> logits `[T, B, A]`, values `[T, B]`, the state after the last step."""
+        T, B = obs.shape[:2]
+        features = self.torso(obs.flatten(0, 1)).view(T, B, -1)
+        inputs = torch.cat(
+            [
+                features,
+                F.one_hot(prev_action.long(), self.num_actions).to(features.dtype),
+                prev_reward.to(features.dtype).clamp(-1.0, 1.0).unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        keep = (~first.bool()).to(features.dtype).unsqueeze(-1)  # [T, B, 1]: 0 resets
+        h, c = state
+        outputs = []
+        for t in range(T):
+            h, c = self.core(inputs[t], (h * keep[t], c * keep[t]))
+            outputs.append(h)
+        logits, values = self.heads(torch.stack(outputs).flatten(0, 1))
+        return logits.view(T, B, -1), values.view(T, B), (h, c)
