@@ -1,0 +1,201 @@
+"""Atari and MinAtar on real ROMs and games: the paper's preprocessing, checked against frames
+computed here from the raw emulator, and what the explorer learns from versus reports."""
+
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import pytest
+from conftest import env_with_tests_on_path
+
+from impala.agent import ParameterStore, rollout_spec
+from impala.agent.explorer import Explorer
+from impala.envs import atari, make_env, make_vector_env, probe_env
+from impala.envs.atari import AtariProtocol
+from impala.errors import ConfigError
+from impala.nets import build_net
+
+PLAIN = AtariProtocol(noop_max=0)
+
+
+def _explorer(env_id, num_envs, T, *, protocol=PLAIN, **kwargs):
+    env = probe_env(env_id, atari_protocol=protocol)
+    model = build_net("auto", env, num_hidden=16)
+    model.requires_grad_(False)
+    store = ParameterStore(*ParameterStore.allocate(model))
+    vec = make_vector_env(env_id, num_envs, atari_protocol=protocol)
+    explorer = Explorer(0, vec, model, store, unroll_length=T, gamma=0.99, seed=1, **kwargs)
+    spec = rollout_spec(env, T, num_envs)
+    out = {k: np.zeros(shape, dtype=_np(dtype)) for k, (shape, dtype) in spec.items()}
+    return explorer, out
+
+
+def _np(torch_dtype):
+    import torch
+
+    return torch.empty(0, dtype=torch_dtype).numpy().dtype
+
+
+def test_pong_observations_are_four_stacked_84x84_grey_uint8_frames():
+    for env_id in ("PongNoFrameskip-v4", "ALE/Pong-v5"):
+        info = probe_env(env_id)
+        assert (info.obs_shape, info.obs_dtype, info.num_actions) == ((4, 84, 84), np.uint8, 6)
+        assert info.family == "atari"
+    vec = make_vector_env("ALE/Pong-v5", 3)
+    obs, _ = vec.reset(seed=0)
+    assert obs.shape == (3, 4, 84, 84) and obs.dtype == np.uint8
+    vec.close()
+    assert (
+        probe_env("ALE/Pong-v5", atari_protocol=AtariProtocol(full_action_space=True)).num_actions
+        == 18
+    )
+
+
+def test_frames_are_the_max_of_the_last_two_of_four_resized_to_84x84():
+    """Against frames made here from the raw emulator: repeat each action 4 times, take the
+    pixel-wise max of the last two grey frames, resize with area interpolation."""
+    raw = gym.make("PongNoFrameskip-v4", obs_type="grayscale", repeat_action_probability=0.0)
+    raw.reset(seed=3)
+    vec = make_vector_env("PongNoFrameskip-v4", 1, atari_protocol=PLAIN)
+    stacked, _ = vec.reset(seed=3)
+    rng = np.random.default_rng(0)
+    max_differs_from_last = 0
+    made = []
+    for _ in range(40):
+        action = int(rng.integers(0, 6))
+        frames = [raw.step(action)[0] for _ in range(4)]
+        stacked = vec.step(np.array([action]))[0]
+        want = cv2.resize(
+            np.maximum(frames[-2], frames[-1]), (84, 84), interpolation=cv2.INTER_AREA
+        )
+        last_only = cv2.resize(frames[-1], (84, 84), interpolation=cv2.INTER_AREA)
+        made.append(want)
+        if len(made) >= 4:  # the stack: the last 4 frames, oldest first
+            np.testing.assert_array_equal(stacked[0], np.stack(made[-4:]))
+        max_differs_from_last += not np.array_equal(want, last_only)
+    assert max_differs_from_last > 0  # the check would see a missing max
+    vec.close()
+
+
+def test_noop_starts_vary_up_to_30_and_can_be_turned_off():
+    vec = make_vector_env("PongNoFrameskip-v4", 16)
+    _, infos = vec.reset(seed=0)
+    frames = infos["episode_frame_number"]
+    assert frames.min() >= 0 and frames.max() <= 30 and len(set(frames.tolist())) > 3
+    vec.close()
+    vec = make_vector_env("PongNoFrameskip-v4", 4, atari_protocol=PLAIN)
+    _, infos = vec.reset(seed=0)
+    assert infos["episode_frame_number"].tolist() == [0, 0, 0, 0]
+    vec.close()
+
+
+def test_rewards_are_clipped_for_learning_and_reported_unclipped():
+    """Space Invaders pays 5 to 30 points per invader: the unroll holds +1, the running score
+    the points."""
+    explorer, out = _explorer("ALE/SpaceInvaders-v5", 4, 20, reward_clip=1.0)
+    learned = 0.0
+    for _ in range(20):
+        explorer.fill(out)
+        learned += out["reward"].sum()
+        if learned >= 3:
+            break
+    assert set(np.unique(out["reward"])) <= {0.0, 1.0} and learned >= 3
+    assert explorer.episode_return.sum() >= 5 * learned  # unclipped points of the same steps
+
+
+def test_a_lost_life_ends_the_episode_for_learning_only():
+    """Breakout at random: every lost life is a zero discount (and a first step for the LSTM)
+    while the game goes on; the reported episode is the whole game, over all 5 lives."""
+    explorer, out = _explorer("ALE/Breakout-v5", 2, 50, episodic_life=True)
+    learning_ends = game_ends = 0
+    returns = []
+    for _ in range(40):
+        info = explorer.fill(out)
+        learning_ends += int((out["discount"] == 0).sum())
+        game_ends += len(info.episode_returns)
+        returns += info.episode_returns
+        if game_ends >= 1:
+            break
+    assert game_ends >= 1
+    assert learning_ends >= 4 * game_ends + 1  # 5 lives per game, the last one is game over
+    # Without episodic life only game overs end episodes.
+    explorer, out = _explorer("ALE/Breakout-v5", 2, 50)
+    ends = 0
+    for _ in range(4):
+        info = explorer.fill(out)
+        assert int((out["discount"] == 0).sum()) == len(info.episode_returns)
+        ends += len(info.episode_returns)
+
+
+def test_minatar_planes_come_channel_first_as_uint8():
+    info = probe_env("MinAtar/Breakout-v1")
+    assert (info.obs_shape, info.obs_dtype, info.family) == ((4, 10, 10), np.uint8, "minatar")
+    env = make_env("MinAtar/Breakout-v1")
+    obs, _ = env.reset(seed=0)
+    raw = env.unwrapped.game.state()
+    np.testing.assert_array_equal(obs, np.moveaxis(raw, -1, 0))
+    assert obs.sum() > 0
+
+
+def test_an_atari_id_whose_rom_is_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALE_ROMS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"ROM of 'ALE/Pong-v5' \(pong.bin\) is missing"):
+        probe_env("ALE/Pong-v5")
+
+
+@pytest.mark.parametrize(
+    "package, env_id, install",
+    [
+        ("ale_py", "PongNoFrameskip-v4", "pip install 'impala-rl[atari]'"),
+        ("minatar", "MinAtar/Breakout-v1", "pip install 'impala-rl[minatar]'"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_the_install_command(tmp_path, package, env_id, install):
+    """The command run where the package cannot be imported (a stand-in that raises
+    ImportError shadows it)."""
+    (tmp_path / f"{package}.py").write_text(f"raise ImportError('No module named {package}')\n")
+    env = env_with_tests_on_path()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "impala.cli",
+            "train",
+            "--env",
+            env_id,
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and install in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_cartpole_without_velocities_hides_them():
+    info = probe_env("CartPoleNoVelocity-v1")
+    assert info.obs_shape == (2,) and info.max_episode_steps == 500
+    env = make_env("CartPoleNoVelocity-v1")
+    obs, _ = env.reset(seed=0)
+    full = env.unwrapped.state
+    np.testing.assert_allclose(obs, np.asarray(full, dtype=np.float32)[[0, 2]])
+
+
+def test_atari_register_silences_the_banner():
+    code = textwrap.dedent(
+        """
+        from impala.envs import make_vector_env
+        make_vector_env("PongNoFrameskip-v4", 1).close()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == proc.stderr == "", proc.stderr
+    assert atari.register()
