@@ -54,6 +54,10 @@ BAD_INPUT = [
     (["bench", "--env", "CartPole-v1", "--warmup", "-1"], "--warmup must be positive, got -1.0"),
     (["bench", "--env", "CartPole-v1", "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
     (["bench", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
+    # eval
+    (["eval", "/nonexistent/run"], "'/nonexistent/run' is not a run folder"),
+    (["eval", "HELD"], "cannot read 'HELD/config.json'"),
+    (["eval", "/tmp", "--episodes", "zero"], "invalid int value: 'zero'"),
     # the seed's job form
     (["-l", "localhost:abc", "-e", "localhost:1234"], "'localhost:abc' is not host:port"),
     (["-l", "localhost:1233", "-e", "localhost", "-j", "explorer"], "'localhost' is not host:port"),

@@ -55,8 +55,8 @@ def test_a_few_hundred_updates_on_pong_with_finite_losses(tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["local"])
-def test_lstm_agent_trains_on_the_memory_task(tmp_path, runtime):
-    _, records = _train(
+def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime):
+    run_dir, records = _train(
         tmp_path,
         "--env", "CartPoleNoVelocity-v1",
         "--core", "lstm",
@@ -65,6 +65,17 @@ def test_lstm_agent_trains_on_the_memory_task(tmp_path, runtime):
         "--log-interval", "1",
     )  # fmt: skip
     assert records[-1]["updates"] >= 20 and math.isfinite(records[-1]["loss"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "impala.cli", "eval", str(run_dir), "--episodes", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("5 episodes of CartPoleNoVelocity-v1 (actions sampled from pi)"), line
+    mean = float(line.split("return mean ")[1].split()[0])
+    assert 8 <= mean <= 500, line
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -2,6 +2,7 @@
 
     impala train [options]     train (default: the seed's short corridor, single machine)
     impala bench [options]     random-policy ceiling vs training throughput
+    impala eval RUN_DIR        play whole episodes with a trained policy
 
 Every seed prototype flag keeps its short and long name. Bad input ends with one line naming
 the problem and exit code 2.
@@ -179,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of the random-policy phase (default: --seconds)",
     )
+    evaluate = sub.add_parser(
+        "eval",
+        help="play whole episodes with a trained run's policy and print their returns",
+        description="Play whole episodes with the policy saved in a run folder (its config.json "
+        "and model.pt) and print the mean, spread, min and max of their unclipped returns.",
+    )
+    evaluate.add_argument("run_dir", help="the run folder")
+    evaluate.add_argument("--episodes", type=int, default=10, help="episodes (default: 10)")
+    evaluate.add_argument(
+        "--greedy", action="store_true", help="the most probable action, not a sampled one"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
     return parser
 
 
@@ -204,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
             print(
                 f"impala: error: no command before '{argv[0]}': did you mean "
-                f"'impala train {' '.join(argv)}'? (commands: train, bench; the seed's job form "
-                "needs -l and -e)",
+                f"'impala train {' '.join(argv)}'? (commands: train, bench, eval; the seed's job "
+                "form needs -l and -e)",
                 file=sys.stderr,
             )
             return 2
@@ -219,6 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> int:
+    if command == "eval":
+        from pathlib import Path
+
+        from impala.evaluate import evaluate
+
+        evaluate(
+            Path(args["run_dir"]),
+            episodes=args["episodes"],
+            greedy=args["greedy"],
+            seed=args["seed"],
+        )
+        return 0
     print_config = args.pop("print_config", False)
     options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds") if k in args}
     for name, value in options.items():

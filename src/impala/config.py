@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from impala.envs import CORRIDOR_ID
 from impala.envs.atari import AtariProtocol, looks_like_atari
+from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID
 from impala.envs.minatar import looks_like_minatar
 from impala.errors import ConfigError
 
@@ -447,6 +448,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         total_steps=10_000_000,
     ),
 }
+
+
+# The memory task (CartPole observing positions only) learns with CartPole's settings.
+PRESETS[CARTPOLE_NO_VELOCITY_ID] = dict(PRESETS["CartPole-v1"])
 
 
 def preset_for(env_id: str) -> dict[str, Any]:

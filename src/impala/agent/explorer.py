@@ -78,6 +78,7 @@ class Explorer:
         step_printer: Callable[[str], None] | None = None,
         reward_clip: float | None = None,
         episodic_life: bool = False,
+        greedy: bool = False,
     ) -> None:
         self.index = index
         self.vec_env = vec_env
@@ -89,6 +90,7 @@ class Explorer:
         self.sync = sync
         self.reward_clip = reward_clip
         self.episodic_life = episodic_life
+        self.greedy = greedy  # evaluation: the most probable action instead of a sample
         self.num_envs = vec_env.num_envs
         self.rng = np.random.default_rng(seed)
         self.version = -1
@@ -102,7 +104,7 @@ class Explorer:
         self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
         self._open_episodes: list[list[_Step]] = [[] for _ in range(self.num_envs)]
         self._finished_steps: deque[tuple[_Step, float]] = deque()
-        self._finished_episodes: deque[tuple[float, int]] = deque()
+        self._finished_episodes: deque[tuple[float, int, int]] = deque()  # return, length, env
         self._lives = infos.get("lives")
         self.recurrent = bool(getattr(model, "is_recurrent", False))
         if self.recurrent:
@@ -141,6 +143,8 @@ class Explorer:
             logits = logits.numpy()
         else:
             logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
+        if self.greedy:
+            return logits.argmax(axis=1), logits
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         cdf = probs.cumsum(axis=1)
         u = self.rng.random((len(logits), 1)) * cdf[:, -1:]
@@ -193,7 +197,7 @@ class Explorer:
         self.episode_return += rewards
         self.episode_length += 1
         finished = [
-            (float(self.episode_return[i]), int(self.episode_length[i]))
+            (float(self.episode_return[i]), int(self.episode_length[i]), int(i))
             for i in np.flatnonzero(done)
         ]
         self.episode_return[done] = 0.0
@@ -201,6 +205,14 @@ class Explorer:
         self._finished_episodes.extend(finished)
         self.obs = next_obs
         return obs, actions, logits, learn_rewards, learn_terminated, learn_done, truncation_value
+
+    def play(self) -> list[tuple[float, int, int]]:
+        """One step of every environment (no unroll is recorded): the episodes it finished, as
+        (unclipped return, length, environment index)."""
+        self._step()
+        finished = list(self._finished_episodes)
+        self._finished_episodes.clear()
+        return finished
 
     def _print_steps(self, actions, next_obs, done, infos) -> None:
         states = infos.get("state", next_obs)
@@ -231,7 +243,7 @@ class Explorer:
             steps = self._fill_unroll(out)
         returns, lengths = [], []
         while self._finished_episodes:
-            ret, length = self._finished_episodes.popleft()
+            ret, length, _ = self._finished_episodes.popleft()
             returns.append(ret)
             lengths.append(length)
         return UnrollInfo(self.index, steps, returns, lengths, self.version)
