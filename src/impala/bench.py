@@ -3,8 +3,8 @@
 The ceiling is what the same number of explorer processes, each stepping the same vector of
 environments, reach with uniformly random actions and nothing else (no network, no learner, no
 copying). Training throughput is env steps consumed per second by a real training run, measured
-after a warm-up. Memory is the resident size of the learner and its explorer processes, sampled
-every second during the measured part of training.
+after a warm-up. Memory is the proportional set size (shared pages counted once) of the learner
+and its explorer processes, sampled every second during the measured part of training.
 """
 
 from __future__ import annotations
@@ -90,18 +90,29 @@ def random_ceiling(cfg: Config, seconds: float) -> float:
 
 
 def tree_rss_mib(root: psutil.Process) -> float:
-    """Resident memory of `root` and all its descendants, in MiB."""
+    """Memory of `root` and all its descendants, in MiB: their proportional set size (PSS),
+    which counts a shared page (the shared-memory slots, the parameter store, shared libraries)
+    once in all, not once per process that touched it as the sum of RSS does."""
     total = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            total += proc.memory_full_info().pss
         except psutil.Error:
             pass
     return total / 2**20
 
 
+def memory_growth(samples: list[float]) -> float:
+    """Growth of memory over a run: the median of the last third of the samples against the
+    median of the first third. A learner's memory swings by its transient batch tensors (the
+    float copy of a batch of frames, activations), so two single samples would mostly measure
+    where in an update each was taken."""
+    third = max(1, len(samples) // 3)
+    return float(np.median(samples[-third:]) / np.median(samples[:third]) - 1)
+
+
 class _MemorySampler(threading.Thread):
-    """Samples the resident memory of this process and its children every second."""
+    """Samples the memory of this process and its children every second."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True, name="impala-memory-sampler")
@@ -185,7 +196,7 @@ def bench(
         "memory_mib_after_warmup": round(mem[0], 1) if mem else None,
         "memory_mib_end": round(mem[-1], 1) if mem else None,
         "memory_mib_max": round(max(mem), 1) if mem else None,
-        "memory_growth": round(mem[-1] / mem[0] - 1, 4) if mem else None,
+        "memory_growth": round(memory_growth(mem), 4) if mem else None,
         "signal": result.signal,
     }
     print(
@@ -197,8 +208,9 @@ def bench(
     print(f"ratio                  {throughput / ceiling:>12.1%}", file=out)
     if mem:
         print(
-            f"memory (RSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
-            f"at the end, {max(mem):,.0f} MiB max ({figures['memory_growth']:+.1%})",
+            f"memory (PSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
+            f"at the end, {max(mem):,.0f} MiB max; last third against first third "
+            f"{figures['memory_growth']:+.1%}",
             file=out,
         )
     (Path(result.run_dir) / "bench.json").write_text(json.dumps(figures, indent=2) + "\n")

@@ -430,28 +430,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         envs_per_explorer=16,
         total_steps=50_000_000,
     ),
+    # MinAtar: tuned on Breakout (3M-step runs, seed 0): small batches (one explorer's 8
+    # sequences per update, 4x the updates of 32) with Adam at 2e-3 and a strong entropy bonus
+    # (0.03: 19 at 3M steps, against 14 with 0.01 and 8.5 with 0.003).
     MINATAR: dict(
         net="minatar",
         gamma=0.99,
         optimizer="adam",
-        learning_rate=1e-3,
+        learning_rate=2e-3,
         optimizer_eps=1e-5,
         lr_schedule="linear",
         grad_clip=0.5,
-        entropy_cost=0.01,
+        entropy_cost=0.03,
         baseline_cost=0.5,
         loss_reduction="mean",
         unroll_length=20,
-        batch_size=32,
+        batch_size=8,
         num_explorers=2,
-        envs_per_explorer=32,
+        envs_per_explorer=8,
         total_steps=10_000_000,
     ),
 }
 
 
-# The memory task (CartPole observing positions only) learns with CartPole's settings.
-PRESETS[CARTPOLE_NO_VELOCITY_ID] = dict(PRESETS["CartPole-v1"])
+# The memory task (CartPole observing positions only): CartPole's settings with small batches
+# (8 sequences, 4x the updates), which the LSTM core needs (1M steps: 369 against 35 with 32).
+PRESETS[CARTPOLE_NO_VELOCITY_ID] = PRESETS["CartPole-v1"] | dict(
+    envs_per_explorer=8, batch_size=8, total_steps=1_000_000
+)
 
 
 def preset_for(env_id: str) -> dict[str, Any]:
