@@ -58,6 +58,9 @@ class Job:
             stdout=out,
             stderr=err,
             text=True,
+            # SIGINT as a user's shell leaves it (not ignored, as for a pytest run in the
+            # background): the signal tests send it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         return self.procs[name]
 
