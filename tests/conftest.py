@@ -67,6 +67,15 @@ def run_cli(*args, timeout=120, env=None, input=None) -> subprocess.CompletedPro
     )
 
 
+def train_cli(tmp_path: Path, *args, timeout=240) -> tuple[str, str, Path, list[dict]]:
+    """`impala train ARGS` into a fresh run folder; asserts it succeeded. Returns its stdout,
+    stderr, the run folder and the metrics records."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "--run-dir", str(run_dir), *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, proc.stderr, run_dir, metrics(run_dir)
+
+
 def env_with_tests_on_path() -> dict:
     """The environment for a subprocess that imports the tests' helper modules."""
     env = dict(os.environ)

@@ -12,6 +12,7 @@ import pytest
 from conftest import env_with_tests_on_path
 
 from impala.agent import ParameterStore, rollout_spec
+from impala.agent.buffer import allocate, numpy_views
 from impala.agent.explorer import Explorer
 from impala.envs import atari, make_env, make_vector_env, probe_env
 from impala.envs.atari import AtariProtocol
@@ -29,14 +30,8 @@ def _explorer(env_id, num_envs, T, *, protocol=PLAIN, **kwargs):
     vec = make_vector_env(env_id, num_envs, atari_protocol=protocol)
     explorer = Explorer(0, vec, model, store, unroll_length=T, gamma=0.99, seed=1, **kwargs)
     spec = rollout_spec(env, T, num_envs)
-    out = {k: np.zeros(shape, dtype=_np(dtype)) for k, (shape, dtype) in spec.items()}
+    out = numpy_views(allocate(spec, 1), 0)
     return explorer, out
-
-
-def _np(torch_dtype):
-    import torch
-
-    return torch.empty(0, dtype=torch_dtype).numpy().dtype
 
 
 def test_pong_observations_are_four_stacked_84x84_grey_uint8_frames():

@@ -1,24 +1,14 @@
 """The main jobs learn, run the way a user runs them (the `impala` command, real processes)."""
 
 import importlib.util
-import json
-import subprocess
-import sys
 
 import pytest
+from conftest import train_cli
 
 
 def _train(tmp_path, *args, timeout=240):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "impala.cli", "train", "--run-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return proc.stdout, records
+    out, _, _, records = train_cli(tmp_path, *args, timeout=timeout)
+    return out, records
 
 
 @pytest.mark.parametrize(

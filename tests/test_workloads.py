@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import train_cli
 
 from impala.agent import Learner, ParameterStore
 from impala.agent.factory import build_model
@@ -15,17 +16,9 @@ from impala.config import resolve
 from impala.envs import probe_env
 
 
-def _train(tmp_path, *args, timeout=240):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "impala.cli", "train", "--run-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stderr == "", proc.stderr  # no warnings, no emulator banner
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _train(tmp_path, *args):
+    _, err, run_dir, records = train_cli(tmp_path, *args)
+    assert err == "", err  # no warnings, no emulator banner
     return run_dir, records
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -128,5 +127,4 @@ def evaluate(
         file=out,
         flush=True,
     )
-    assert math.isfinite(figures["return_mean"])
     return figures

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
 from impala.errors import ConfigError
 
@@ -144,9 +143,3 @@ def make_atari_vector_env(
 def protocol_record(protocol: AtariProtocol) -> dict[str, Any]:
     """The protocol as written into a run's config."""
     return dataclasses.asdict(protocol) | {"grayscale": True, "max_pool_last_two_frames": True}
-
-
-def lives(infos: dict[str, Any], num_envs: int) -> np.ndarray | None:
-    """The lives left per environment, if the environment reports them."""
-    value = infos.get("lives")
-    return None if value is None else np.asarray(value).reshape(num_envs)
