@@ -17,6 +17,9 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import metrics, wait_until
+
+from impala import checkpoint
 
 pytest.importorskip("ray")
 
@@ -360,3 +363,42 @@ def test_two_learners_stay_identical_and_stop_together(job_factory, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     updates = re.search(r"([\d,]+) updates", job.out("learner0").splitlines()[-1])
     assert updates and int(updates.group(1).replace(",", "")) > 10
+
+
+def test_a_stopped_job_resumes_from_learner_0s_checkpoint(job_factory, tmp_path):
+    """The seed's job form, two synchronous learners: stopped, then the same command lines again
+    with --resume auto. Learner 0 loads its checkpoint and hands it to learner 1, explorers make
+    what is left of the budget, and the learners stay identical."""
+    job = job_factory(2, 2)
+    args = ("--env", "CartPole-v1", "-s", "60000", "--envs-per-explorer", "8", "--batch-size", "16")
+    args = (*args, "--checkpoint-interval", "0.002", "--log-interval", "0.2", "--resume", "auto")
+
+    def start_all():
+        for t in range(2):
+            job.start("learner", t, *args)
+        for t in range(2):
+            job.start("explorer", t, *args)
+
+    start_all()
+    run0 = tmp_path / "run-learner0"
+    wait_until(lambda: len(checkpoint.listed(run0)) >= 2, 120, "learner 0's checkpoints")
+    assert not checkpoint.listed(tmp_path / "run-learner1")  # learner 0 writes them
+    job.procs["learner1"].send_signal(signal.SIGTERM)
+    for name in ("learner0", "learner1", "explorer0", "explorer1"):
+        job.wait(name, 30)
+    _, saved = checkpoint.latest(run0)
+    before = saved["counters"]["job_steps"]
+    assert 0 < before < 120_000
+    start_all()
+    for name in ("learner0", "learner1", "explorer0", "explorer1"):
+        assert job.wait(name, 120) == 0, job.err(name)
+    assert f"{before:,} steps" in job.out("learner0").splitlines()[0]  # "resuming ... from"
+    _, final = checkpoint.latest(run0)
+    # The whole job made its budget once: what was left after the checkpoint, not all again.
+    assert 120_000 <= final["counters"]["job_steps"] < 120_000 + 4 * 160
+    assert final["counters"]["learner_updates"] > saved["counters"]["learner_updates"]
+    a = torch.load(run0 / "model.pt")
+    b = torch.load(tmp_path / "run-learner1" / "model.pt")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    marks = [(r["steps"], r["updates"]) for r in metrics(run0)]
+    assert marks == sorted(set(marks))

@@ -3,6 +3,7 @@
     impala train [options]     train (default: the seed's short corridor, single machine)
     impala bench [options]     random-policy ceiling vs training throughput
     impala eval RUN_DIR        play whole episodes with a trained policy
+    impala plot RUN_DIR ...    draw runs' return curves into an image (-o FILE.png)
 
 Every seed prototype flag keeps its short and long name. Bad input ends with one line naming
 the problem and exit code 2.
@@ -110,6 +111,19 @@ def _add_print_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read settings from FILE: TOML (.toml), YAML (.yaml, .yml) or JSON (.json), keys "
+        "named as the options (learning_rate or learning-rate). They go over the environment's "
+        "preset and under the options given here. A run's config.json repeats that run (in a new "
+        "folder: its run_dir is not reused)",
+    )
+
+
 def build_job_parser() -> argparse.ArgumentParser:
     """The seed prototype's form: one task of a job of learners and explorers."""
     parser = _Parser(
@@ -145,6 +159,8 @@ def build_job_parser() -> argparse.ArgumentParser:
         help="seconds to wait for peers that are not up yet (default: 120)",
     )
     _add_config_options(parser)
+    _add_config_file(parser)
+    _add_resume_options(parser)
     return parser
 
 
@@ -167,11 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(train)
     _add_print_config(train)
+    _add_config_file(train)
+    _add_resume_options(train)
     bench = sub.add_parser(
         "bench", help="measure the random-policy ceiling and training throughput"
     )
     _add_config_options(bench)
     _add_print_config(bench)
+    _add_config_file(bench)
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds of each phase")
     bench.add_argument("--warmup", type=float, default=5.0, help="training seconds not measured")
     bench.add_argument(
@@ -183,15 +202,48 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         help="play whole episodes with a trained run's policy and print their returns",
-        description="Play whole episodes with the policy saved in a run folder (its config.json "
-        "and model.pt) and print the mean, spread, min and max of their unclipped returns.",
+        description="Play whole episodes with a trained policy and print the mean, spread, min "
+        "and max of their unclipped returns, and which weights played. The policy comes from a "
+        "checkpoint file, or from a run folder: its newest checkpoint that loads, else its "
+        "model.pt and config.json. Weights load on the CPU, wherever they were trained.",
     )
-    evaluate.add_argument("run_dir", help="the run folder")
+    evaluate.add_argument(
+        "run_dir",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run folder or a checkpoint file (RUN_DIR/checkpoints/ckpt-<steps>.pt)",
+    )
     evaluate.add_argument("--episodes", type=int, default=10, help="episodes (default: 10)")
     evaluate.add_argument(
         "--greedy", action="store_true", help="the most probable action, not a sampled one"
     )
     evaluate.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
+    evaluate.add_argument(
+        "--video",
+        metavar="FILE",
+        default=None,
+        help="record the first episode played (environment 0) to FILE, a .mp4, .mkv, .mov, "
+        ".avi or .webm video, from the environment's own pictures at its frame rate: one frame "
+        "at the start and one per step; the statistics still cover --episodes episodes",
+    )
+    plot = sub.add_parser(
+        "plot",
+        help="draw the return curves of runs against env steps and wall time",
+        description="Draw the mean return of the last 100 episodes of runs (their config.json "
+        "and metrics.jsonl) against env steps and against wall time. Runs whose settings are "
+        "the same but for the seed and logging settings are drawn as one curve, the mean over "
+        "the seeds, with the min-max spread shaded.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    plot.add_argument(
+        "-o", "--output", required=True, help="image file to write; its suffix names the format"
+    )
+    plot.add_argument(
+        "--x",
+        choices=("steps", "time", "both"),
+        default="both",
+        help="x axis: env steps, wall time, or both side by side (default: both)",
+    )
+    plot.add_argument("--title", default=None, help="title above the figure")
     return parser
 
 
@@ -217,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
             print(
                 f"impala: error: no command before '{argv[0]}': did you mean "
-                f"'impala train {' '.join(argv)}'? (commands: train, bench, eval; the seed's job "
-                "form needs -l and -e)",
+                f"'impala train {' '.join(argv)}'? (commands: train, bench, eval, plot; the seed's "
+                "job form needs -l and -e)",
                 file=sys.stderr,
             )
             return 2
@@ -232,6 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> int:
+    if command == "plot":
+        from pathlib import Path
+
+        from impala.plot import plot
+
+        plot(
+            [Path(p) for p in args["run_dirs"]],
+            Path(args["output"]),
+            x=args["x"],
+            title=args["title"],
+        )
+        return 0
     if command == "eval":
         from pathlib import Path
 
@@ -242,19 +306,22 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
             episodes=args["episodes"],
             greedy=args["greedy"],
             seed=args["seed"],
+            video=Path(args["video"]) if args["video"] is not None else None,
         )
         return 0
     print_config = args.pop("print_config", False)
+    resume, override = args.pop("resume", None), args.pop("override", False)
     options = {k: args.pop(k) for k in ("seconds", "warmup", "ceiling_seconds") if k in args}
     for name, value in options.items():
         if value is not None and (value < 0 or (value == 0 and name != "warmup")):
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be positive, got {value!r}")
+    args, given = _with_config_file(args)
     cfg = config_mod.resolve(args)
     if print_config:
         print(cfg.to_json())
         return 0
-    _warn(f"impala {command}", cfg, set(args))
+    _warn(f"impala {command}", cfg, given)
     if command == "bench":
         from impala.bench import bench
 
@@ -262,8 +329,35 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
         return exit_code_for_signal(figures["signal"]) if figures.get("signal") else 0
     from impala.train import train
 
-    result = train(cfg, signals=signals)
+    result = train(cfg, signals=signals, resume=resume, given=set(args), override=override)
     return exit_code_for_signal(result.signal) if result.signal else 0
+
+
+def _add_resume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        metavar="auto|RUN_DIR|CHECKPOINT",
+        default=None,
+        help="go on with a run from its newest good checkpoint (or the checkpoint file given): "
+        "counters, learning-rate schedule and logs continue. 'auto': resume the run in "
+        "--run-dir if it has a checkpoint, else start it there (rerun the same command after a "
+        "preemption)",
+    )
+    parser.add_argument(
+        "--override",
+        action="store_true",
+        help="with --resume: apply settings given here that differ from the checkpoint's "
+        "(refused otherwise)",
+    )
+
+
+def _with_config_file(args: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The settings given (the options over their --config file's) and the names of those the
+    user chose, for the warnings (see config.with_config_file)."""
+    path = args.pop("config_file", None)
+    if path is None:
+        return args, set(args)
+    return config_mod.with_config_file(args, path)
 
 
 def _warn(prog: str, cfg: config_mod.Config, given: set[str]) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import typing
 from typing import Any, Literal
 
 from impala.envs import CORRIDOR_ID
@@ -154,6 +157,17 @@ class Config:
     """Seconds between progress lines and metrics records."""
     run_dir: str | None = None
     """Folder for config.json and metrics.jsonl; default runs/<env>-<time>."""
+    checkpoint_interval: float | None = 10.0
+    """Minutes between checkpoints (RUN_DIR/checkpoints/); one is always written when the run
+    ends, however it ends (Ctrl-C and SIGTERM included); none for only that one."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints are kept."""
+    tensorboard: bool = True
+    """Write every metric as TensorBoard scalars in RUN_DIR/tensorboard/."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """'bar': a live progress bar (steps, rate, ETA, recent return); 'lines': a progress line per
+    --log-interval; 'auto': the bar on a terminal, lines elsewhere (logs, CI). The corridor
+    prints the seed's learner line in every case."""
     print_steps: bool = False
     """Explorers print a line per env step (step, state, action, next state, terminal), as the
     seed prototype did."""
@@ -224,8 +238,9 @@ POSITIVE_INTS = (
     "upload_frequency",
     "learner_threads",
     "core_size",
+    "keep_checkpoints",
 )
-POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds")
+POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds", "checkpoint_interval")
 CHOICES = {
     "algo": ("vtrace", "reinforce"),
     "runtime": ("local", "serial", "ray"),
@@ -238,6 +253,7 @@ CHOICES = {
     "core": ("ff", "lstm"),
     "device": ("cpu", "cuda", "auto"),
     "precision": ("auto", "fp32", "bf16"),
+    "progress": ("auto", "bar", "lines"),
 }
 
 
@@ -492,3 +508,172 @@ def resolve(explicit: dict[str, Any]) -> Config:
         return Config(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+# --- settings from a file (`--config FILE`) ------------------------------------------------------
+
+RUN_RECORD_KEYS = frozenset({"atari_protocol"})
+"""What a run's config.json holds beyond its Config (`impala.agent.factory.run_record`): a config
+file may hold these keys; they are not settings and are ignored."""
+
+CONFIG_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings in the TOML, YAML or JSON file at `path` (by its suffix), type-checked:
+    Config field names (or their flag spelling, `learning-rate`) -> values. Integers are taken
+    where floats are expected; 'none' (and 'off', or 'inf' for floats) as none, as on the
+    command line. The run-record keys (RUN_RECORD_KEYS) are ignored, and so is "run_dir" when
+    the file is a run's record (named config.json, or holding a run-record key): a repeated run
+    needs a folder of its own.
+
+    Raises ConfigError, one line naming the file, for a file that cannot be read or parsed (with
+    the parser's line), an unknown key or a value of the wrong type.
+    """
+    name = os.fspath(path)
+    where = f"config file '{name}'"
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in CONFIG_FILE_SUFFIXES:
+        raise ConfigError(f"{where}: must end in {', '.join(CONFIG_FILE_SUFFIXES)}")
+    try:
+        with open(name, "rb") as file:
+            text = file.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start + 1})") from None
+    raw = _parse_config_text(text, suffix, where)
+    if raw is None:  # an empty YAML file
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must hold a table of settings, not a {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if str(key) in RUN_RECORD_KEYS:
+            continue
+        field = str(key).replace("-", "_")
+        if field not in hints:
+            unknown.append(str(key))
+        elif field in values:
+            raise ConfigError(f"{where}: {field} is given twice")
+        else:
+            values[field] = _file_value(str(key), value, hints[field], where)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(unknown)} (the keys are the names of the "
+            "settings, e.g. learning_rate or learning-rate)"
+        )
+    if os.path.basename(name) == "config.json" or RUN_RECORD_KEYS & set(map(str, raw)):
+        values.pop("run_dir", None)  # a run's record: the repeat gets a folder of its own
+    return values
+
+
+def with_config_file(
+    explicit: dict[str, Any], path: str | os.PathLike[str]
+) -> tuple[dict[str, Any], set[str]]:
+    """The settings of a run given the config file at `path`: the file's under `explicit` (the
+    command line's; `resolve` puts both over the preset of the env they name), and the names of
+    those the user chose, for `inapplicable`: the explicit ones and the file's that differ from
+    what the run would have without the file (a run's config.json holds every setting)."""
+    from_file = load_config_file(path)
+    if "steps_per_explorer" in explicit and "total_steps" not in explicit:
+        from_file.pop("total_steps", None)  # the command line's -s is the budget (see resolve)
+    merged = {**from_file, **explicit}
+    baseline = {f.name: f.default for f in dataclasses.fields(Config)}
+    baseline |= preset_for(merged.get("env", Config.env))
+    chosen = {k for k, v in from_file.items() if k not in baseline or v != baseline[k]}
+    return merged, set(explicit) | chosen
+
+
+_NONE_WORDS = {"int": ("none", "off"), "float": ("none", "off", "inf")}
+
+
+def _file_value(key: str, value: Any, hint: Any, where: str) -> Any:
+    """`value` as a Config field of type `hint` takes it, or ConfigError naming `key`."""
+    options = typing.get_args(hint)
+    optional = type(None) in options  # `X | None`
+    if optional:
+        (hint,) = [option for option in options if option is not type(None)]
+        words = _NONE_WORDS.get(getattr(hint, "__name__", ""), ())
+        if value is None or (isinstance(value, str) and value.lower() in words):
+            return None
+        if hint is float and value == math.inf:
+            return None  # as 'inf' on the command line: no limit
+    if typing.get_origin(hint) is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+        wanted = "one of " + ", ".join(typing.get_args(hint))
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+        wanted = "true or false"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        wanted = "an integer"
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        wanted = "a finite number"
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        wanted = "a string"
+    else:  # a field type this loader does not know yet
+        raise ConfigError(f"{where}: {key} cannot be set from a file")
+    wanted += " or none" if optional else ""
+    raise ConfigError(f"{where}: {key} must be {wanted}, got {value!r}")
+
+
+def _parse_config_text(text: str, suffix: str, where: str) -> Any:
+    """The document in `text` (TOML, YAML or JSON by `suffix`), or ConfigError with the parser's
+    message and line."""
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: invalid JSON: {_one_line(exc)}") from None
+    if suffix == ".toml":
+        import sys
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: invalid TOML: {_one_line(exc)}") from None
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or _one_line(exc)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{at}") from None
+
+
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader, reading 1e-3 as a number as YAML 1.2 does (PyYAML follows YAML 1.1,
+    which wants 1.0e-3 and reads 1e-3 as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,42 +1,93 @@
 """`impala eval`: whole episodes with a trained policy, and the statistics of their returns.
 
+The weights come from a checkpoint file (`RUN_DIR/checkpoints/ckpt-<steps>.pt`, its config inside
+it) or a run folder: its newest checkpoint that loads, else its `model.pt` with its `config.json`
+(runs from before checkpoints). Everything is loaded on the CPU, so a GPU run's weights evaluate
+on a machine without one.
+
 The agent plays as it was trained, through the same explorer code: the same environment
 protocol (for Atari whole games, unclipped scores, with the training's no-op starts and sticky
 actions), the recurrent state carried and reset as in training. Each of the environments stepped
 together plays a fixed share of the episodes, so short episodes are not over-represented.
+
+With `--video FILE`, the first episode of environment 0 is recorded from the environment's own
+`render()` (render_mode "rgb_array") and written by imageio's ffmpeg writer at the environment's
+`render_fps`: one frame after the reset and one after every step, so an episode of L steps gives
+L + 1 frames, the last one showing where it ended. The environments are then Gymnasium's single
+ones stepped in a `SyncVectorEnv` (for Atari, the same protocol through Gymnasium's wrappers
+rather than ale-py's vector environment, which does not render).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from impala import checkpoint
 from impala.agent.explorer import Explorer
 from impala.agent.factory import build_model, settle
 from impala.agent.params import ParameterStore
 from impala.config import Config, resolve
-from impala.envs import make_vector_env, probe_env
-from impala.errors import ConfigError
+from impala.envs import make_env, make_vector_env, probe_env
+from impala.errors import ConfigError, RunFailed
 
 MAX_PARALLEL_ENVS = 8
+# The containers imageio-ffmpeg writes here with a codec each (WebM takes VP8/VP9 only).
+VIDEO_CODECS = {
+    ".mp4": "libx264",
+    ".mkv": "libx264",
+    ".mov": "libx264",
+    ".avi": "libx264",
+    ".webm": "libvpx-vp9",
+}
+DEFAULT_FPS = 30
+MIN_VIDEO_SIDE = 160  # smaller pictures (MinAtar's 10x10) are enlarged by whole pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The config and weights to play, and where they came from."""
+
+    config: Config
+    state: dict[str, torch.Tensor]
+    path: Path
+    steps: int | None = None
+    """Env steps of a checkpoint; None for a run's model.pt."""
+
+    def describe(self) -> str:
+        if self.steps is None:
+            return f"{self.path} (saved at the end of the run)"
+        return f"{self.path} ({self.steps:,} env steps)"
+
+
+def _config(raw: Any, source: Path) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{source}' holds no config")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return resolve({k: v for k, v in raw.items() if k in fields})
 
 
 def load_run(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The config and weights of a run folder (ConfigError, one line, if they cannot be read)."""
+    """The config and weights of a run folder's config.json and model.pt (ConfigError, one line,
+    if they cannot be read)."""
     if not path.is_dir():
         raise ConfigError(f"'{path}' is not a run folder")
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read '{path / 'config.json'}': {exc}") from None
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = resolve({k: v for k, v in raw.items() if k in fields})
+    cfg = _config(raw, path / "config.json")
     try:
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -48,49 +99,265 @@ def load_run(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return cfg, state
 
 
+def _from_checkpoint(path: Path, state: dict[str, Any]) -> Weights:
+    steps = state["counters"].get("steps") if isinstance(state["counters"], dict) else None
+    return Weights(
+        _config(state["config"], path),
+        state["model"],
+        path,
+        int(steps) if steps is not None else None,
+    )
+
+
+def load_weights(target: Path) -> Weights:
+    """What `impala eval TARGET` plays: a checkpoint file; or a run folder's newest checkpoint
+    that loads (damaged ones are skipped with a warning), else its model.pt and config.json.
+    ConfigError, one line, if there is nothing to play."""
+    target = Path(target)
+    if target.is_file():
+        return _from_checkpoint(target, checkpoint.load(target))
+    if not target.is_dir():
+        raise ConfigError(f"'{target}' is not a run folder or a checkpoint file")
+    if target.name == checkpoint.FOLDER and checkpoint.listed(target.parent):
+        target = target.parent  # RUN_DIR/checkpoints itself
+    if checkpoint.listed(target):
+        found = checkpoint.latest(target)
+        if found is not None:
+            return _from_checkpoint(*found)
+        if not (target / "model.pt").exists():
+            raise ConfigError(
+                f"run folder '{target}' holds no checkpoint that loads and no model.pt"
+            )
+    cfg, state = load_run(target)
+    return Weights(cfg, state, target / "model.pt")
+
+
+def check_video_path(path: Path) -> None:
+    """ConfigError, one line, unless a video can be written at `path`."""
+    if path.suffix.lower() not in VIDEO_CODECS:
+        raise ConfigError(
+            f"--video: '{path}' is not a video file name: its suffix must be one of "
+            f"{', '.join(VIDEO_CODECS)}"
+        )
+    if path.is_dir():
+        raise ConfigError(f"--video: '{path}' is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--video: the folder '{folder}' does not exist")
+    tmp = VideoFile.temporary(path)
+    try:  # a real try: permissions alone do not tell (root, read-only mounts, /proc)
+        tmp.open("wb").close()
+        tmp.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--video: cannot write in the folder '{folder}': {exc.strerror}"
+        ) from None
+
+
+def video_frame(frame: Any) -> np.ndarray | None:
+    """`render()`'s picture as what the video encoder takes: RGB uint8 `[H, W, 3]`, H and W even
+    (enlarged by whole pixels if small). None if it is no picture."""
+    if frame is None:
+        return None
+    a = np.asarray(frame)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.size == 0:
+        return None
+    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3]
+    if a.dtype.kind in "fb":  # floats in [0, 1] (matplotlib's convention: MinAtar) or booleans
+        a = np.clip(a.astype(np.float64) * 255.0 + 0.5, 0, 255)
+    a = a.astype(np.uint8, copy=False)
+    k = -(-MIN_VIDEO_SIDE // max(a.shape[:2]))
+    if k > 1:
+        a = a.repeat(k, axis=0).repeat(k, axis=1)
+    h, w = a.shape[:2]
+    if h % 2 or w % 2:  # H.264 in 4:2:0 takes even sizes only
+        a = np.pad(a, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return a
+
+
+class VideoFile:
+    """One video written frame by frame by imageio's ffmpeg writer, to a temporary name in the
+    same folder that becomes `path` only when it is complete."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path = path
+        self.fps = fps
+        self.tmp = self.temporary(path)
+        self.frames = 0
+        self._writer = None
+
+    @staticmethod
+    def temporary(path: Path) -> Path:
+        return path.with_name(f".{path.stem}.part{path.suffix}")
+
+    def append(self, frame: np.ndarray) -> None:
+        try:
+            if self._writer is None:
+                import imageio.v2 as imageio
+
+                self._writer = imageio.get_writer(
+                    self.tmp,
+                    format="FFMPEG",
+                    fps=self.fps,
+                    codec=VIDEO_CODECS[self.path.suffix.lower()],
+                    macro_block_size=1,  # no resizing: frames are made even-sized instead
+                    ffmpeg_log_level="error",
+                )
+            self._writer.append_data(frame)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.discard()
+            raise RunFailed(f"--video: cannot write '{self.path}': {_one_line(exc)}") from None
+        self.frames += 1
+
+    def finish(self) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            os.replace(self.tmp, self.path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.discard()
+            raise RunFailed(f"--video: cannot write '{self.path}': {_one_line(exc)}") from None
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+
+class EpisodeRecorder(gym.Wrapper):
+    """Renders its environment's first episode into `video`: after the first reset and after
+    every step until the episode ends. Rendering inside `step` catches the last picture of the
+    episode before the vector environment's same-step autoreset starts the next one."""
+
+    def __init__(self, env: gym.Env, video: VideoFile, env_id: str) -> None:
+        super().__init__(env)
+        self.video = video
+        self.env_id = env_id
+        self.recording = False
+        self.done = False
+        self.steps = 0
+        self.episode_return = 0.0
+
+    def _capture(self) -> None:
+        try:
+            picture = self.env.render()
+        except gym.error.DependencyNotInstalled as exc:
+            raise ConfigError(
+                f"--video: {self.env_id} cannot render frames: {_one_line(exc)}"
+            ) from None
+        frame = video_frame(picture)
+        if frame is None:
+            raise ConfigError(f"--video: {self.env_id} cannot render frames")
+        self.video.append(frame)
+
+    def reset(self, **kwargs):
+        result = self.env.reset(**kwargs)
+        if not self.done and not self.recording:
+            self.recording = True
+            self._capture()
+        return result
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.recording:
+            self.steps += 1
+            self.episode_return += float(reward)
+            self._capture()
+            if terminated or truncated:
+                self.recording, self.done = False, True
+                self.video.finish()
+        return obs, reward, terminated, truncated, info
+
+
+def _recording_vector_env(
+    cfg: Config, num_envs: int, video_path: Path
+) -> tuple[VectorEnv, EpisodeRecorder]:
+    """`num_envs` single environments in a SyncVectorEnv, the first rendering into a video."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame's pictures need no display
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Gymnasium's warning about an unknown render mode
+            first = make_env(cfg.env, render_mode="rgb_array", **cfg.env_options)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):  # an environment that takes no render_mode
+        raise ConfigError(f"--video: {cfg.env} cannot render frames") from None
+    modes = first.metadata.get("render_modes") or ()
+    if first.render_mode != "rgb_array" or "rgb_array" not in modes:
+        first.close()
+        raise ConfigError(f"--video: {cfg.env} cannot render frames")
+    fps = first.metadata.get("render_fps") or DEFAULT_FPS
+    recorder = EpisodeRecorder(first, VideoFile(video_path, fps), cfg.env)
+    makers = [lambda: recorder] + [
+        lambda: make_env(cfg.env, **cfg.env_options) for _ in range(num_envs - 1)
+    ]
+    try:
+        vec_env = SyncVectorEnv(makers, autoreset_mode=AutoresetMode.SAME_STEP)
+    except BaseException:
+        first.close()
+        raise
+    return vec_env, recorder
+
+
 def evaluate(
     path: Path,
     *,
     episodes: int = 10,
     greedy: bool = False,
     seed: int = 0,
+    video: Path | None = None,
     out: IO[str] | None = None,
 ) -> dict[str, Any]:
-    """Plays `episodes` whole episodes with the run's policy; prints and returns the statistics
-    of their unclipped returns."""
+    """Plays `episodes` whole episodes with the policy of `path` (a run folder or a checkpoint
+    file); prints and returns the statistics of their unclipped returns. With `video`, records
+    the first episode of environment 0 there."""
     if episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {episodes}")
     out = out if out is not None else sys.stdout
-    cfg, state = load_run(path)
+    if video is not None:
+        video = Path(video)
+        check_video_path(video)
+    weights = load_weights(Path(path))
+    cfg = weights.config
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env, learner=False)
     model = build_model(cfg, env)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+        model.load_state_dict(weights.state)
+    except (RuntimeError, TypeError) as exc:  # TypeError: no state dict at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"model.pt in '{path}' does not fit its config.json: {str(exc).splitlines()[0]}"
+            f"the weights in '{weights.path}' do not fit its config: {first}"
         ) from None
     model.requires_grad_(False)
     num_envs = min(episodes, MAX_PARALLEL_ENVS)
     quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
     store = ParameterStore(*ParameterStore.allocate(model))
-    vec_env = make_vector_env(cfg.env, num_envs, **cfg.env_options)
-    explorer = Explorer(
-        0,
-        vec_env,
-        model,
-        store,
-        unroll_length=1,
-        gamma=cfg.gamma,
-        seed=seed,
-        reward_clip=cfg.reward_clip,
-        episodic_life=cfg.episodic_life,
-        greedy=greedy,
-    )
+    recorder = None
+    if video is None:
+        vec_env = make_vector_env(cfg.env, num_envs, **cfg.env_options)
+    else:
+        vec_env, recorder = _recording_vector_env(cfg, num_envs, video)
     returns: list[float] = []
     lengths: list[int] = []
     try:
+        explorer = Explorer(
+            0,
+            vec_env,
+            model,
+            store,
+            unroll_length=1,
+            gamma=cfg.gamma,
+            seed=seed,
+            reward_clip=cfg.reward_clip,
+            episodic_life=cfg.episodic_life,
+            greedy=greedy,
+        )
         with torch.inference_mode():
             while any(quota):
                 for ret, length, i in explorer.play():
@@ -100,6 +367,8 @@ def evaluate(
                         lengths.append(length)
     finally:
         vec_env.close()
+        if recorder is not None and not recorder.done:
+            recorder.video.discard()
     r = np.asarray(returns)
     figures = dict(
         env=cfg.env,
@@ -110,6 +379,8 @@ def evaluate(
         return_min=float(r.min()),
         return_max=float(r.max()),
         length_mean=float(np.mean(lengths)),
+        weights=str(weights.path),
+        weights_steps=weights.steps,
     )
     how = "greedy actions" if greedy else "actions sampled from pi"
     protocol = ""
@@ -123,8 +394,27 @@ def evaluate(
         f"{episodes} episodes of {cfg.env} ({how}{protocol}): return mean "
         f"{figures['return_mean']:.2f} +- {figures['return_std']:.2f} (std), min "
         f"{figures['return_min']:g}, max {figures['return_max']:g}; mean length "
-        f"{figures['length_mean']:.0f} steps",
+        f"{figures['length_mean']:.0f} steps; weights {weights.describe()}",
         file=out,
         flush=True,
     )
+    if recorder is not None:
+        v = recorder.video
+        figures.update(
+            video=str(v.path),
+            video_frames=v.frames,
+            video_fps=v.fps,
+            video_steps=recorder.steps,
+            video_return=recorder.episode_return,
+        )
+        print(
+            f"video: {v.path}, {v.frames} frames at {v.fps:g} fps (env 0's first episode: its "
+            f"start and {recorder.steps} steps, return {recorder.episode_return:g})",
+            file=out,
+            flush=True,
+        )
     return figures
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -14,6 +14,7 @@ closes the source and saves.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -76,6 +77,7 @@ def learn(
     consensus: Consensus | None = None,
     *,
     steps_total: int,
+    after_update: Callable[[], None] | None = None,
 ) -> None:
     """Updates `learner` from `source` until the run ends (see the module docstring)."""
     consensus = consensus or Alone()
@@ -91,6 +93,11 @@ def learn(
             source.check()
         stop = stop or (batch is None and source.exhausted())
         decision = consensus.decide(stop, batch is not None, tracker.steps)
+        if decision.stop and batch is not None and isinstance(consensus, Alone):
+            # The batch in hand is learned from before stopping: nothing collected is lost, and
+            # a run stopped and resumed makes the same updates as one that went on.
+            tracker.on_update(learner.update(batch, min(1.0, decision.steps / steps_total)))
+            batch = None
         if decision.stop:
             if not tracker.stop_reason:
                 exhausted = source.exhausted()
@@ -102,3 +109,5 @@ def learn(
         tracker.on_update(learner.update(batch, progress))
         batch = None
         tracker.maybe_log()
+        if after_update is not None:
+            after_update()  # periodic checkpoints: between updates, nothing half-done

@@ -53,21 +53,31 @@ class Tracker:
         out: IO[str] | None = None,
         *,
         signals: StopSignals | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.out = out if out is not None else sys.stdout
         self.start = time.monotonic()
-        self.steps = 0
-        self.updates = 0
-        self.episodes = 0
-        self.returns: deque[float] = deque(maxlen=RETURN_WINDOW)
+        resumed = resume or {}
+        # A resumed run goes on counting where its checkpoint stopped, on the same time axis.
+        self.steps = int(resumed.get("steps", 0))
+        self.updates = int(resumed.get("updates", 0))
+        self.episodes = int(resumed.get("episodes", 0))
+        self.seconds_before = float(resumed.get("seconds", 0.0))
+        self.returns: deque[float] = deque(resumed.get("returns", ()), maxlen=RETURN_WINDOW)
         self.last_metrics: dict[str, float] = {}
         self._interval_metrics: dict[str, float] = {}
         self._interval_updates = 0
         self._last_log_time = self.start
-        self._last_log_steps = 0
-        self._metrics_file = open(run_dir / "metrics.jsonl", "a") if run_dir else None
+        self._last_log_steps = self.steps
+        self._metrics_file = None
+        self._writer = None
+        if run_dir is not None:
+            self._metrics_file = _open_metrics(run_dir / "metrics.jsonl", resume)
+            if cfg.tensorboard:
+                self._writer = _tensorboard_writer(run_dir, self.steps if resume else None)
+        self._bar = _progress_bar(cfg, self.out, self.steps) if _wants_bar(cfg, self.out) else None
         self.stop_reason = ""
         self.signals = signals
         # Counters a runtime keeps (explorer restarts, torn unrolls, ...), logged with each record.
@@ -87,8 +97,27 @@ class Tracker:
             self._interval_metrics[k] = self._interval_metrics.get(k, 0.0) + v
 
     @property
-    def elapsed(self) -> float:
+    def session_seconds(self) -> float:
+        """Seconds since this process started training (what --max-seconds limits)."""
         return time.monotonic() - self.start
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of training of the whole run, earlier sessions of a resumed run included."""
+        return self.seconds_before + self.session_seconds
+
+    def state(self) -> dict[str, Any]:
+        """The counters a checkpoint keeps (with the length of metrics.jsonl so far)."""
+        if self._metrics_file is not None:
+            self._metrics_file.flush()
+        return {
+            "steps": self.steps,
+            "updates": self.updates,
+            "episodes": self.episodes,
+            "seconds": self.elapsed,
+            "returns": list(self.returns),
+            "metrics_offset": self._metrics_file.tell() if self._metrics_file else 0,
+        }
 
     @property
     def return_mean(self) -> float | None:
@@ -100,7 +129,7 @@ class Tracker:
         if self.signals is not None and self.signals.requested:
             self.stop_reason = self.signals.reason or "signal"
             return True
-        if self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds:
+        if self.cfg.max_seconds is not None and self.session_seconds >= self.cfg.max_seconds:
             self.stop_reason = "time limit"
             return True
         target = self.cfg.target_return
@@ -112,6 +141,8 @@ class Tracker:
     # --- logging -------------------------------------------------------------------------------
     def maybe_log(self, force: bool = False) -> None:
         now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self.steps - self._bar.n)
         if not force and now - self._last_log_time < self.cfg.log_interval:
             return
         if self._interval_updates == 0 and (not force or self.steps == self._last_log_steps):
@@ -119,7 +150,7 @@ class Tracker:
         sps = (self.steps - self._last_log_steps) / max(now - self._last_log_time, 1e-9)
         means = {k: v / max(self._interval_updates, 1) for k, v in self._interval_metrics.items()}
         record: dict[str, Any] = {
-            "time": round(now - self.start, 3),
+            "time": round(self.seconds_before + now - self.start, 3),
             "steps": self.steps,
             "updates": self.updates,
             "episodes": self.episodes,
@@ -128,13 +159,35 @@ class Tracker:
             **means,
             **self.counters,
         }
+        record = _finite(record)
         if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(_finite(record)) + "\n")
+            self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
-        if self.updates:
+        if self._writer is not None:
+            self._write_scalars(record)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=True)
+        elif self.updates:
             print(self._line(sps), file=self.out, flush=True)
         self._last_log_time, self._last_log_steps = now, self.steps
         self._interval_metrics, self._interval_updates = {}, 0
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        """Every number of the record as a TensorBoard scalar against env steps (its wall time
+        the record's, so that a resumed run's curves go on where they stopped)."""
+        step = record["steps"]
+        for key, value in record.items():
+            if key != "steps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(_tag(key), value, global_step=step)
+        self._writer.flush()
+
+    def _postfix(self) -> str:
+        m = self.last_metrics
+        ret = "-" if self.return_mean is None else f"{self.return_mean:.1f}"
+        return (
+            f"return {ret} ({self.episodes} episodes), lag {m.get('policy_lag', math.nan):.1f}, "
+            f"{self.updates} updates"
+        )
 
     def _line(self, sps: float) -> str:
         m = self.last_metrics
@@ -144,8 +197,10 @@ class Tracker:
                 f"avg-right-prob={m.get('prob_action1', math.nan)}"
             )
         ret = "-" if self.return_mean is None else f"{self.return_mean:.1f}"
+        left = max(0, self.cfg.steps_total - self.steps)
+        eta = _duration(left / sps) if sps > 0 else "-"
         return (
-            f"steps {self.steps:>10,d} | {sps:>8,.0f} steps/s | return {ret} "
+            f"steps {self.steps:>10,d} | {sps:>8,.0f} steps/s | eta {eta} | return {ret} "
             f"({self.episodes} episodes) | loss {m.get('loss', math.nan):.4g} | "
             f"lag {m.get('policy_lag', math.nan):.1f} | updates {self.updates}"
         )
@@ -163,9 +218,81 @@ class Tracker:
         )
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def _open_metrics(path: Path, resume: dict[str, Any] | None) -> IO[str]:
+    """metrics.jsonl for appending; for a resumed run cut back to its length at the checkpoint,
+    so that no step is recorded twice (what came after it is learned again)."""
+    f = open(path, "a")
+    if resume is not None:
+        f.truncate(int(resume.get("metrics_offset", 0)))
+        f.seek(0, 2)
+    return f
+
+
+def _tensorboard_writer(run_dir: Path, purge_from: int | None):
+    """A TensorBoard writer in RUN_DIR/tensorboard; a resumed run's writer hides the events
+    logged after its checkpoint (TensorBoard's purge_step)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    purge = None if purge_from is None else purge_from + 1
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge, flush_secs=30)
+
+
+def _tag(key: str) -> str:
+    """TensorBoard tags grouped by kind: returns, losses, the rest."""
+    if key.startswith(("return", "episodes")):
+        return f"episodes/{key}"
+    if key.endswith("loss"):
+        return f"loss/{key}"
+    if key.startswith("prob_action"):
+        return f"policy/{key}"
+    return f"learner/{key}" if key in _LEARNER_KEYS else f"run/{key}"
+
+
+_LEARNER_KEYS = ("grad_norm", "learning_rate", "policy_lag", "mean_rho", "batch_steps", "updates")
+
+
+def _wants_bar(cfg: Config, out: IO[str]) -> bool:
+    if cfg.env == CORRIDOR_ID or cfg.progress == "lines":
+        return False  # the corridor prints the seed's learner line
+    if cfg.progress == "bar":
+        return True
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _progress_bar(cfg: Config, out: IO[str], initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=cfg.steps_total,
+        initial=initial,
+        unit="step",
+        unit_scale=True,
+        file=out,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        mininterval=0.5,
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:

@@ -6,15 +6,19 @@ the model and the logs, say why it ended.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
+from impala import checkpoint
 from impala.config import Config
 from impala.envs import EnvInfo, probe_env
 from impala.errors import ConfigError, RunFailed
@@ -62,13 +66,22 @@ def check_run_dir(cfg: Config) -> None:
                 folder.rmdir()
 
 
-def make_run_dir(cfg: Config, path: Path | None = None, extra: dict | None = None) -> Path:
+def make_run_dir(
+    cfg: Config, path: Path | None = None, extra: dict | None = None, restart: bool = False
+) -> Path:
     """Creates the run folder, `path` or `run_dir_path(cfg)`, with its config.json (the config
     and `extra`). ConfigError, one line, if it cannot be made or already holds a run: nothing
-    already written is overwritten."""
+    already written is overwritten. With `restart` (`--resume auto` finding no checkpoint) a run
+    that left none starts again there; its old metrics.jsonl is kept under another name."""
     path = run_dir_path(cfg) if path is None else path
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if restart and (path / "metrics.jsonl").exists():
+            os.replace(path / "metrics.jsonl", path / f"metrics-before-{int(time.time())}.jsonl")
+        if restart:
+            for name in ("config.json", "model.pt"):
+                (path / name).unlink(missing_ok=True)
+            shutil.rmtree(path / "tensorboard", ignore_errors=True)
         taken = [name for name in RUN_FILES if (path / name).exists()]
         if taken:
             raise ConfigError(
@@ -99,6 +112,60 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class Checkpointer:
+    """Writes the run's checkpoints (see `impala.checkpoint`): every `cfg.checkpoint_interval`
+    minutes between two updates, and once when the run ends, however it ends."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, learner, tracker: Tracker, source, record: dict
+    ) -> None:
+        self.cfg, self.run_dir, self.record = cfg, run_dir, record
+        self.learner, self.tracker, self.source = learner, tracker, source
+        # Synchronous learners: the whole job's env steps (learner 0's tracker counts its own).
+        self.job_steps: Callable[[], int] | None = None
+        self._last = time.monotonic()
+
+    def source_state(self) -> dict:
+        """The runtime's own state, where it keeps one (the serial runtime), else {}."""
+        state_of = getattr(self.source, "state", None)
+        return state_of() if state_of is not None else {}
+
+    def maybe_save(self) -> None:
+        interval = self.cfg.checkpoint_interval
+        if interval is not None and time.monotonic() - self._last >= 60.0 * interval:
+            self.save(self.source_state())
+
+    def save(self, source_state: dict) -> Path | None:
+        learner_state = self.learner.state()
+        tracker_state = self.tracker.state()
+        state = {
+            "config": dataclasses.asdict(self.cfg),
+            "record": self.record,
+            "model": learner_state.pop("model"),
+            "optimizer": learner_state.pop("optimizer"),
+            "counters": {
+                **{
+                    k: v for k, v in tracker_state.items() if k not in ("returns", "metrics_offset")
+                },
+                "job_steps": self.job_steps() if self.job_steps else tracker_state["steps"],
+                "learner_updates": learner_state["updates"],
+                "policy_version": learner_state["policy_version"],
+            },
+            "returns": tracker_state["returns"],
+            "metrics_offset": tracker_state["metrics_offset"],
+            "rng": checkpoint.rng_state(),
+            "source": source_state,
+        }
+        try:
+            path = checkpoint.save(state, self.run_dir, self.cfg.keep_checkpoints)
+        except OSError as exc:  # a full disk: say so and go on (the next one may succeed)
+            print(f"impala: warning: cannot write a checkpoint: {exc}", file=sys.stderr, flush=True)
+            return None
+        finally:
+            self._last = time.monotonic()
+        return path
+
+
 def run_learner(
     cfg: Config,
     learner,
@@ -108,11 +175,23 @@ def run_learner(
     run_dir: Path | None,
     consensus: Consensus | None = None,
     steps_total: int | None = None,
+    checkpointer: Checkpointer | None = None,
+    source_state: dict | None = None,
 ) -> None:
-    """Starts `source`, learns until the run ends, then stops everything and saves, however it
-    ended (a signal during start-up included). RunFailed and other errors propagate afterwards."""
+    """Starts `source` (back at `source_state`, a resumed serial run's), learns until the run
+    ends, then stops everything and saves (checkpoint, model, logs), however it ended (a signal
+    during start-up included). RunFailed and other errors propagate afterwards."""
+    started = False
     try:
         source.start()
+        if source_state and not source.restore(source_state):
+            print(
+                "impala: note: the explorers' environments did not come back exactly where they "
+                "were (an environment not deterministic under its seed); the run goes on",
+                file=tracker.out,
+                flush=True,
+            )
+        started = True
         signals.install()  # again: Ray's init puts its own SIGTERM handler in place
         signals.defer()
         learn(
@@ -121,6 +200,7 @@ def run_learner(
             tracker,
             consensus,
             steps_total=steps_total if steps_total is not None else cfg.steps_total,
+            after_update=checkpointer.maybe_save if checkpointer is not None else None,
         )
     except Interrupted:
         pass  # a signal during start-up: stop and save like any other ending
@@ -128,19 +208,129 @@ def run_learner(
         signals.defer()  # the clean-up runs to its end; a second signal only hurries it
         if signals.requested:
             tracker.stop_reason = signals.reason
+        final_source_state: dict = {}
+        if checkpointer is not None and started:
+            with contextlib.suppress(Exception):  # no exact resume then, but a checkpoint
+                final_source_state = checkpointer.source_state()
         try:
             source.close()
         finally:
             tracker.maybe_log(force=True)
+            if checkpointer is not None and (started or tracker.updates):
+                checkpointer.save(final_source_state)
             tracker.close()
             if run_dir is not None:
                 save_model(learner.model, run_dir / "model.pt")
 
 
+# Settings a resumed run may change without --override: how long it runs and how it is logged
+# and checkpointed, not what it learns.
+RESUME_FREE = frozenset(
+    {
+        "total_steps",
+        "steps_per_explorer",
+        "max_seconds",
+        "target_return",
+        "log_interval",
+        "run_dir",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "tensorboard",
+        "progress",
+        "print_steps",
+        "learner_threads",
+        "device",
+        "max_restarts",
+        "restart_window",
+        "ray_address",
+    }
+)
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a resumed run starts: its checkpoint and run folder."""
+
+    path: Path
+    run_dir: Path
+    state: dict[str, Any]
+
+
+def resume_point(
+    cfg: Config, resume: str, given: set[str], override: bool = False
+) -> tuple[Config, ResumePoint | None]:
+    """The config and checkpoint a run resumed with `--resume` goes on from.
+
+    `resume` is 'auto' (the newest good checkpoint in --run-dir, or a fresh start there if it has
+    none: a scheduler can rerun the same command), a run folder or a checkpoint file. The
+    checkpoint's settings are the run's; `given` names those the user set (the values in `cfg`)
+    and those that differ from the checkpoint's are refused (ConfigError, one line) unless
+    `override`, except how long the run goes on and how it is logged (RESUME_FREE).
+    """
+    if resume == "auto":
+        if cfg.run_dir is None:
+            raise ConfigError(
+                "--resume auto needs --run-dir: the folder to resume from (or to start in)"
+            )
+        run_dir = Path(cfg.run_dir)
+        found = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+        if found is None:
+            return cfg, None
+        path, state = found
+    else:
+        path, state = checkpoint.find(Path(resume))
+        run_dir = Path(resume) if Path(resume).is_dir() else checkpoint.run_dir_of(path)
+        if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"--run-dir '{cfg.run_dir}' is not the folder of the run resumed ('{run_dir}'); "
+                "a resumed run goes on in its own folder"
+            )
+    fields = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in state["config"].items() if k in fields}
+    try:
+        before = Config(**saved)
+        after = Config(**{**saved, **{k: getattr(cfg, k) for k in given}, "run_dir": str(run_dir)})
+    except TypeError as exc:
+        raise ConfigError(
+            f"checkpoint '{path}' holds settings this impala cannot read: {exc}"
+        ) from None
+    changed = [
+        k
+        for k in sorted(given)
+        if k not in RESUME_FREE
+        and getattr(after, k) != getattr(before, k)
+        and not (k == "net" and getattr(after, k) == "auto")
+    ]
+    if changed and not override:
+        what = ", ".join(
+            f"{_flag(k)} {getattr(after, k)!r} (was {getattr(before, k)!r})" for k in changed
+        )
+        raise ConfigError(
+            f"--resume: settings differ from the checkpoint's: {what}; drop them to resume as "
+            "the run was, or add --override to change them"
+        )
+    if "net" in given and after.net == "auto":
+        after = dataclasses.replace(after, net=before.net)
+    return after, ResumePoint(path, run_dir, state)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def train(
-    cfg: Config, *, out: IO[str] | None = None, signals: StopSignals | None = None
+    cfg: Config,
+    *,
+    out: IO[str] | None = None,
+    signals: StopSignals | None = None,
+    resume: str | None = None,
+    given: set[str] | None = None,
+    override: bool = False,
 ) -> RunResult:
-    """Trains as `cfg` says; writes config.json, metrics.jsonl and model.pt in the run folder.
+    """Trains as `cfg` says; writes config.json, metrics.jsonl, TensorBoard scalars, checkpoints
+    and model.pt in the run folder. With `resume` ('auto', a run folder or a checkpoint file,
+    see `resume_point`) the run goes on from its checkpoint: counters, the learning-rate
+    schedule, logs and curves continue; the serial runtime continues exactly.
 
     SIGINT and SIGTERM stop the run like its normal end (`result.signal` says which); a run that
     cannot go on raises RunFailed after the same clean-up. The caller's signal handlers and torch
@@ -150,26 +340,95 @@ def train(
     from impala.runtime.common import build_learner
 
     out = out if out is not None else sys.stdout
+    point = None
+    if resume is not None:
+        cfg, point = resume_point(cfg, resume, given or set(), override)
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env)
-    run_dir = make_run_dir(cfg, extra=run_record(cfg, env))
+    record = run_record(cfg, env)
+    if point is not None:
+        run_dir = point.run_dir
+        rewrite_config(cfg, run_dir, record)
+    else:
+        run_dir = make_run_dir(cfg, extra=record, restart=resume == "auto")
+    done_before = int(point.state["counters"]["steps"]) if point else 0
     own_signals = signals is None
     signals = signals if signals is not None else StopSignals()
     with contextlib.ExitStack() as stack:
         if own_signals:
             stack.enter_context(signals)
         stack.enter_context(torch_threads(cfg.learner_threads))
-        tracker = Tracker(cfg, run_dir, out, signals=signals)
+        resume_counters = None
+        if point is not None:
+            resume_counters = {
+                **point.state["counters"],
+                "returns": point.state.get("returns", []),
+                "metrics_offset": point.state.get("metrics_offset", 0),
+            }
+        tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
         learner = build_learner(cfg, env, shared=cfg.runtime == "local")
-        source = make_source(cfg, env, learner, tracker)
-        try:
-            run_learner(cfg, learner, source, tracker, signals, run_dir)
-        except RunFailed as exc:
-            raise RunFailed(f"{exc}; model and logs in {run_dir}") from None
+        source_state = None
+        source_cfg = cfg
+        if point is not None:
+            learner.restore(
+                {
+                    "model": point.state["model"],
+                    "optimizer": point.state["optimizer"],
+                    "updates": point.state["counters"].get("learner_updates", 0),
+                    "policy_version": point.state["counters"].get("policy_version", 0),
+                }
+            )
+            checkpoint.set_rng_state(point.state["rng"])
+            print(resume_line(point, cfg), file=out, flush=True)
+            if cfg.runtime == "serial":
+                source_state = point.state.get("source") or None
+            elif cfg.steps_total > done_before:
+                # Explorers in new processes make what is left of the budget.
+                source_cfg = dataclasses.replace(cfg, total_steps=cfg.steps_total - done_before)
+        if done_before >= cfg.steps_total:
+            tracker.stop_reason = "step budget (reached before this resume)"
+            tracker.close()
+        else:
+            source = make_source(source_cfg, env, learner, tracker)
+            checkpointer = Checkpointer(cfg, run_dir, learner, tracker, source, record)
+            try:
+                run_learner(
+                    cfg,
+                    learner,
+                    source,
+                    tracker,
+                    signals,
+                    run_dir,
+                    checkpointer=checkpointer,
+                    source_state=source_state,
+                )
+            except RunFailed as exc:
+                raise RunFailed(f"{exc}; model and logs in {run_dir}") from None
     result = tracker.result()
     result.signal = signals.signum
     print(summary_line(result, run_dir), file=out, flush=True)
     return result
+
+
+def resume_line(point: ResumePoint, cfg: Config) -> str:
+    c = point.state["counters"]
+    return (
+        f"resuming {point.run_dir} from {point.path.name}: "
+        f"{int(c.get('job_steps', c['steps'])):,} steps, "
+        f"{int(c.get('updates', 0)):,} updates, {float(c.get('seconds', 0.0)):.0f} s so far "
+        f"(of {cfg.steps_total:,} steps)"
+    )
+
+
+def rewrite_config(cfg: Config, run_dir: Path, record: dict) -> None:
+    """config.json of a resumed run: its settings now (a longer budget, say), atomically."""
+    path = run_dir / "config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(cfg.to_json(record) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder '{run_dir}': {exc.strerror}") from None
 
 
 def summary_line(result: RunResult, run_dir: Path | None) -> str:

@@ -29,6 +29,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
+from impala import checkpoint
 from impala.agent.params import ParameterStore
 
 
@@ -79,6 +80,7 @@ class Explorer:
         reward_clip: float | None = None,
         episodic_life: bool = False,
         greedy: bool = False,
+        record_actions: bool = False,
     ) -> None:
         self.index = index
         self.vec_env = vec_env
@@ -94,6 +96,9 @@ class Explorer:
         self.num_envs = vec_env.num_envs
         self.rng = np.random.default_rng(seed)
         self.version = -1
+        # Every action since the reset below, if asked (the serial runtime's exact resume: the
+        # environments' state is rebuilt by replaying them, see `state`).
+        self.actions_made: list[np.ndarray] | None = [] if record_actions else None
         self.obs, infos = vec_env.reset(seed=seed)
         # The seed prototype's per-step line (step, state, action, next state, terminal), on
         # request: the env's own "state" info where it has one (the corridor), else observations.
@@ -167,6 +172,8 @@ class Explorer:
         obs = self.obs
         actions, logits = self._act(obs)
         next_obs, rewards, terminated, truncated, infos = self.vec_env.step(actions)
+        if self.actions_made is not None:
+            self.actions_made.append(np.asarray(actions))
         done = terminated | truncated  # the game's episode: reported, and reset by the env
         learn_rewards = np.asarray(rewards, dtype=np.float32)
         if self.reward_clip is not None:
@@ -205,6 +212,68 @@ class Explorer:
         self._finished_episodes.extend(finished)
         self.obs = next_obs
         return obs, actions, logits, learn_rewards, learn_terminated, learn_done, truncation_value
+
+    # --- checkpoints (the serial runtime) ------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What rebuilds this explorer exactly, between two unrolls: the actions made since the
+        environments' seeded reset (replayed by `restore`; environments need not be
+        serialisable), the sampling generator, mu and the recurrent inputs. Needs
+        `record_actions`; REINFORCE's partly collected episodes are not kept (ValueError)."""
+        if self.actions_made is None:
+            raise ValueError("explorer state needs record_actions=True")
+        if any(self._open_episodes) or self._finished_steps:
+            raise ValueError("REINFORCE explorers keep collected episodes that are not saved")
+        actions = (
+            np.stack(self.actions_made)
+            if self.actions_made
+            else np.zeros((0, self.num_envs), dtype=np.int64)
+        )
+        state: dict[str, Any] = {
+            "actions": torch.from_numpy(actions.astype(np.int64)),
+            "obs": torch.from_numpy(np.array(self.obs)),
+            "rng": checkpoint.numpy_rng_state(self.rng),
+            "version": self.version,
+            "mu": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "steps_made": self.steps_made,
+        }
+        if self.recurrent:
+            state.update(
+                core_h=self.core_state[0].clone(),
+                core_c=self.core_state[1].clone(),
+                prev_action=torch.from_numpy(self.prev_action.copy()),
+                prev_reward=torch.from_numpy(self.prev_reward.copy()),
+                first=torch.from_numpy(self.first.copy()),
+            )
+        return state
+
+    def restore(self, state: dict[str, Any]) -> bool:
+        """Takes a freshly built explorer (same seed, same environments) to `state`: replays the
+        recorded actions through the environments and sets the rest. Returns whether the
+        environments came out where they were (False for an environment that is not
+        deterministic under its seed)."""
+        actions = state["actions"].numpy()
+        for row in actions:
+            next_obs, rewards, terminated, truncated, infos = self.vec_env.step(row)
+            done = terminated | truncated
+            self.episode_return += rewards
+            self.episode_length += 1
+            self.episode_return[done] = 0.0
+            self.episode_length[done] = 0
+            self._lives = infos.get("lives")
+            self._states = infos.get("state", next_obs)
+            self.obs = next_obs
+        if self.actions_made is not None:
+            self.actions_made = list(actions)
+        checkpoint.set_numpy_rng_state(self.rng, state["rng"])
+        self.model.load_state_dict(state["mu"])
+        self.version = int(state["version"])
+        self.steps_made = int(state["steps_made"])
+        if self.recurrent:
+            self.core_state = (state["core_h"].clone(), state["core_c"].clone())
+            self.prev_action = state["prev_action"].numpy().copy()
+            self.prev_reward = state["prev_reward"].numpy().copy()
+            self.first = state["first"].numpy().copy()
+        return bool(np.array_equal(np.asarray(self.obs), state["obs"].numpy()))
 
     def play(self) -> list[tuple[float, int, int]]:
         """One step of every environment (no unroll is recorded): the episodes it finished, as

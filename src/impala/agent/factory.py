@@ -48,8 +48,11 @@ def explorer_seed(cfg: Config, index: int) -> int:
     return cfg.seed * 10_007 + 1_000 * (index + 1)
 
 
-def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore) -> Explorer:
-    """Explorer `index` with its own environments and a fresh copy of the network."""
+def build_explorer(
+    cfg: Config, env: EnvInfo, index: int, store: ParameterStore, *, record_actions: bool = False
+) -> Explorer:
+    """Explorer `index` with its own environments and a fresh copy of the network
+    (`record_actions`: keeps what its state for a checkpoint needs, see `Explorer.state`)."""
     model = build_model(cfg, env)
     model.requires_grad_(False)
     vec_env = make_vector_env(cfg.env, cfg.envs_per_explorer, **cfg.env_options)
@@ -66,4 +69,5 @@ def build_explorer(cfg: Config, env: EnvInfo, index: int, store: ParameterStore)
         step_printer=(lambda line: print(line, flush=True)) if cfg.print_steps else None,
         reward_clip=cfg.reward_clip,
         episodic_life=cfg.episodic_life,
+        record_actions=record_actions,
     )

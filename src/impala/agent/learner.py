@@ -101,6 +101,29 @@ class Learner:
     def version(self) -> int:
         return self.store.version
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the learner: weights, optimizer state, counters."""
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "updates": self.updates,
+            "policy_version": self.store.version,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Takes the learner back to a checkpoint's `state` and publishes its weights under the
+        checkpoint's policy version. ConfigError, one line, for weights that do not fit."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"the checkpoint's weights do not fit this network: {str(exc).splitlines()[0]}"
+            ) from None
+        self.updates = int(state["updates"])
+        flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
+        self.store.assign(int(state["policy_version"]), flat.to(self.store.flat.device))
+
     def _set_learning_rate(self, progress: float) -> float:
         lr = self.cfg.learning_rate
         if self.cfg.lr_schedule == "linear":
@@ -204,3 +227,14 @@ class Learner:
         terms = losses.reinforce_loss(logits, values, batch["action"], batch["mc_return"])
         out = {"loss": terms.total, "policy_loss": terms.policy, "baseline_loss": terms.baseline}
         return out, logits
+
+
+def _to_cpu(value):
+    """A copy of a (nested) state dict with its tensors on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value

@@ -6,6 +6,9 @@ in state 1 they are switched (right moves to 0, left moves to 2). Every step giv
 except the step that reaches G, which gives +1 and terminates the episode. The observation is
 always the constant 1.0: the agent is blind, so the best policy is stochastic and moves right with
 probability about 0.59 in every state (2 - sqrt(2) = 0.586 without discounting).
+
+With `render_mode="rgb_array"`, `render()` draws the corridor (for `impala eval --video`): the four
+cells left to right, the switched state tinted, the goal green, the agent a dark square.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import numpy as np
 LEFT, RIGHT = 0, 1
 GOAL = 3
 
+_CELL = 48  # pixels; the picture is one row of cells, 48 x 192
+_CELL_COLOURS = np.array([[225, 225, 225], [245, 215, 160], [225, 225, 225], [120, 200, 120]])
+_LINE_COLOUR = (90, 90, 90)
+_AGENT_COLOUR = (40, 60, 140)
+
 
 class ShortCorridorEnv(gym.Env[np.ndarray, int]):
     """The blind short corridor; observation `[1.0]` (float32, shape (1,)), actions {0, 1}."""
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(self) -> None:
+    def __init__(self, render_mode: str | None = None) -> None:
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(1.0, 1.0, shape=(1,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(2)
         self._obs = np.ones(1, dtype=np.float32)
@@ -47,6 +58,19 @@ class ShortCorridorEnv(gym.Env[np.ndarray, int]):
         terminated = self.state == GOAL
         reward = 1.0 if terminated else -1.0
         return self._obs.copy(), reward, terminated, False, {"state": self.state}
+
+    def render(self) -> np.ndarray | None:
+        """The corridor as an RGB picture `[48, 192, 3]` uint8 (None unless `render_mode` is
+        'rgb_array')."""
+        if self.render_mode != "rgb_array":
+            return None
+        c = _CELL
+        frame = np.repeat(_CELL_COLOURS.astype(np.uint8), c, axis=0)[None].repeat(c, axis=0)
+        frame[:, ::c] = frame[:, c - 1 :: c] = _LINE_COLOUR  # the cells' walls
+        frame[[0, -1]] = _LINE_COLOUR
+        m, x = c // 4, self.state * c
+        frame[m : c - m, x + m : x + c - m] = _AGENT_COLOUR
+        return frame
 
 
 def optimal_right_probability(gamma: float = 1.0, grid: int = 9_801) -> float:

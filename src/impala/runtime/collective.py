@@ -30,6 +30,10 @@ class LearnerGroup:
     def __init__(self, rank: int, world_size: int, hub0, timeout: float) -> None:
         self.rank, self.world_size, self.hub0, self.timeout = rank, world_size, hub0, timeout
         self.joined = False
+        # A resumed job: learner 0 adds the steps the other learners' explorers made before the
+        # checkpoint (its own tracker has only its own), so the schedule goes on where it was.
+        self.steps_offset = 0
+        self.last_steps = 0
 
     def join(self, head_host: str) -> None:
         """Rendezvous through hub 0 (learner 0 publishes a free port of its host); every learner
@@ -110,12 +114,37 @@ class LearnerGroup:
     def decide(self, stop: bool, have_batch: bool, steps: int) -> Decision:
         import torch.distributed as dist
 
-        control = torch.tensor([float(stop), float(not have_batch), float(steps)])
+        control = torch.tensor(
+            [float(stop), float(not have_batch), float(steps + self.steps_offset)],
+            dtype=torch.float64,
+        )
         self._collective("agreement", lambda: dist.all_reduce(control))
         stop_all = bool(control[0] > 0)
+        self.last_steps = int(control[2])
         return Decision(
-            stop=stop_all, update=not stop_all and control[1] == 0, steps=int(control[2])
+            stop=stop_all, update=not stop_all and control[1] == 0, steps=self.last_steps
         )
+
+    def broadcast_learner_state(self, learner) -> None:
+        """Learner 0's optimizer state and counters to every learner (a resumed job: learner 0
+        loaded the checkpoint; the weights go with `broadcast_parameters`)."""
+        import torch.distributed as dist
+
+        payload = [None]
+        if self.rank == 0:
+            payload = [
+                {
+                    "optimizer": learner.optimizer.state_dict(),
+                    "updates": learner.updates,
+                    "version": learner.store.version,
+                }
+            ]
+        self._collective("start", lambda: dist.broadcast_object_list(payload, src=0))
+        state = payload[0]
+        if self.rank != 0:
+            learner.optimizer.load_state_dict(state["optimizer"])
+            learner.updates = state["updates"]
+            learner.store.assign(state["version"], learner.store.flat)
 
     def report_failure(self, line: str) -> None:
         """Records this learner's failure at hub 0 (first one wins) and leaves the group at once,

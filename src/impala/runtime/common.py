@@ -36,11 +36,12 @@ def build_learner(cfg: Config, env: EnvInfo, *, shared: bool = False) -> Learner
     return Learner(cfg, model, ParameterStore(flat, version))
 
 
-def explorer_budget(cfg: Config, num_explorers: int | None = None) -> int:
-    """Env steps each explorer makes (the run's total split evenly, rounded up)."""
+def explorer_budget(cfg: Config, num_explorers: int | None = None, done: int = 0) -> int:
+    """Env steps each explorer makes (what is left of the run's total after `done` steps, split
+    evenly, rounded up)."""
     n = cfg.num_explorers if num_explorers is None else num_explorers
     total = cfg.total_steps if cfg.total_steps is not None else cfg.steps_per_explorer * n
-    return math.ceil(total / n)
+    return max(0, math.ceil((total - done) / n))
 
 
 def seed_everything(seed: int) -> None:

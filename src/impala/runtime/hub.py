@@ -21,8 +21,11 @@ PUT_WAIT = 0.5  # seconds a put waits for room in a full inbox before answering 
 class Hub:
     """Thread-safe; run as a Ray actor with max_concurrency > 1 (puts and drains wait)."""
 
-    def __init__(self, learner_index: int, job: dict[str, Any], capacity: int) -> None:
+    def __init__(
+        self, learner_index: int, job: dict[str, Any], capacity: int, steps_before: int = 0
+    ) -> None:
         self.learner_index = learner_index
+        self._steps_before = steps_before
         self.job = job
         self.capacity = capacity
         self._inbox: deque = deque()
@@ -49,6 +52,11 @@ class Hub:
         return "; ".join(
             f"{k}: {job.get(k)!r} here, {self.job.get(k)!r} at learner 0" for k in diffs
         )
+
+    def steps_before(self) -> int:
+        """Env steps the job made before it was resumed from a checkpoint (explorers make what
+        is left of the budget)."""
+        return self._steps_before
 
     def join(self, explorer: int) -> int:
         """Registers an explorer; returns how many times explorers have rejoined."""

@@ -107,7 +107,9 @@ def run_explorer_task(
     for hub in hubs:
         ray.get(hub.join.remote(spec.task))
     worker = ExplorerWorker(cfg, env, spec.task)
-    budget = common.explorer_budget(cfg, len(spec.explorers))
+    # A resumed job: what is left of the budget after the steps made before its checkpoint.
+    done = ray.get(hub0.steps_before.remote())
+    budget = common.explorer_budget(cfg, len(spec.explorers), done=done)
     steps, episodes, returns = 0, 0, []
     try:
         deadline = time.monotonic() + peer_timeout

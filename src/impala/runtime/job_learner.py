@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import torch
 
+from impala import checkpoint
 from impala.agent import (
     Learner,
     ParameterStore,
@@ -33,6 +34,7 @@ from impala.runtime.collective import LearnerGroup
 from impala.runtime.hosts import JobSpec
 from impala.runtime.hub import Hub
 from impala.shutdown import StopSignals
+from impala.train import ResumePoint
 
 PUBLISH_INTERVAL = 0.01  # seconds between weight publications to the hub
 DRAIN_INTERVAL = 0.02  # seconds the learner may learn without looking into its hub
@@ -231,20 +233,29 @@ def run_learner_task(
     run_dir: Path,
     signals: StopSignals,
     out: IO[str],
+    point: ResumePoint | None = None,
+    record: dict | None = None,
 ) -> int:
     """Runs learner task `spec.task` to its end (in a connected Ray cluster); returns 0 or the
-    signal's exit code. RunFailed when the job cannot go on."""
+    signal's exit code. RunFailed when the job cannot go on.
+
+    Learner 0 writes the job's checkpoints. A resumed job (`point`, learner 0's checkpoint):
+    learner 0 loads it and hands the weights, optimizer state and counters to the others;
+    explorers make what is left of the budget."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from impala.train import run_learner
+    from impala.train import Checkpointer, resume_line, run_learner
 
     job = spec.description(cfg)
+    resumed = point is not None and spec.task == 0
+    counters = point.state["counters"] if resumed else {}
+    steps_before = int(counters.get("job_steps", counters.get("steps", 0)))
     hub_class = ray.remote(num_cpus=0, max_concurrency=16)(Hub)
     # On this task's own node: Ray would place it anywhere, and a node goes with its task.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     hub = hub_class.options(name=f"hub-{spec.task}", scheduling_strategy=here).remote(
-        spec.task, job, 4 * cfg.slots_per_batch + 8
+        spec.task, job, 4 * cfg.slots_per_batch + 8, steps_before
     )
     if spec.task > 0:
         hub0 = ray_support.wait_for_actor("hub-0", peer_timeout, f"{spec.name}: learner 0's hub")
@@ -255,20 +266,42 @@ def run_learner_task(
         hub0 = hub
     common.seed_everything(cfg.seed)
     model = common.build_model(cfg, env)
+    learner = Learner(cfg, model, ParameterStore(*ParameterStore.allocate(model)))
+    if resumed:
+        learner.restore(
+            {
+                "model": point.state["model"],
+                "optimizer": point.state["optimizer"],
+                "updates": counters.get("learner_updates", 0),
+                "policy_version": counters.get("policy_version", 0),
+            }
+        )
+        checkpoint.set_rng_state(point.state["rng"])
+        print(resume_line(point, cfg), file=out, flush=True)
     group = None
     if len(spec.learners) > 1:
         group = LearnerGroup(spec.task, len(spec.learners), hub0, peer_timeout)
         group.join(spec.head_host)
-        group.broadcast_parameters(model)
-    learner = Learner(
-        cfg,
-        model,
-        ParameterStore(*ParameterStore.allocate(model)),
-        grad_sync=group.average_gradients if group else None,
-    )
-    tracker = Tracker(cfg, run_dir, out, signals=signals)
+        group.broadcast_parameters(learner.model)
+        group.broadcast_learner_state(learner)
+        learner.grad_sync = group.average_gradients
+        if resumed:
+            group.steps_offset = steps_before - int(counters.get("steps", 0))
+    resume_counters = None
+    if resumed:
+        resume_counters = {
+            **counters,
+            "returns": point.state.get("returns", []),
+            "metrics_offset": point.state.get("metrics_offset", 0),
+        }
+    tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
     source = HubSource(cfg, spec, env, learner, hub, tracker, peer_timeout)
     budget = common.explorer_budget(cfg, len(spec.explorers))
+    checkpointer = None
+    if spec.task == 0:
+        checkpointer = Checkpointer(cfg, run_dir, learner, tracker, source, record or {})
+        if group is not None:
+            checkpointer.job_steps = lambda: group.last_steps
     try:
         run_learner(
             cfg,
@@ -279,6 +312,7 @@ def run_learner_task(
             run_dir,
             consensus=group,
             steps_total=budget * len(spec.explorers),
+            checkpointer=checkpointer,
         )
     except BaseException as exc:
         if group is not None:

@@ -34,9 +34,12 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     from impala.agent.factory import run_record, settle
     from impala.runtime.job_explorer import run_explorer_task
     from impala.runtime.job_learner import run_learner_task
-    from impala.train import make_run_dir, torch_threads
+    from impala.train import make_run_dir, resume_point, rewrite_config, torch_threads
 
     out = out if out is not None else sys.stdout
+    config_file = args.pop("config_file", None)
+    if config_file is not None:  # its settings under the command line's (task index included)
+        args, _ = config_mod.with_config_file(args, config_file)
     spec = make_spec(
         args.pop("learner_hosts"),
         args.pop("explorer_hosts"),
@@ -47,12 +50,24 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     if peer_timeout <= 0:
         raise ConfigError(f"--peer-timeout must be positive, got {peer_timeout!r}")
     token_file = args.pop("auth_token_file", None)
+    resume, override = args.pop("resume", None), args.pop("override", False)
     args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
     cfg = config_mod.resolve(args)
+    point = None
+    if spec.job == "learner" and spec.task == 0 and resume is not None:
+        # Learner 0 loads the checkpoint and hands it to the other learners; explorers ask
+        # learner 0 how many steps were made before.
+        cfg, point = resume_point(cfg, resume, set(args), override)
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env, learner=spec.job == "learner")
     reserve(*spec.own).close()  # this task's address: free and this machine's, or one line
-    run_dir = make_run_dir(cfg, extra=run_record(cfg, env)) if spec.job == "learner" else None
+    record = run_record(cfg, env)
+    run_dir = None
+    if point is not None:
+        run_dir = point.run_dir
+        rewrite_config(cfg, run_dir, record)
+    elif spec.job == "learner":
+        run_dir = make_run_dir(cfg, extra=record, restart=resume is not None)
     # One torch thread for an explorer (and the learner's setting for a learner): intra-op
     # threads that spin on cores the other processes need cost far more than they give.
     threads = cfg.learner_threads if spec.job == "learner" else 1
@@ -71,6 +86,8 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
                     run_dir=run_dir,
                     signals=signals,
                     out=out,
+                    point=point,
+                    record=record,
                 )
             else:
                 run_explorer_task(

@@ -35,7 +35,11 @@ class SerialSource:
         cfg, env = self.cfg, self.env
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
         for i in range(cfg.num_explorers):
-            self.explorers.append(common.build_explorer(cfg, env, i, self.learner.store))
+            self.explorers.append(
+                common.build_explorer(
+                    cfg, env, i, self.learner.store, record_actions=cfg.algo == "vtrace"
+                )
+            )
         if cfg.buffer == "replay":
             slots = cfg.replay_slots_per_explorer
             self.replay = ReplayBuffer(
@@ -95,6 +99,63 @@ class SerialSource:
             self._filled = []
             return batch
         return None
+
+    # --- checkpoints: the serial runtime resumes exactly ----------------------------------------
+    def state(self) -> dict:
+        """Everything that decides what comes next, taken between two updates: the explorers
+        (see `Explorer.state`), their turn, budgets, the sampling generator and the replay
+        buffer with its staging. Empty for REINFORCE (its explorers' collected episodes are
+        not kept; a resumed REINFORCE run starts fresh episodes)."""
+        if self.cfg.algo != "vtrace" or not self.explorers or self._filled:
+            return {}
+        state = {
+            "kind": "serial",
+            "made": list(self.made),
+            "turn": self._turn,
+            "generator": self._generator.get_state(),
+            "explorers": [explorer.state() for explorer in self.explorers],
+        }
+        if self.cfg.buffer == "replay":
+            state["replay"] = {
+                "storage": {k: v.clone() for k, v in self.replay.storage.items()},
+                "filled": self.replay.filled.clone(),
+                "seq": self.replay.seq.clone(),
+                "sampled": self.rate.sampled,
+                "staging": [
+                    {
+                        "local": {k: torch.from_numpy(v.copy()) for k, v in s.local.items()},
+                        "next": s._next,
+                        "count": s._count,
+                        "episodes": s._episodes_since_upload,
+                    }
+                    for s in self.staging
+                ],
+            }
+        return state
+
+    def restore(self, state: dict) -> bool:
+        """After `start()`: back to a checkpoint's `state`. Returns False when it holds none or
+        the environments did not come back where they were (then the run goes on, not exactly
+        as it would have)."""
+        if state.get("kind") != "serial" or len(state["explorers"]) != len(self.explorers):
+            return False
+        self.made = list(state["made"])
+        self._turn = int(state["turn"])
+        self._generator.set_state(state["generator"])
+        exact = all(e.restore(s) for e, s in zip(self.explorers, state["explorers"], strict=True))
+        if "replay" in state:
+            r = state["replay"]
+            for k, v in self.replay.storage.items():
+                v.copy_(r["storage"][k])
+            self.replay.filled.copy_(r["filled"])
+            self.replay.seq.copy_(r["seq"])
+            self.rate.sampled = int(r["sampled"])
+            for staging, s in zip(self.staging, r["staging"], strict=True):
+                for k, v in staging.local.items():
+                    v[...] = s["local"][k].numpy()
+                staging._next, staging._count = int(s["next"]), int(s["count"])
+                staging._episodes_since_upload = int(s["episodes"])
+        return exact
 
     def poll(self) -> list[UnrollInfo]:
         infos, self._infos = self._infos, []

@@ -1,0 +1,285 @@
+"""Checkpoints and resume: the file format, exact resume of the serial runtime, the local
+runtime's learner SIGKILLed and resumed, damaged checkpoints, changed settings, TensorBoard and
+the progress display."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import (
+    assert_gone,
+    explorer_processes,
+    metrics,
+    run_cli,
+    start_cli,
+    train_cli,
+    wait_until,
+)
+
+from impala import checkpoint
+from impala.config import resolve
+from impala.errors import ConfigError
+from impala.shutdown import StopSignals
+from impala.train import train
+
+
+def _model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _StopAfter(io.StringIO):
+    """An output stream that asks the run to stop (like a Ctrl-C) once it has printed `lines`
+    progress lines."""
+
+    def __init__(self, signals: StopSignals, lines: int) -> None:
+        super().__init__()
+        self.signals, self.lines = signals, lines
+
+    def write(self, text: str) -> int:
+        if text.startswith(("steps ", "task ")):
+            self.lines -= 1
+            if self.lines == 0:
+                self.signals.request(signal.SIGINT)
+        return super().write(text)
+
+
+# --- the file ----------------------------------------------------------------------------------
+def test_checkpoint_round_trip_keeps_the_newest_and_ignores_half_written_files(tmp_path):
+    state = {
+        "config": {"env": "CartPole-v1"},
+        "record": {},
+        "model": {"w": torch.arange(6.0).view(2, 3)},
+        "optimizer": {"state": {0: {"ms": torch.ones(3)}}, "param_groups": [{"lr": 1e-3}]},
+        "counters": {"steps": 0},
+        "rng": checkpoint.rng_state(),
+        "source": {"generator": torch.Generator().manual_seed(3).get_state()},
+    }
+    for steps in (100, 200, 300, 400):
+        state["counters"] = {"steps": steps, "updates": steps // 10}
+        checkpoint.save(state, tmp_path, keep=3)
+    names = [p.name for p in checkpoint.listed(tmp_path)]
+    assert names == ["ckpt-000000000200.pt", "ckpt-000000000300.pt", "ckpt-000000000400.pt"]
+    # A run killed while writing leaves only a .tmp file, which is never read.
+    (checkpoint.folder(tmp_path) / "ckpt-000000000500.pt.tmp").write_bytes(b"\x80\x02half")
+    path, loaded = checkpoint.latest(tmp_path)
+    assert path.name == "ckpt-000000000400.pt"
+    assert loaded["counters"] == {"steps": 400, "updates": 40}
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["version"] == checkpoint.FORMAT_VERSION
+
+
+def test_random_generator_states_round_trip():
+    rng = np.random.default_rng(5)
+    saved = checkpoint.numpy_rng_state(rng)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    global_state = checkpoint.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), rng.random(3))
+    checkpoint.set_rng_state(global_state)
+    checkpoint.set_numpy_rng_state(rng, saved)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert np.array_equal(rng.random(3), expected[2])
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
+    good = {"config": {}, "model": {}, "counters": {"steps": 1}}
+    path = checkpoint.save(good, tmp_path, keep=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="damaged or truncated"):
+        checkpoint.load(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ConfigError, match="damaged or truncated"):
+        checkpoint.load(path)
+    torch.save({"something": "else"}, path)
+    with pytest.raises(ConfigError, match="not an impala checkpoint"):
+        checkpoint.load(path)
+
+
+# --- exact resume (serial) ---------------------------------------------------------------------
+SERIAL_RUNS = {
+    "cartpole-fifo": dict(env="CartPole-v1", total_steps=24_000),
+    "corridor-replay": dict(total_steps=12_000),  # the seed's replay buffer
+    "lstm": dict(env="CartPoleNoVelocity-v1", core="lstm", core_size=16, total_steps=6_000),
+}
+
+
+@pytest.mark.parametrize("name", list(SERIAL_RUNS))
+def test_serial_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, name):
+    settings = dict(
+        SERIAL_RUNS[name], runtime="serial", log_interval=0.0, progress="lines", tensorboard=False
+    )
+    whole = train(resolve({**settings, "run_dir": str(tmp_path / "whole")}), out=io.StringIO())
+    # The same run stopped by a Ctrl-C after a few updates, then resumed to its end.
+    signals = StopSignals()
+    first = train(
+        resolve({**settings, "run_dir": str(tmp_path / "cut")}),
+        out=_StopAfter(signals, 5),
+        signals=signals,
+    )
+    assert first.signal == signal.SIGINT and 0 < first.updates < whole.updates
+    resumed = train(resolve({}), out=io.StringIO(), resume=str(tmp_path / "cut"))
+    assert (resumed.steps, resumed.updates) == (whole.steps, whole.updates)
+    assert _same_weights(_model(tmp_path / "cut"), _model(tmp_path / "whole"))
+    # Nothing recorded twice (the replay buffer makes several updates per env step count).
+    marks = [(r["steps"], r["updates"]) for r in metrics(tmp_path / "cut")]
+    assert marks == sorted(set(marks))
+
+
+# --- the local runtime's learner killed outright ---------------------------------------------
+def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("train", "--env", "CartPole-v1", "--run-dir", str(run_dir), "--log-interval", "0.2")
+    proc = start_cli(*args, "--checkpoint-interval", "0.01", "--target-return", "475")
+    try:
+        # Kill once a checkpoint exists and records were logged after it (they must go).
+        def logged_past_a_checkpoint() -> bool:
+            ckpts = checkpoint.listed(run_dir)
+            newest = int(ckpts[-1].name[5:17]) if ckpts else None
+            return newest is not None and any(r["steps"] > newest for r in metrics(run_dir))
+
+        wait_until(logged_past_a_checkpoint, 90, "records logged after a checkpoint")
+        explorers = explorer_processes(psutil.Process(proc.pid))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert_gone(explorers)  # explorers end with their learner
+    path, saved = checkpoint.latest(run_dir)
+    before = metrics(run_dir)
+    done, lr0 = saved["counters"]["steps"], saved["optimizer"]["param_groups"][0]["lr"]
+    resumed = run_cli("train", "--resume", str(run_dir), timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from {path.name}: {done:,} steps" in resumed.stdout
+    after = metrics(run_dir)
+    steps = [r["steps"] for r in after]
+    assert steps == sorted(set(steps)), "a step recorded twice"
+    assert len(before) > sum(r["steps"] <= done for r in after)  # records after the kill went
+    later = [r for r in after if r["steps"] > done]
+    assert later and later[0]["updates"] > saved["counters"]["updates"]
+    assert later[0]["learning_rate"] <= lr0  # the schedule goes on (linear decay)
+    assert later[-1]["return_mean"] >= 475
+    assert "done (target return)" in resumed.stdout
+
+
+# --- damaged checkpoints, changed settings, resume auto ----------------------------------------
+def test_resume_auto_falls_back_to_an_older_checkpoint_and_a_named_damaged_one_is_refused(
+    tmp_path,
+):
+    common = ("--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "4000")
+    _, _, run_dir, _ = train_cli(tmp_path, *common, "--checkpoint-interval", "0.0001")
+    ckpts = checkpoint.listed(run_dir)
+    assert len(ckpts) >= 2
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated on purpose
+    named = run_cli("train", "--resume", str(newest))
+    assert named.returncode == 2
+    assert named.stderr.count("\n") == 1 and "damaged or truncated" in named.stderr
+    auto = run_cli("train", *common, "--run-dir", str(run_dir), "--resume", "auto")
+    assert auto.returncode == 0, auto.stderr
+    assert "trying an older one" in auto.stderr
+    assert f"from {ckpts[-2].name}" in auto.stdout
+
+
+def test_resume_refuses_changed_settings_unless_overridden(tmp_path):
+    common = ("--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "2000")
+    _, _, run_dir, _ = train_cli(tmp_path, *common)
+    refused = run_cli("train", "--resume", str(run_dir), "--learning-rate", "0.1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "--learning-rate 0.1 (was" in refused.stderr and "--override" in refused.stderr
+    # How long it runs is not a change of what it learns: a longer budget goes on at once.
+    longer = run_cli("train", "--resume", str(run_dir), "--total-steps", "3000")
+    assert longer.returncode == 0, longer.stderr
+    changed = run_cli("train", "--resume", str(run_dir), "--learning-rate", "0.1", "--override")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads((run_dir / "config.json").read_text())["learning_rate"] == 0.1
+
+
+def test_resume_auto_starts_a_run_then_finds_it_done(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("train", "--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "2000")
+    first = run_cli(*args, "--run-dir", str(run_dir), "--resume", "auto")
+    assert first.returncode == 0 and "resuming" not in first.stdout
+    again = run_cli(*args, "--run-dir", str(run_dir), "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout and "reached before this resume" in again.stdout
+    no_dir = run_cli("train", "--resume", "auto")
+    assert no_dir.returncode == 2 and "--run-dir" in no_dir.stderr
+
+
+# --- TensorBoard and the progress display ------------------------------------------------------
+def test_tensorboard_scalars_read_back_and_continue_after_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = dict(env="CartPole-v1", runtime="serial", total_steps=12_000, log_interval=0.0)
+    signals = StopSignals()
+    run_dir = tmp_path / "run"
+    train(
+        resolve({**settings, "run_dir": str(run_dir)}), out=_StopAfter(signals, 4), signals=signals
+    )
+    train(resolve({}), out=io.StringIO(), resume=str(run_dir))
+    records = metrics(run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in (
+        "episodes/return_mean",
+        "loss/loss",
+        "learner/learning_rate",
+        "run/steps_per_second",
+    ):
+        assert tag in tags
+    loss = events.Scalars("loss/loss")
+    assert [e.step for e in loss] == [r["steps"] for r in records if r.get("loss") is not None]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records if "loss" in r])
+
+
+def test_progress_bar_and_plain_lines(tmp_path):
+    settings = dict(env="CartPole-v1", runtime="serial", total_steps=3000, tensorboard=False)
+    bar = io.StringIO()
+    train(resolve({**settings, "progress": "bar", "run_dir": str(tmp_path / "a")}), out=bar)
+    text = bar.getvalue()
+    assert "\r" in text and "/3.00k" in text and "step/s" in text and "return" in text  # tqdm
+    assert "steps/s |" not in text
+    lines = io.StringIO()  # not a terminal: plain lines (auto)
+    train(resolve({**settings, "log_interval": 0.0, "run_dir": str(tmp_path / "b")}), out=lines)
+    assert "\r" not in lines.getvalue() and "| eta " in lines.getvalue()
+    corridor = io.StringIO()  # the seed's learner line, whatever the display
+    train(
+        resolve(
+            dict(runtime="serial", total_steps=400, progress="bar", run_dir=str(tmp_path / "c"))
+        ),
+        out=corridor,
+    )
+    assert "avg-right-prob=" in corridor.getvalue() and "\r" not in corridor.getvalue()
+
+
+def test_checkpoints_every_interval_and_at_the_end(tmp_path):
+    _, _, run_dir, _ = train_cli(
+        tmp_path,
+        *("--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "3000"),
+        *("--checkpoint-interval", "0.00001", "--keep-checkpoints", "2"),
+    )
+    ckpts = checkpoint.listed(run_dir)
+    assert len(ckpts) == 2
+    _, last = checkpoint.latest(run_dir)
+    assert last["counters"]["steps"] >= 3000
+    assert os.path.getsize(run_dir / "metrics.jsonl") == last["metrics_offset"]
+    assert not list(checkpoint.folder(run_dir).glob("*.tmp"))
+    assert time.time() - ckpts[-1].stat().st_mtime < 120
