@@ -321,7 +321,8 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
     if print_config:
         print(cfg.to_json())
         return 0
-    _warn(f"impala {command}", cfg, given)
+    if resume is None:  # a resumed run's settings are its checkpoint's, not these
+        _warn(f"impala {command}", cfg, given)
     if command == "bench":
         from impala.bench import bench
 
