@@ -20,6 +20,7 @@ from conftest import (
     explorer_processes,
     metrics,
     run_cli,
+    shm_entries,
     start_cli,
     train_cli,
     wait_until,
@@ -142,6 +143,8 @@ def test_serial_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, na
 
 # --- the local runtime's learner killed outright ---------------------------------------------
 def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_path):
+    """Also: the explorers end with their SIGKILLed learner, leaving no shared memory behind."""
+    before_shm = shm_entries()
     run_dir = tmp_path / "run"
     args = ("train", "--env", "CartPole-v1", "--run-dir", str(run_dir), "--log-interval", "0.2")
     proc = start_cli(*args, "--checkpoint-interval", "0.01", "--target-return", "475")
@@ -160,7 +163,9 @@ def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_p
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-    assert_gone(explorers)  # explorers end with their learner
+    assert explorers
+    assert_gone(explorers, timeout=5)  # explorers end with their learner
+    assert shm_entries() == before_shm
     path, saved = checkpoint.latest(run_dir)
     before = metrics(run_dir)
     done, lr0 = saved["counters"]["steps"], saved["optimizer"]["param_groups"][0]["lr"]

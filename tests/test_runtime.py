@@ -182,21 +182,6 @@ def test_signal_stops_train_saves_and_leaves_nothing(tmp_path, signum, code):
     assert shm_entries() == before
 
 
-def test_explorers_die_with_a_sigkilled_learner(tmp_path):
-    before = shm_entries()
-    run_dir = tmp_path / "r"
-    proc = start_cli("train", "--env", "CartPole-v1", "--run-dir", str(run_dir))
-    try:
-        wait_for_learning(run_dir)
-        explorers = explorer_processes(psutil.Process(proc.pid))
-        assert explorers
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert_gone(explorers, timeout=5)
-    assert shm_entries() == before
-
-
 def test_sigterm_to_impala_as_pid_1(tmp_path):
     """In a container `impala` may be PID 1, where a signal with no handler is dropped."""
     if not os.path.exists("/usr/bin/unshare") or os.geteuid() != 0:
