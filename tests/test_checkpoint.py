@@ -27,6 +27,7 @@ from conftest import (
 )
 
 from impala import checkpoint
+from impala.cli import main
 from impala.config import resolve
 from impala.errors import ConfigError
 from impala.shutdown import StopSignals
@@ -183,49 +184,64 @@ def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_p
     assert "done (target return)" in resumed.stdout
 
 
-# --- damaged checkpoints, changed settings, resume auto ----------------------------------------
+# --- damaged checkpoints, changed settings, resume auto (the command, in this process) -----------
+def _impala(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+CARTPOLE_SERIAL = ("--env", "CartPole-v1", "--runtime", "serial", "--no-tensorboard")
+
+
 def test_resume_auto_falls_back_to_an_older_checkpoint_and_a_named_damaged_one_is_refused(
-    tmp_path,
+    tmp_path, capsys
 ):
-    common = ("--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "4000")
-    _, _, run_dir, _ = train_cli(tmp_path, *common, "--checkpoint-interval", "0.0001")
+    run_dir = str(tmp_path / "run")
+    common = (*CARTPOLE_SERIAL, "--total-steps", "4000", "--run-dir", run_dir)
+    code, _, err = _impala(capsys, "train", *common, "--checkpoint-interval", "0.0001")
+    assert code == 0, err
     ckpts = checkpoint.listed(run_dir)
     assert len(ckpts) >= 2
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated on purpose
-    named = run_cli("train", "--resume", str(newest))
-    assert named.returncode == 2
-    assert named.stderr.count("\n") == 1 and "damaged or truncated" in named.stderr
-    auto = run_cli("train", *common, "--run-dir", str(run_dir), "--resume", "auto")
-    assert auto.returncode == 0, auto.stderr
-    assert "trying an older one" in auto.stderr
-    assert f"from {ckpts[-2].name}" in auto.stdout
+    code, _, err = _impala(capsys, "train", "--resume", str(newest))
+    assert code == 2
+    assert err.count("\n") == 1 and "damaged or truncated" in err
+    code, out, err = _impala(capsys, "train", *common, "--resume", "auto")
+    assert code == 0, err
+    assert "trying an older one" in err
+    assert f"from {ckpts[-2].name}" in out
 
 
-def test_resume_refuses_changed_settings_unless_overridden(tmp_path):
-    common = ("--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "2000")
-    _, _, run_dir, _ = train_cli(tmp_path, *common)
-    refused = run_cli("train", "--resume", str(run_dir), "--learning-rate", "0.1")
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "--learning-rate 0.1 (was" in refused.stderr and "--override" in refused.stderr
+def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = _impala(
+        capsys, "train", *CARTPOLE_SERIAL, "--total-steps", "2000", "--run-dir", str(run_dir)
+    )
+    assert code == 0, err
+    code, _, err = _impala(capsys, "train", "--resume", str(run_dir), "--learning-rate", "0.1")
+    assert code == 2 and err.count("\n") == 1
+    assert "--learning-rate 0.1 (was" in err and "--override" in err
     # How long it runs is not a change of what it learns: a longer budget goes on at once.
-    longer = run_cli("train", "--resume", str(run_dir), "--total-steps", "3000")
-    assert longer.returncode == 0, longer.stderr
-    changed = run_cli("train", "--resume", str(run_dir), "--learning-rate", "0.1", "--override")
-    assert changed.returncode == 0, changed.stderr
+    code, _, err = _impala(capsys, "train", "--resume", str(run_dir), "--total-steps", "3000")
+    assert code == 0, err
+    code, _, err = _impala(
+        capsys, "train", "--resume", str(run_dir), "--learning-rate", "0.1", "--override"
+    )
+    assert code == 0, err
     assert json.loads((run_dir / "config.json").read_text())["learning_rate"] == 0.1
 
 
-def test_resume_auto_starts_a_run_then_finds_it_done(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ("train", "--env", "CartPole-v1", "--runtime", "serial", "--total-steps", "2000")
-    first = run_cli(*args, "--run-dir", str(run_dir), "--resume", "auto")
-    assert first.returncode == 0 and "resuming" not in first.stdout
-    again = run_cli(*args, "--run-dir", str(run_dir), "--resume", "auto")
-    assert again.returncode == 0, again.stderr
-    assert "resuming" in again.stdout and "reached before this resume" in again.stdout
-    no_dir = run_cli("train", "--resume", "auto")
-    assert no_dir.returncode == 2 and "--run-dir" in no_dir.stderr
+def test_resume_auto_starts_a_run_then_finds_it_done(tmp_path, capsys):
+    args = ("train", *CARTPOLE_SERIAL, "--total-steps", "2000", "--run-dir", str(tmp_path / "r"))
+    code, out, err = _impala(capsys, *args, "--resume", "auto")
+    assert code == 0 and "resuming" not in out, err
+    code, out, err = _impala(capsys, *args, "--resume", "auto")
+    assert code == 0, err
+    assert "resuming" in out and "reached before this resume" in out
+    code, _, err = _impala(capsys, "train", "--resume", "auto")
+    assert code == 2 and "--run-dir" in err
 
 
 # --- TensorBoard and the progress display ------------------------------------------------------
