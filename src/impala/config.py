@@ -146,6 +146,12 @@ class Config:
     """Clip of the importance weight in the policy gradient; none for no clipping."""
     vtrace_lambda: float = 1.0
     """V-trace lambda (Remark 2)."""
+    value_norm: Literal["none", "popart"] = "none"
+    """'popart': the value head learns normalised values, with running statistics of the V-trace
+    targets (PopArt, Hessel et al. 2019), so that rewards of any scale learn alike; returns are
+    reported unnormalised. 'none': plain values."""
+    popart_beta: float = 3e-4
+    """PopArt: step size of the targets' running mean and second moment, per update."""
     # --- run --------------------------------------------------------------------------------
     seed: int = 0
     """Random seed (env seeds, network init, action sampling)."""
@@ -254,6 +260,7 @@ CHOICES = {
     "device": ("cpu", "cuda", "auto"),
     "precision": ("auto", "fp32", "bf16"),
     "progress": ("auto", "bar", "lines"),
+    "value_norm": ("none", "popart"),
 }
 
 
@@ -275,6 +282,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma!r}")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate!r}")
+    if not 0.0 < cfg.popart_beta <= 1.0:
+        raise ConfigError(f"--popart-beta must be in (0, 1], got {cfg.popart_beta!r}")
+    if cfg.value_norm == "popart" and (cfg.algo != "vtrace" or cfg.net == "seed"):
+        raise ConfigError(
+            "--value-norm popart needs --algo vtrace and a network with a value head (not seed)"
+        )
     if not 0.0 <= cfg.vtrace_lambda <= 1.0:
         raise ConfigError(f"--vtrace-lambda must be in [0, 1], got {cfg.vtrace_lambda!r}")
     for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "grad_clip"):
@@ -338,6 +351,7 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "ray_address": ("runtime", ("ray",)),
     "max_restarts": ("runtime", ("local", "ray")),
     "core_size": ("core", ("lstm",)),
+    "popart_beta": ("value_norm", ("popart",)),
     "restart_window": ("runtime", ("local", "ray")),
 }
 

@@ -41,6 +41,7 @@ def build_model(cfg: Config, env: EnvInfo) -> nn.Module:
         num_layers=cfg.num_layers,
         core=cfg.core,
         core_size=cfg.core_size,
+        popart_beta=cfg.popart_beta if cfg.value_norm == "popart" else None,
     )
 
 

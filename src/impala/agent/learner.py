@@ -12,6 +12,7 @@ from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.errors import ConfigError
 from impala.nets.conv import ImageTorso
+from impala.nets.popart import PopArt
 from impala.optim import RMSpropTF
 
 
@@ -96,6 +97,9 @@ class Learner:
         self.grad_sync = grad_sync
         self.optimizer = make_optimizer(cfg, model.parameters())
         self.updates = 0
+        # PopArt's value head, if the network has one: its statistics move after each update.
+        self.popart = next((m for m in self.model.modules() if isinstance(m, PopArt)), None)
+        self._targets: torch.Tensor | None = None
 
     @property
     def version(self) -> int:
@@ -168,6 +172,8 @@ class Learner:
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
+        if self.popart is not None and self._targets is not None:
+            self.popart.update(self._targets)  # outputs preserved; published below
         self.updates += 1
         behaviour_version = batch["policy_version"].double().mean().item()
         policy_lag = self.store.version - behaviour_version
@@ -182,6 +188,8 @@ class Learner:
             batch_steps=int(batch["action"].numel()),
         )
         metrics.update({f"prob_action{a}": float(p) for a, p in enumerate(probs)})
+        if self.popart is not None:
+            metrics.update(popart_mu=float(self.popart.mu), popart_sigma=float(self.popart.sigma))
         return metrics
 
     def _vtrace_loss(self, batch: dict[str, torch.Tensor]):
@@ -202,11 +210,18 @@ class Learner:
             clip_pg_rho_threshold=self.cfg.clip_pg_rho_threshold,
             lambda_=self.cfg.vtrace_lambda,
         )
+        vs, advantages, values = returns.vs, returns.pg_advantages, values[:-1]
+        if self.popart is not None:
+            # PopArt: the baseline loss on normalised values and targets, the advantages scaled
+            # by 1/sigma; V-trace itself ran on unnormalised values (see impala.nets.popart).
+            self._targets = vs.detach()
+            mu, sigma = self.popart.mu.detach(), self.popart.sigma
+            vs, values, advantages = (vs - mu) / sigma, (values - mu) / sigma, advantages / sigma
         terms = losses.actor_critic_loss(
             logits[:-1],
-            values[:-1],
+            values,
             batch["action"],
-            vtrace.VTraceReturns(vs=returns.vs, pg_advantages=returns.pg_advantages),
+            vtrace.VTraceReturns(vs=vs, pg_advantages=advantages),
             baseline_cost=self.cfg.baseline_cost,
             entropy_cost=self.cfg.entropy_cost,
             reduction=self.cfg.loss_reduction,

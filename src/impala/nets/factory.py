@@ -62,22 +62,31 @@ def build_net(
     num_layers: int = 2,
     core: str = "ff",
     core_size: int = 256,
+    popart_beta: float | None = None,
 ) -> nn.Module:
     """Network `name` (see NET_NAMES) for `env`, feed-forward (`core='ff'`) or with an LSTM
-    core (`core='lstm'`)."""
+    core (`core='lstm'`), with a PopArt value head if `popart_beta` is given."""
     name = resolve_net(name, env)
     if name == "seed":
         if core != "ff":
             raise ConfigError("the seed network has no torso for an LSTM core; use --net mlp")
+        if popart_beta is not None:
+            raise ConfigError("--value-norm popart needs a value head; the seed network has none")
         return SeedNet(num_hidden, obs_dim=env.obs_shape[0], num_actions=env.num_actions)
     if name == "mlp":
         obs_dim = math.prod(env.obs_shape)
         if core == "ff":
-            return MLPNet(obs_dim, env.num_actions, num_hidden=num_hidden, num_layers=num_layers)
+            return MLPNet(
+                obs_dim,
+                env.num_actions,
+                num_hidden=num_hidden,
+                num_layers=num_layers,
+                popart_beta=popart_beta,
+            )
         torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers)
     else:
         make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
         torso = make(env.obs_shape)
     if core == "lstm":
-        return RecurrentNet(torso, env.num_actions, core_size=core_size)
-    return PolicyValueNet(torso, env.num_actions)
+        return RecurrentNet(torso, env.num_actions, core_size=core_size, popart_beta=popart_beta)
+    return PolicyValueNet(torso, env.num_actions, popart_beta=popart_beta)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from impala.nets.heads import value_head, values
+
 
 class SeedNet(nn.Module):
     """The seed prototype's network: two dense layers with no non-linearity between them.
@@ -80,6 +82,7 @@ class MLPNet(nn.Module):
         num_hidden: int = 64,
         num_layers: int = 2,
         shared: bool = False,
+        popart_beta: float | None = None,
     ) -> None:
         super().__init__()
         sizes = [obs_dim] + [num_hidden] * num_layers
@@ -87,17 +90,18 @@ class MLPNet(nn.Module):
         self.policy_torso = _tower(sizes, nn.Tanh)
         self.value_torso = None if shared else _tower(sizes, nn.Tanh)
         self.policy_head = nn.Linear(sizes[-1], num_actions)
-        self.value_head = nn.Linear(sizes[-1], 1)
+        self.value_head = value_head(sizes[-1], popart_beta)
         _orthogonal_init(self)
         nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
-        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+        linear = self.value_head.linear if popart_beta is not None else self.value_head
+        nn.init.orthogonal_(linear.weight, gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs `[N, obs_dim]` -> logits `[N, A]`, values `[N]`."""
         obs = obs.float()
         policy_features = self.policy_torso(obs)
         value_features = policy_features if self.value_torso is None else self.value_torso(obs)
-        return self.policy_head(policy_features), self.value_head(value_features).squeeze(-1)
+        return self.policy_head(policy_features), values(self.value_head, value_features)
 
     def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
         """obs `[N, obs_dim]` -> logits `[N, A]`, without the value tower (acting needs none)."""

@@ -26,13 +26,19 @@ class RecurrentNet(nn.Module):
 
     is_recurrent = True
 
-    def __init__(self, torso: nn.Module, num_actions: int, core_size: int = 256) -> None:
+    def __init__(
+        self,
+        torso: nn.Module,
+        num_actions: int,
+        core_size: int = 256,
+        popart_beta: float | None = None,
+    ) -> None:
         super().__init__()
         self.torso = torso
         self.num_actions = num_actions
         self.core_size = core_size
         self.core = nn.LSTMCell(torso.num_features + num_actions + 1, core_size)
-        self.heads = Heads(core_size, num_actions)
+        self.heads = Heads(core_size, num_actions, popart_beta)
 
     def initial_state(self, batch_size: int) -> State:
         """Zeros `(h [B, H], c [B, H])`."""

@@ -53,6 +53,11 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     resume, override = args.pop("resume", None), args.pop("override", False)
     args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
     cfg = config_mod.resolve(args)
+    if cfg.value_norm == "popart" and len(spec.learners) > 1:
+        raise ConfigError(
+            "--value-norm popart with several learners is not supported yet (each learner's "
+            "statistics would follow its own batches); use one learner"
+        )
     point = None
     if spec.job == "learner" and spec.task == 0 and resume is not None:
         # Learner 0 loads the checkpoint and hands it to the other learners; explorers ask

@@ -1,0 +1,70 @@
+"""PopArt: a value head that learns values of any scale (van Hasselt et al. 2016, "Learning values
+across many orders of magnitude"; Hessel et al. 2019, "Multi-task Deep RL with PopArt").
+
+The linear layer predicts a normalised value `n(x) = w.f(x) + b`; the value is
+`V(x) = sigma * n(x) + mu`, with `mu` and `sigma` running statistics of the value targets:
+
+    mu    <- (1 - beta) mu + beta mean(v_s)          (first moment of the V-trace targets)
+    nu    <- (1 - beta) nu + beta mean(v_s^2)        (second moment)
+    sigma  = sqrt(nu - mu^2), clipped to [SIGMA_MIN, SIGMA_MAX]
+
+After each change of the statistics the layer is rescaled so that every output `V(x)` stays
+exactly what it was ("preserving outputs precisely"):
+
+    w' = w sigma / sigma'        b' = (sigma b + mu - mu') / sigma'
+
+V-trace runs on unnormalised values (what `forward` returns, and what explorers use); the learner
+takes the baseline loss on normalised values and targets, `((v_s - V(x)) / sigma)^2 / 2`, and
+divides the policy-gradient advantages by sigma (Hessel et al.), so that neither the size of the
+gradient nor the step size depends on the reward scale.
+
+`mu` and `nu` are parameters that take no gradient: they travel with the weights in the
+parameter store, so explorers' unnormalised values are the learner's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SIGMA_MIN = 1e-4
+SIGMA_MAX = 1e6
+
+
+class PopArt(nn.Module):
+    """A value head `[N, F] -> [N]` with adaptively rescaled targets (see the module doc)."""
+
+    def __init__(self, num_features: int, beta: float = 3e-4) -> None:
+        super().__init__()
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
+        self.beta = beta
+        self.linear = nn.Linear(num_features, 1)
+        self.mu = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.nu = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """The scale of the targets `[1]` (no gradient)."""
+        variance = (self.nu - self.mu**2).clamp(min=SIGMA_MIN**2)
+        return variance.sqrt().clamp(SIGMA_MIN, SIGMA_MAX).detach()
+
+    def normalized(self, features: torch.Tensor) -> torch.Tensor:
+        """`n(x)`, `[N]`."""
+        return self.linear(features).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The unnormalised value `V(x) = sigma n(x) + mu`, `[N]`."""
+        return self.normalized(features) * self.sigma + self.mu.detach()
+
+    @torch.no_grad()
+    def update(self, targets: torch.Tensor) -> None:
+        """Moves the statistics towards the batch of value targets `targets` (any shape) and
+        rescales the layer so that every unnormalised output is unchanged."""
+        targets = targets.detach().to(self.mu.dtype)
+        mu_old, sigma_old = self.mu.clone(), self.sigma.clone()
+        self.mu.mul_(1.0 - self.beta).add_(self.beta * targets.mean())
+        self.nu.mul_(1.0 - self.beta).add_(self.beta * (targets**2).mean())
+        sigma_new = self.sigma
+        self.linear.weight.mul_(sigma_old / sigma_new)
+        self.linear.bias.mul_(sigma_old).add_(mu_old - self.mu).div_(sigma_new)
