@@ -59,6 +59,18 @@ def test_replay_upload_every_f_episodes_and_sampling():
     assert steps["obs"].shape == (32, 4) and steps["mc_return"].shape == (32,)
 
 
+def test_replay_uploads_when_episodes_outlast_the_local_buffer():
+    """Episodes longer than the local buffer: it is uploaded once it wraps, so the learner gets
+    data (the rate limit would otherwise hold explorers and learner waiting for each other)."""
+    spec = _spec()
+    slots = 2
+    buffer = ReplayBuffer(allocate(spec, 2 * slots), torch.zeros(2, dtype=torch.int64), slots)
+    staging = ReplayStaging(spec, slots, explorer=0, buffer=buffer, upload_frequency=4)
+    assert [staging.commit(0) for _ in range(3)] == [False, False, True]
+    assert buffer.num_slots_filled == 2
+    assert [staging.commit(0) for _ in range(3)] == [False, False, True]
+
+
 def test_replay_sampling_skips_a_slice_whose_upload_never_finished():
     spec = _spec()
     slots = 1

@@ -238,7 +238,10 @@ class ReplayRate:
 
 class ReplayStaging:
     """An explorer's local round-robin buffer, uploaded to its slice every `upload_frequency`
-    episodes (the seed prototype's `-f`)."""
+    episodes (the seed prototype's `-f`), and also once more unrolls were written since the last
+    upload than it holds (it started overwriting what was never uploaded): with episodes longer
+    than the buffer, the learner would otherwise wait for ever for data while the explorers wait
+    for the learner (the rate limit)."""
 
     def __init__(
         self, spec: Spec, slots: int, explorer: int, buffer: ReplayBuffer, upload_frequency: int
@@ -254,6 +257,7 @@ class ReplayStaging:
         self._next = 0
         self._count = 0
         self._episodes_since_upload = 0
+        self._written_since_upload = 0
 
     def next_slot(self) -> dict[str, np.ndarray]:
         """Views of the local slot the next unroll goes to (the oldest one)."""
@@ -264,8 +268,13 @@ class ReplayStaging:
         self._next = (self._next + 1) % self.slots
         self._count = min(self._count + 1, self.slots)
         self._episodes_since_upload += episodes_finished
-        if self._episodes_since_upload >= self.upload_frequency:
+        self._written_since_upload += 1
+        if (
+            self._episodes_since_upload >= self.upload_frequency
+            or self._written_since_upload > self.slots
+        ):
             self.buffer.upload(self.explorer, self.local, self._count)
             self._episodes_since_upload = 0
+            self._written_since_upload = 0
             return True
         return False

@@ -127,6 +127,7 @@ class SerialSource:
                         "next": s._next,
                         "count": s._count,
                         "episodes": s._episodes_since_upload,
+                        "written": s._written_since_upload,
                     }
                     for s in self.staging
                 ],
@@ -155,6 +156,7 @@ class SerialSource:
                     v[...] = s["local"][k].numpy()
                 staging._next, staging._count = int(s["next"]), int(s["count"])
                 staging._episodes_since_upload = int(s["episodes"])
+                staging._written_since_upload = int(s.get("written", 0))
         return exact
 
     def poll(self) -> list[UnrollInfo]:

@@ -1,0 +1,174 @@
+"""The defaults' benchmark: `impala train --env ID --seed S` and nothing else, on Gymnasium tasks
+with published PPO/A2C results at a known step budget, three seeds each; a Markdown table of our
+mean and spread at the published budget beside the published figure, and `impala plot` curves.
+
+    python benchmarks/suite.py [--tasks CartPole-v1 ...] [--seeds 0 1 2] [--out runs/suite]
+
+Runs go to OUT/<task>-s<seed> with `--resume auto`, so an interrupted suite picks up where it
+stopped (a finished run is only read). The table goes to OUT/suite.md (and stdout), the curves to
+OUT/<task>.png.
+
+A task passes when the mean over seeds of the return at the published budget (the mean of the last
+100 episodes, as logged) reaches its target: 90% of the published score, or the task's "solved"
+threshold where that is lower or the published score is negative. It collapses when the mean
+return over the last 10% of a run is more than 10% of the run's return range below its best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ZOO = "rl-baselines3-zoo benchmark.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    env: str
+    algo: str  # the published algorithm
+    budget: int  # its env steps
+    score: float  # its mean return
+    threshold: float | None  # the task's "solved" return (Gymnasium's reward_threshold)
+    source: str = ZOO
+    note: str = ""
+
+    @property
+    def target(self) -> float:
+        if self.score <= 0:
+            return self.threshold if self.threshold is not None else self.score
+        target = 0.9 * self.score
+        return min(target, self.threshold) if self.threshold is not None else target
+
+
+TASKS = {
+    t.env: t
+    for t in (
+        Task("CartPole-v1", "A2C", 500_000, 500.0, 475.0),
+        Task("Acrobot-v1", "PPO", 1_000_000, -73.5, -100.0),
+        Task("LunarLander-v3", "PPO", 1_000_000, 242.1, 200.0, note="published on v2"),
+        Task("MountainCar-v0", "PPO", 1_000_000, -110.4, -110.0, note="sparse reward"),
+    )
+}
+
+
+def run(task: Task, seed: int, out: Path) -> Path:
+    run_dir = out / f"{task.env.replace('/', '_')}-s{seed}"
+    command = [
+        sys.executable,
+        "-m",
+        "impala.cli",
+        "train",
+        "--env",
+        task.env,
+        "--seed",
+        str(seed),
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "auto",
+        "--progress",
+        "lines",
+    ]
+    start = time.monotonic()
+    with open(out / f"{run_dir.name}.log", "a") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"suite: {task.env} seed {seed} failed (exit {code}); see {log.name}")
+    print(f"suite: {task.env} seed {seed}: {time.monotonic() - start:.0f} s", flush=True)
+    return run_dir
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in out if r.get("return_mean") is not None]
+
+
+def figures(task: Task, run_dir: Path) -> dict:
+    recs = records(run_dir)
+    at_budget = [r for r in recs if r["steps"] <= task.budget] or recs[:1]
+    returns = [r["return_mean"] for r in recs]
+    tail = recs[int(0.9 * len(recs)) :]
+    best, worst = max(returns), min(returns)
+    tail_mean = statistics.fmean(r["return_mean"] for r in tail)
+    return {
+        "at_budget": at_budget[-1]["return_mean"],
+        "seconds_to_budget": at_budget[-1]["time"],
+        "best": best,
+        "tail": tail_mean,
+        "collapsed": best - tail_mean > 0.1 * (best - worst),
+        "steps": recs[-1]["steps"],
+        "seconds": recs[-1]["time"],
+    }
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    rows = [
+        "| task | published (steps) | target | ours at that budget, mean +- std (seeds) | passes "
+        "| best / last 10% (collapse?) | wall time to the budget | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for env, per_seed in results.items():
+        task = TASKS[env]
+        at = [f["at_budget"] for f in per_seed]
+        mean = statistics.fmean(at)
+        std = statistics.pstdev(at) if len(at) > 1 else 0.0
+        seconds = statistics.fmean(f["seconds_to_budget"] for f in per_seed)
+        best = statistics.fmean(f["best"] for f in per_seed)
+        tail = statistics.fmean(f["tail"] for f in per_seed)
+        collapsed = sum(f["collapsed"] for f in per_seed)
+        note = f", {task.note}" if task.note else ""
+        rows.append(
+            f"| {env} | {task.algo} {task.score:g} ({task.budget / 1e6:g}M{note}) "
+            f"| {task.target:g} | {mean:.1f} +- {std:.1f} ({', '.join(f'{a:.0f}' for a in at)}) "
+            f"| {'yes' if mean >= task.target else 'no'} | {best:.1f} / {tail:.1f} "
+            f"({collapsed} of {len(per_seed)}) | {seconds:.0f} s "
+            f"| `impala train --env {env} --seed S` |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/suite"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for env in args.tasks:
+        task = TASKS[env]
+        dirs = [run(task, seed, args.out) for seed in args.seeds]
+        results[env] = [figures(task, d) for d in dirs]
+        subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "impala.cli",
+                "plot",
+                *map(str, dirs),
+                "-o",
+                str(args.out / f"{env.replace('/', '_')}.png"),
+                "--title",
+                env,
+            ]
+        )
+    text = table(results)
+    (args.out / "suite.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The fallback preset (every env id without a preset of its own): what it is, and short runs on
+two tasks of the defaults' benchmark (benchmarks/suite.py) with nothing but `--env`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import train_cli
+
+from impala.config import FALLBACK, PRESETS, resolve
+
+
+@pytest.mark.parametrize("env_id", ["Acrobot-v1", "LunarLander-v3", "mypackage:Anything-v0"])
+def test_ids_without_a_preset_get_the_fallback(env_id):
+    cfg = resolve({"env": env_id})
+    for name, value in PRESETS[FALLBACK].items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.value_norm == "popart" and cfg.buffer == "replay"
+
+
+def test_presets_of_their_own_stay():
+    assert resolve({}).net == "seed"  # the corridor: the seed's
+    assert resolve({"env": "CartPole-v1"}).value_norm == "none"
+    assert resolve({"env": "MinAtar/Breakout-v1"}).net == "minatar"
+
+
+@pytest.mark.parametrize("env_id", ["Acrobot-v1", "LunarLander-v3"])
+def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id):
+    if env_id.startswith("Lunar"):
+        pytest.importorskip("Box2D")
+    _, _, _, records = train_cli(
+        tmp_path, "--env", env_id, "--total-steps", "8000", "--log-interval", "0.2"
+    )
+    last = records[-1]
+    assert last["updates"] > 10 and last["steps"] >= 8000
+    assert math.isfinite(last["loss"]) and last["popart_sigma"] > 1.0  # scales of these returns
