@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-slow bench chaos lint clean
+.PHONY: setup train test test-slow bench chaos suite lint clean
 
 $(BIN)/impala: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: setup
 
 chaos: setup
 	$(BIN)/python benchmarks/chaos.py $(ARGS)
+
+suite: setup
+	$(BIN)/python benchmarks/suite.py $(ARGS)
 
 lint: setup
 	$(BIN)/pip install -q ruff

@@ -30,8 +30,9 @@ def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id):
     if env_id.startswith("Lunar"):
         pytest.importorskip("Box2D")
     _, _, _, records = train_cli(
-        tmp_path, "--env", env_id, "--total-steps", "8000", "--log-interval", "0.2"
+        tmp_path, "--env", env_id, "--total-steps", "24000", "--log-interval", "0.2"
     )
     last = records[-1]
-    assert last["updates"] > 10 and last["steps"] >= 8000
+    # Acrobot's first episodes last 500 steps: uploads (every episode) start after that.
+    assert last["updates"] > 10 and last["steps"] >= 24000
     assert math.isfinite(last["loss"]) and last["popart_sigma"] > 1.0  # scales of these returns
