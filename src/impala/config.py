@@ -499,7 +499,9 @@ PRESETS[CARTPOLE_NO_VELOCITY_ID] = PRESETS["CartPole-v1"] | dict(
 # learned from twice on average, V-trace correcting for the lag) in many small updates (8
 # sequences), the mean loss, a clipped gradient, Adam, gamma 0.999 and PopArt, so that rewards of
 # any scale learn alike. On LunarLander at 1M steps: FIFO batches of 32 sequences peaked near 80
-# and fell back; FIFO batches of 8 reached 45-63; this replay 201 (147 without PopArt).
+# and fell back; FIFO batches of 8 reached 45-63; this replay 201 (147 without PopArt) and 144,
+# -5, 104 over seeds 0-2; batches of 16 sequences instead: 83, 96, 107 and 35, 19, 7 in two sets
+# of seeds 0-2 (the local runtime is not deterministic, and the spread between runs is large).
 PRESETS[FALLBACK] = dict(
     net="auto",
     num_hidden=64,
