@@ -255,6 +255,29 @@ class ResumePoint:
     run_dir: Path
     state: dict[str, Any]
 
+    def tracker_state(self) -> dict[str, Any]:
+        """What the run's Tracker goes on from (its `resume`)."""
+        return {
+            **self.state["counters"],
+            "returns": self.state.get("returns", []),
+            "metrics_offset": self.state.get("metrics_offset", 0),
+        }
+
+    def restore(self, learner, cfg: Config, out: IO[str]) -> None:
+        """Takes `learner` and the global random generators back to the checkpoint, and says
+        so."""
+        counters = self.state["counters"]
+        learner.restore(
+            {
+                "model": self.state["model"],
+                "optimizer": self.state["optimizer"],
+                "updates": counters.get("learner_updates", 0),
+                "policy_version": counters.get("policy_version", 0),
+            }
+        )
+        checkpoint.set_rng_state(self.state["rng"])
+        print(resume_line(self, cfg), file=out, flush=True)
+
 
 def resume_point(
     cfg: Config, resume: str, given: set[str], override: bool = False
@@ -358,28 +381,13 @@ def train(
         if own_signals:
             stack.enter_context(signals)
         stack.enter_context(torch_threads(cfg.learner_threads))
-        resume_counters = None
-        if point is not None:
-            resume_counters = {
-                **point.state["counters"],
-                "returns": point.state.get("returns", []),
-                "metrics_offset": point.state.get("metrics_offset", 0),
-            }
+        resume_counters = point.tracker_state() if point is not None else None
         tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
         learner = build_learner(cfg, env, shared=cfg.runtime == "local")
         source_state = None
         source_cfg = cfg
         if point is not None:
-            learner.restore(
-                {
-                    "model": point.state["model"],
-                    "optimizer": point.state["optimizer"],
-                    "updates": point.state["counters"].get("learner_updates", 0),
-                    "policy_version": point.state["counters"].get("policy_version", 0),
-                }
-            )
-            checkpoint.set_rng_state(point.state["rng"])
-            print(resume_line(point, cfg), file=out, flush=True)
+            point.restore(learner, cfg, out)
             if cfg.runtime == "serial":
                 source_state = point.state.get("source") or None
             elif cfg.steps_total > done_before:

@@ -14,7 +14,6 @@ from typing import IO, Any
 
 import torch
 
-from impala import checkpoint
 from impala.agent import (
     Learner,
     ParameterStore,
@@ -245,7 +244,7 @@ def run_learner_task(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from impala.train import Checkpointer, resume_line, run_learner
+    from impala.train import Checkpointer, run_learner
 
     job = spec.description(cfg)
     resumed = point is not None and spec.task == 0
@@ -268,16 +267,7 @@ def run_learner_task(
     model = common.build_model(cfg, env)
     learner = Learner(cfg, model, ParameterStore(*ParameterStore.allocate(model)))
     if resumed:
-        learner.restore(
-            {
-                "model": point.state["model"],
-                "optimizer": point.state["optimizer"],
-                "updates": counters.get("learner_updates", 0),
-                "policy_version": counters.get("policy_version", 0),
-            }
-        )
-        checkpoint.set_rng_state(point.state["rng"])
-        print(resume_line(point, cfg), file=out, flush=True)
+        point.restore(learner, cfg, out)
     group = None
     if len(spec.learners) > 1:
         group = LearnerGroup(spec.task, len(spec.learners), hub0, peer_timeout)
@@ -287,13 +277,7 @@ def run_learner_task(
         learner.grad_sync = group.average_gradients
         if resumed:
             group.steps_offset = steps_before - int(counters.get("steps", 0))
-    resume_counters = None
-    if resumed:
-        resume_counters = {
-            **counters,
-            "returns": point.state.get("returns", []),
-            "metrics_offset": point.state.get("metrics_offset", 0),
-        }
+    resume_counters = point.tracker_state() if resumed else None
     tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
     source = HubSource(cfg, spec, env, learner, hub, tracker, peer_timeout)
     budget = common.explorer_budget(cfg, len(spec.explorers))
