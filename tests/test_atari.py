@@ -146,6 +146,7 @@ def test_an_atari_id_whose_rom_is_missing_is_one_line(tmp_path, monkeypatch):
     [
         ("ale_py", "PongNoFrameskip-v4", "pip install 'impala-rl[atari]'"),
         ("minatar", "MinAtar/Breakout-v1", "pip install 'impala-rl[minatar]'"),
+        ("minigrid", "MiniGrid-DoorKey-5x5-v0", "pip install 'impala-rl[minigrid]'"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_the_install_command(tmp_path, package, env_id, install):

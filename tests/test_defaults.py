@@ -25,14 +25,18 @@ def test_presets_of_their_own_stay():
     assert resolve({"env": "MinAtar/Breakout-v1"}).net == "minatar"
 
 
-@pytest.mark.parametrize("env_id", ["Acrobot-v1", "LunarLander-v3"])
-def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id):
-    if env_id.startswith("Lunar"):
-        pytest.importorskip("Box2D")
+@pytest.mark.parametrize(
+    "env_id, steps", [("Acrobot-v1", 24000), ("MiniGrid-Empty-Random-5x5-v0", 12000)]
+)
+def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id, steps):
+    if env_id.startswith("MiniGrid"):
+        pytest.importorskip("minigrid")
     _, _, _, records = train_cli(
-        tmp_path, "--env", env_id, "--total-steps", "24000", "--log-interval", "0.2"
+        tmp_path, "--env", env_id, "--total-steps", str(steps), "--log-interval", "0.2"
     )
     last = records[-1]
     # Acrobot's first episodes last 500 steps: uploads (every episode) start after that.
-    assert last["updates"] > 10 and last["steps"] >= 24000
-    assert math.isfinite(last["loss"]) and last["popart_sigma"] > 1.0  # scales of these returns
+    assert last["updates"] > 10 and last["steps"] >= steps
+    assert math.isfinite(last["loss"]) and last["return_mean"] is not None
+    if env_id == "Acrobot-v1":
+        assert last["popart_sigma"] > 1.0  # the scale of its returns

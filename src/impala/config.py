@@ -152,6 +152,10 @@ class Config:
     reported unnormalised. 'none': plain values."""
     popart_beta: float = 3e-4
     """PopArt: step size of the targets' running mean and second moment, per update."""
+    obs_norm: Literal["off", "on", "auto"] = "off"
+    """'on': vector observations are standardised by running statistics of the observations
+    learned from (each dimension to zero mean, unit variance, clipped to +-5), kept with the
+    weights; 'auto': on where the network is the MLP (vector observations), off for images."""
     # --- run --------------------------------------------------------------------------------
     seed: int = 0
     """Random seed (env seeds, network init, action sampling)."""
@@ -261,6 +265,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16"),
     "progress": ("auto", "bar", "lines"),
     "value_norm": ("none", "popart"),
+    "obs_norm": ("off", "on", "auto"),
 }
 
 

@@ -13,7 +13,7 @@ from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, make_vector_env
 from impala.envs.atari import protocol_record
-from impala.nets import build_net, resolve_net
+from impala.nets import build_net, resolve_net, resolve_obs_norm
 
 
 def settle(cfg: Config, env: EnvInfo, *, learner: bool = True) -> Config:
@@ -23,7 +23,8 @@ def settle(cfg: Config, env: EnvInfo, *, learner: bool = True) -> Config:
     learner) a device this machine lacks."""
     if learner:
         resolve_device(cfg.device)
-    return dataclasses.replace(cfg, net=resolve_net(cfg.net, env))
+    net = resolve_net(cfg.net, env)
+    return dataclasses.replace(cfg, net=net, obs_norm=resolve_obs_norm(cfg.obs_norm, net))
 
 
 def run_record(cfg: Config, env: EnvInfo) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def build_model(cfg: Config, env: EnvInfo) -> nn.Module:
         core=cfg.core,
         core_size=cfg.core_size,
         popart_beta=cfg.popart_beta if cfg.value_norm == "popart" else None,
+        obs_norm=cfg.obs_norm,
     )
 
 

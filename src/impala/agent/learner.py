@@ -12,6 +12,7 @@ from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.errors import ConfigError
 from impala.nets.conv import ImageTorso
+from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
 from impala.optim import RMSpropTF
 
@@ -100,6 +101,8 @@ class Learner:
         # PopArt's value head, if the network has one: its statistics move after each update.
         self.popart = next((m for m in self.model.modules() if isinstance(m, PopArt)), None)
         self._targets: torch.Tensor | None = None
+        # Running statistics of the observations, if the network standardises its inputs.
+        self.obs_norm = next((m for m in self.model.modules() if isinstance(m, ObsNorm)), None)
 
     @property
     def version(self) -> int:
@@ -161,6 +164,8 @@ class Learner:
     def update(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> dict[str, float]:
         batch = self._to_device(batch)
         lr = self._set_learning_rate(progress)
+        if self.obs_norm is not None:
+            self.obs_norm.update(batch["obs"])  # published with the weights below
         if self.cfg.algo == "reinforce":
             terms, logits = self._reinforce_loss(batch)
         else:

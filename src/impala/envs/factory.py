@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
-from impala.envs import atari, minatar
+from impala.envs import atari, minatar, minigrid
 from impala.envs.atari import AtariProtocol
 from impala.errors import ConfigError
 
@@ -65,6 +65,11 @@ def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
             raise ConfigError(
                 f"'{name}' is a MinAtar game and MinAtar is not installed: {minatar.MINATAR_EXTRA}"
             )
+        if minigrid.looks_like_minigrid(name) and not minigrid.register():
+            raise ConfigError(
+                f"'{name}' is a MiniGrid task and MiniGrid is not installed: "
+                f"{minigrid.MINIGRID_EXTRA}"
+            )
         if name not in gym.registry:
             atari.register()  # other ale-py ids (Pong-v4, ...), when it is installed
     if name not in gym.registry:
@@ -93,7 +98,8 @@ def make_env(
 
     `env_id` may be `module:EnvId` (as in Gymnasium): the module, which registers the id, is
     imported first, here and in every explorer process. Atari ids get `atari_protocol` (the
-    paper's by default, see `impala.envs.atari`), MinAtar ids channel-first uint8 planes.
+    paper's by default, see `impala.envs.atari`), MinAtar ids channel-first uint8 planes,
+    MiniGrid ids one flat uint8 vector (`impala.envs.minigrid`).
 
     Raises ConfigError for an unknown id, a missing extra or ROM, an environment whose code
     cannot be imported, a non-discrete action space or a non-Box observation.
@@ -121,6 +127,8 @@ def make_env(
         raise ConfigError(_missing_module(env_id, spec, exc)) from None
     if minatar.is_minatar(spec):
         env = minatar.channels_first(env)
+    elif minigrid.is_minigrid(spec):
+        env = minigrid.flat_observations(env)
     _check_spaces(env_id, env)
     return env
 

@@ -1,7 +1,7 @@
 """Policy-value networks: observations `[N, *obs_shape]` in, `(logits [N, A], values [N])` out;
 recurrent ones (`is_recurrent`) unroll over time from a state (`impala.nets.recurrent`)."""
 
-from impala.nets.factory import NET_NAMES, build_net, resolve_net
+from impala.nets.factory import NET_NAMES, build_net, resolve_net, resolve_obs_norm
 from impala.nets.heads import PolicyValueNet
 from impala.nets.mlp import MLPNet, SeedNet
 from impala.nets.recurrent import RecurrentNet
@@ -14,4 +14,5 @@ __all__ = [
     "SeedNet",
     "build_net",
     "resolve_net",
+    "resolve_obs_norm",
 ]

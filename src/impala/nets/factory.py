@@ -54,6 +54,19 @@ def resolve_net(name: str, env: EnvInfo) -> str:
     return name
 
 
+def resolve_obs_norm(obs_norm: str, net: str) -> str:
+    """'on' or 'off' for `--obs-norm` with the resolved network `net`: 'auto' is 'on' for the
+    MLP (vector observations), 'off' for the others. ConfigError for 'on' with another network."""
+    if obs_norm == "on" and net != "mlp":
+        raise ConfigError(
+            f"--obs-norm on standardises vector observations for the mlp network; '{net}' "
+            "does not take it (images are not standardised; use --obs-norm auto or off)"
+        )
+    if obs_norm == "auto":
+        return "on" if net == "mlp" else "off"
+    return obs_norm
+
+
 def build_net(
     name: str,
     env: EnvInfo,
@@ -63,10 +76,13 @@ def build_net(
     core: str = "ff",
     core_size: int = 256,
     popart_beta: float | None = None,
+    obs_norm: str = "off",
 ) -> nn.Module:
     """Network `name` (see NET_NAMES) for `env`, feed-forward (`core='ff'`) or with an LSTM
-    core (`core='lstm'`), with a PopArt value head if `popart_beta` is given."""
+    core (`core='lstm'`), with a PopArt value head if `popart_beta` is given and standardised
+    inputs with `obs_norm` 'on' (the MLP only) or 'auto' (where the network is the MLP)."""
     name = resolve_net(name, env)
+    normalise = resolve_obs_norm(obs_norm, name) == "on"
     if name == "seed":
         if core != "ff":
             raise ConfigError("the seed network has no torso for an LSTM core; use --net mlp")
@@ -82,8 +98,9 @@ def build_net(
                 num_hidden=num_hidden,
                 num_layers=num_layers,
                 popart_beta=popart_beta,
+                obs_norm=normalise,
             )
-        torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers)
+        torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers, obs_norm=normalise)
     else:
         make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
         torso = make(env.obs_shape)

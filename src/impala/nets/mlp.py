@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from impala.nets.heads import value_head, values
+from impala.nets.obsnorm import ObsNorm
 
 
 class SeedNet(nn.Module):
@@ -42,6 +43,11 @@ def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _inputs(obs_norm: ObsNorm | None, obs: torch.Tensor) -> torch.Tensor:
+    """The network's float inputs: `obs` standardised if there is an `obs_norm`."""
+    return obs.float() if obs_norm is None else obs_norm(obs)
+
+
 def _orthogonal_init(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
@@ -52,15 +58,18 @@ def _orthogonal_init(module: nn.Module) -> None:
 class MLPTorso(nn.Module):
     """`num_layers` layers of `num_hidden` tanh units: the torso under an LSTM core."""
 
-    def __init__(self, obs_dim: int, *, num_hidden: int = 64, num_layers: int = 2) -> None:
+    def __init__(
+        self, obs_dim: int, *, num_hidden: int = 64, num_layers: int = 2, obs_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
         self.tower = _tower([obs_dim] + [num_hidden] * num_layers, nn.Tanh)
         self.num_features = num_hidden
         _orthogonal_init(self)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """obs `[N, obs_dim]` -> features `[N, num_hidden]`."""
-        return self.tower(obs.float())
+        return self.tower(_inputs(self.obs_norm, obs))
 
 
 class MLPNet(nn.Module):
@@ -70,6 +79,7 @@ class MLPNet(nn.Module):
     `num_hidden` tanh units each), so the value loss, whose scale grows with the returns, does not
     disturb the policy's features. `shared=True` gives one torso with two heads.
     Orthogonal initialisation, with a small policy head so that the first policy is near uniform.
+    `obs_norm=True` standardises the inputs first (`impala.nets.obsnorm`).
     """
 
     is_recurrent = False
@@ -83,10 +93,12 @@ class MLPNet(nn.Module):
         num_layers: int = 2,
         shared: bool = False,
         popart_beta: float | None = None,
+        obs_norm: bool = False,
     ) -> None:
         super().__init__()
         sizes = [obs_dim] + [num_hidden] * num_layers
         self.shared = shared
+        self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
         self.policy_torso = _tower(sizes, nn.Tanh)
         self.value_torso = None if shared else _tower(sizes, nn.Tanh)
         self.policy_head = nn.Linear(sizes[-1], num_actions)
@@ -98,11 +110,11 @@ class MLPNet(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs `[N, obs_dim]` -> logits `[N, A]`, values `[N]`."""
-        obs = obs.float()
+        obs = _inputs(self.obs_norm, obs)
         policy_features = self.policy_torso(obs)
         value_features = policy_features if self.value_torso is None else self.value_torso(obs)
         return self.policy_head(policy_features), values(self.value_head, value_features)
 
     def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
         """obs `[N, obs_dim]` -> logits `[N, A]`, without the value tower (acting needs none)."""
-        return self.policy_head(self.policy_torso(obs.float()))
+        return self.policy_head(self.policy_torso(_inputs(self.obs_norm, obs)))
