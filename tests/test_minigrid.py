@@ -1,5 +1,6 @@
 """MiniGrid tasks of the defaults' benchmark: one flat uint8 vector per observation (the egocentric
-view, then the mission), sparse rewards reported unchanged (test_defaults.py trains the fallback on one)."""
+view, then the mission), sparse rewards reported unchanged (test_defaults.py trains the fallback
+on one)."""
 
 from __future__ import annotations
 
