@@ -53,6 +53,10 @@ TASKS = {
         Task("Acrobot-v1", "PPO", 1_000_000, -73.5, -100.0),
         Task("LunarLander-v3", "PPO", 1_000_000, 242.1, 200.0, note="published on v2"),
         Task("MountainCar-v0", "PPO", 1_000_000, -110.4, -110.0, note="sparse reward"),
+        # MiniGrid: the zoo's PPO saw MiniGrid's FlatObsWrapper observations, as ours do; the
+        # reward is sparse (1 - 0.9 steps / max_steps on success, else 0).
+        Task("MiniGrid-KeyCorridorS3R1-v0", "PPO", 500_000, 0.949, None, note="sparse reward"),
+        Task("MiniGrid-DoorKey-5x5-v0", "PPO", 100_000, 0.964, None, note="sparse reward"),
     )
 }
 
@@ -113,6 +117,11 @@ def figures(task: Task, run_dir: Path) -> dict:
     }
 
 
+def _fmt(x: float) -> str:
+    """Returns of any scale: one decimal from 10 up, three significant digits below."""
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def table(results: dict[str, list[dict]]) -> str:
     rows = [
         "| task | published (steps) | target | ours at that budget, mean +- std (seeds) | passes "
@@ -131,8 +140,8 @@ def table(results: dict[str, list[dict]]) -> str:
         note = f", {task.note}" if task.note else ""
         rows.append(
             f"| {env} | {task.algo} {task.score:g} ({task.budget / 1e6:g}M{note}) "
-            f"| {task.target:g} | {mean:.1f} +- {std:.1f} ({', '.join(f'{a:.0f}' for a in at)}) "
-            f"| {'yes' if mean >= task.target else 'no'} | {best:.1f} / {tail:.1f} "
+            f"| {task.target:.3g} | {_fmt(mean)} +- {_fmt(std)} ({', '.join(map(_fmt, at))}) "
+            f"| {'yes' if mean >= task.target else 'no'} | {_fmt(best)} / {_fmt(tail)} "
             f"({collapsed} of {len(per_seed)}) | {seconds:.0f} s "
             f"| `impala train --env {env} --seed S` |"
         )
