@@ -74,6 +74,18 @@ BAD_INPUT = [
     ([*J, "--gamma", "-1"], "--gamma must be in [0, 1], got -1.0"),
     ([*J, "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
     ([*J, "-l", "203.0.113.9:1233"], "not an address of this machine"),
+    # statistics that each of several learners would follow on its own batches
+    (
+        ["-l", "localhost:1231,localhost:1232", "-e", "localhost:1234", "--env", "Acrobot-v1"],
+        "--value-norm popart with several learners is not supported yet",
+    ),
+    (
+        [
+            *("-l", "localhost:1231,localhost:1232", "-e", "localhost:1234"),
+            *("--env", "Acrobot-v1", "--value-norm", "none"),
+        ],
+        "--obs-norm with several learners is not supported yet",
+    ),
 ]
 
 

@@ -65,6 +65,11 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
         cfg, point = resume_point(cfg, resume, set(args), override)
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env, learner=spec.job == "learner")
+    if cfg.obs_norm == "on" and len(spec.learners) > 1:
+        raise ConfigError(
+            "--obs-norm with several learners is not supported yet (each learner's statistics "
+            "would follow its own batches); use one learner or --obs-norm off"
+        )
     reserve(*spec.own).close()  # this task's address: free and this machine's, or one line
     record = run_record(cfg, env)
     run_dir = None
