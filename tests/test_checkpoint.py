@@ -117,6 +117,10 @@ SERIAL_RUNS = {
     "cartpole-fifo": dict(env="CartPole-v1", total_steps=24_000),
     "corridor-replay": dict(total_steps=12_000),  # the seed's replay buffer
     "lstm": dict(env="CartPoleNoVelocity-v1", core="lstm", core_size=16, total_steps=6_000),
+    # APPO: its target network and circular buffer (and the draws from it) are kept too
+    "appo": dict(
+        env="CartPole-v1", loss="appo", appo_passes=3, appo_target_interval=4, total_steps=12_000
+    ),
 }
 
 

@@ -16,7 +16,16 @@ def test_ids_without_a_preset_get_the_fallback(env_id):
     cfg = resolve({"env": env_id})
     for name, value in PRESETS[FALLBACK].items():
         assert getattr(cfg, name) == value, name
-    assert cfg.value_norm == "popart" and cfg.buffer == "replay"
+    assert cfg.value_norm == "popart" and cfg.buffer == "replay" and cfg.loss == "appo"
+
+
+def test_the_fallbacks_vtrace_extras_yield_to_the_seeds_choices():
+    """--algo reinforce (or the seed's network) with the fallback is a run, not an error about
+    the preset's PopArt or APPO, which only V-trace with a value head takes."""
+    cfg = resolve({"env": "Acrobot-v1", "algo": "reinforce"})
+    assert (cfg.value_norm, cfg.loss, cfg.buffer) == ("none", "impala", "replay")
+    cfg = resolve({"env": "Acrobot-v1", "net": "seed"})
+    assert (cfg.value_norm, cfg.loss) == ("none", "appo")
 
 
 def test_presets_of_their_own_stay():
@@ -40,3 +49,4 @@ def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id, steps):
     assert math.isfinite(last["loss"]) and last["return_mean"] is not None
     if env_id == "Acrobot-v1":
         assert last["popart_sigma"] > 1.0  # the scale of its returns
+        assert 0.0 <= last["clip_fraction"] <= 1.0  # APPO's loss

@@ -4,7 +4,7 @@ explorers are in this process, in local processes, Ray actors or tasks on other 
     batch = source.next_batch(timeout)      # None: nothing ready yet
     count the unrolls that arrived meanwhile, restart dead explorers (or fail)
     agree with the other learners on stopping and on updating (synchronous learners only)
-    learner.update(batch), log
+    learner.learn(batch), log (one update, or APPO's passes)
 
 It ends when the source is exhausted (every explorer made its steps and all was learned from), at
 the time limit or target return, or at a stop request (SIGINT/SIGTERM); the caller's `finally`
@@ -96,7 +96,7 @@ def learn(
         if decision.stop and batch is not None and isinstance(consensus, Alone):
             # The batch in hand is learned from before stopping: nothing collected is lost, and
             # a run stopped and resumed makes the same updates as one that went on.
-            tracker.on_update(learner.update(batch, min(1.0, decision.steps / steps_total)))
+            _learn_from(learner, tracker, batch, min(1.0, decision.steps / steps_total))
             batch = None
         if decision.stop:
             if not tracker.stop_reason:
@@ -106,8 +106,13 @@ def learn(
         if not decision.update:
             continue  # synchronous learners: another one has no batch yet; keep ours
         progress = min(1.0, decision.steps / steps_total)
-        tracker.on_update(learner.update(batch, progress))
+        _learn_from(learner, tracker, batch, progress)
         batch = None
         tracker.maybe_log()
         if after_update is not None:
             after_update()  # periodic checkpoints: between updates, nothing half-done
+
+
+def _learn_from(learner: Learner, tracker: Tracker, batch: Batch, progress: float) -> None:
+    for metrics in learner.learn(batch, progress):
+        tracker.on_update(metrics)

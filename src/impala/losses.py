@@ -21,10 +21,12 @@ __all__ = [
     "ActorCriticLoss",
     "ReinforceLoss",
     "actor_critic_loss",
+    "appo_loss",
     "baseline_loss",
     "discounted_returns",
     "entropy_loss",
     "policy_gradient_loss",
+    "clipped_surrogate_loss",
     "reinforce_loss",
 ]
 
@@ -98,6 +100,46 @@ def policy_gradient_loss(
     return -(log_pi * advantages.detach()).sum()
 
 
+def clipped_surrogate_loss(
+    target_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    actions: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+) -> torch.Tensor:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) against a reference policy, as
+    APPO/IMPACT use it (Luo et al. 2020): with r_t = pi(a_t|x_t) / pi_ref(a_t|x_t),
+
+        -sum_{t,b} min(r_t A_t, clip(r_t, 1 - clip, 1 + clip) A_t).
+
+    Shapes: target_logits and reference_logits `[T, B, A]`, actions and advantages `[T, B]` ->
+    scalar. Reduction: sum over time and batch. The reference policy and the advantages (V-trace
+    computed with pi_ref as its target policy, so they carry the weight min(rho-bar, pi_ref/mu))
+    are constants. Where pi = pi_ref the gradient equals `policy_gradient_loss`'s; once r_t has
+    left the clip range in the direction A_t favours, the step's gradient is zero.
+    """
+    _check_logits("target_logits", target_logits)
+    _check_logits("reference_logits", reference_logits)
+    _check_per_step(
+        "target_logits without its last dim",
+        target_logits.shape[:-1],
+        actions=actions,
+        advantages=advantages,
+    )
+    if reference_logits.shape != target_logits.shape:
+        raise ValueError(
+            f"reference_logits shape {_shape(reference_logits)} must equal target_logits shape "
+            f"{_shape(target_logits)}"
+        )
+    log_ratio = action_log_probs(target_logits, actions) - action_log_probs(
+        reference_logits.detach(), actions
+    )
+    ratio = log_ratio.exp()
+    advantages = advantages.detach()
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    return -surrogate.sum()
+
+
 def baseline_loss(vs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Value regression, 0.5 * sum_{t,b} (v_t - V(x_t))^2 (Espeholt et al. 2018, Sec. 4.2).
 
@@ -161,6 +203,63 @@ def actor_critic_loss(
         },
     )
     policy = policy_gradient_loss(target_logits, actions, vtrace_returns.pg_advantages)
+    return _combine(
+        policy,
+        target_logits,
+        values,
+        actions,
+        vtrace_returns,
+        baseline_cost,
+        entropy_cost,
+        reduction,
+    )
+
+
+def appo_loss(
+    target_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    values: torch.Tensor,
+    actions: torch.Tensor,
+    vtrace_returns: VTraceReturns,
+    *,
+    clip: float = 0.2,
+    baseline_cost: float = 0.5,
+    entropy_cost: float = 0.01,
+    reduction: str = "sum",
+) -> ActorCriticLoss:
+    """APPO's loss (IMPACT, Luo et al. 2020; RLlib's APPO): `actor_critic_loss` with the policy
+    term replaced by `clipped_surrogate_loss` against `reference_logits` (the target network's),
+    vtrace_returns computed with the reference as V-trace's target policy. Shapes, reduction and
+    errors as in `actor_critic_loss`; reference_logits `[T, B, A]`.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    policy = clipped_surrogate_loss(
+        target_logits, reference_logits, actions, vtrace_returns.pg_advantages, clip
+    )
+    return _combine(
+        policy,
+        target_logits,
+        values,
+        actions,
+        vtrace_returns,
+        baseline_cost,
+        entropy_cost,
+        reduction,
+    )
+
+
+def _combine(
+    policy: torch.Tensor,
+    target_logits: torch.Tensor,
+    values: torch.Tensor,
+    actions: torch.Tensor,
+    vtrace_returns: VTraceReturns,
+    baseline_cost: float,
+    entropy_cost: float,
+    reduction: str,
+) -> ActorCriticLoss:
+    """The baseline and entropy terms beside a policy term, reduced and weighted."""
     baseline = baseline_loss(vtrace_returns.vs, values)
     entropy = entropy_loss(target_logits)
     if reduction == "mean":

@@ -156,6 +156,8 @@ class Checkpointer:
             "rng": checkpoint.rng_state(),
             "source": source_state,
         }
+        if "appo" in learner_state:  # APPO's target network and circular buffer
+            state["appo"] = learner_state["appo"]
         try:
             path = checkpoint.save(state, self.run_dir, self.cfg.keep_checkpoints)
         except OSError as exc:  # a full disk: say so and go on (the next one may succeed)
@@ -273,6 +275,7 @@ class ResumePoint:
                 "optimizer": self.state["optimizer"],
                 "updates": counters.get("learner_updates", 0),
                 "policy_version": counters.get("policy_version", 0),
+                **({"appo": self.state["appo"]} if "appo" in self.state else {}),
             }
         )
         checkpoint.set_rng_state(self.state["rng"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections import deque
 from typing import Callable
 
 import torch
@@ -103,19 +105,35 @@ class Learner:
         self._targets: torch.Tensor | None = None
         # Running statistics of the observations, if the network standardises its inputs.
         self.obs_norm = next((m for m in self.model.modules() if isinstance(m, ObsNorm)), None)
+        # APPO: the target network pi_target (the surrogate's reference and V-trace's target
+        # policy), refreshed from pi every cfg.appo_target_interval updates, and the circular
+        # buffer of recent batches that passes after a batch's first draw from.
+        self.target: nn.Module | None = None
+        self._reuse: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.appo_buffer)
+        self._reuse_rng = torch.Generator().manual_seed(cfg.seed)
+        if cfg.algo == "vtrace" and cfg.loss == "appo":
+            self.target = copy.deepcopy(self.model).requires_grad_(False)
 
     @property
     def version(self) -> int:
         return self.store.version
 
     def state(self) -> dict:
-        """What a checkpoint keeps of the learner: weights, optimizer state, counters."""
-        return {
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+        """What a checkpoint keeps of the learner: weights, optimizer state, counters (and
+        APPO's target network and circular buffer)."""
+        state = {
+            "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "updates": self.updates,
             "policy_version": self.store.version,
         }
+        if self.target is not None:
+            state["appo"] = {
+                "target": _to_cpu(self.target.state_dict()),
+                "reuse": [_to_cpu(batch) for batch in self._reuse],
+                "rng": self._reuse_rng.get_state(),
+            }
+        return state
 
     def restore(self, state: dict) -> None:
         """Takes the learner back to a checkpoint's `state` and publishes its weights under the
@@ -128,6 +146,15 @@ class Learner:
                 f"the checkpoint's weights do not fit this network: {str(exc).splitlines()[0]}"
             ) from None
         self.updates = int(state["updates"])
+        if self.target is not None:
+            appo = state.get("appo")
+            if appo is None:  # a checkpoint of a run without APPO (--override)
+                self.target.load_state_dict(self.model.state_dict())
+            else:
+                self.target.load_state_dict(appo["target"])
+                self._reuse.clear()
+                self._reuse.extend(self._to_device(b) for b in appo["reuse"])
+                self._reuse_rng.set_state(appo["rng"])
         flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
         self.store.assign(int(state["policy_version"]), flat.to(self.store.flat.device))
 
@@ -144,13 +171,17 @@ class Learner:
             return batch
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi's logits `[T+1, B, A]` and values `[T+1, B]` for a V-trace batch, in float32."""
+    def _forward(
+        self, batch: dict[str, torch.Tensor], model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits `[T+1, B, A]` and values `[T+1, B]` of pi (or `model`) for a V-trace
+        batch, in float32."""
+        model = self.model if model is None else model
         obs = batch["obs"]  # [T+1, B, *obs]
         T1, B = obs.shape[:2]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.model.is_recurrent:
-                logits, values, _ = self.model.unroll(
+            if model.is_recurrent:
+                logits, values, _ = model.unroll(
                     obs,
                     batch["prev_action"],
                     batch["prev_reward"],
@@ -158,10 +189,27 @@ class Learner:
                     (batch["core_h"], batch["core_c"]),
                 )
             else:
-                logits, values = self.model(obs.flatten(0, 1))
+                logits, values = model(obs.flatten(0, 1))
         return logits.float().view(T1, B, -1), values.float().view(T1, B)
 
+    def learn(
+        self, batch: dict[str, torch.Tensor], progress: float = 0.0
+    ) -> list[dict[str, float]]:
+        """Learns from a batch received: one update, and with APPO's --appo-passes more, each on a
+        batch drawn at random from the circular buffer of the last --appo-buffer batches (this
+        one included). The metrics of each update, in order."""
+        if self.target is None or self.cfg.appo_passes == 1:
+            return [self.update(batch, progress)]
+        batch = self._to_device(batch)
+        self._reuse.append(batch)
+        metrics = [self.update(batch, progress)]
+        for _ in range(self.cfg.appo_passes - 1):
+            pick = int(torch.randint(len(self._reuse), (), generator=self._reuse_rng))
+            metrics.append(self.update(self._reuse[pick], progress))
+        return metrics
+
     def update(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> dict[str, float]:
+        """One update of pi from `batch`; its metrics."""
         batch = self._to_device(batch)
         lr = self._set_learning_rate(progress)
         if self.obs_norm is not None:
@@ -180,6 +228,8 @@ class Learner:
         if self.popart is not None and self._targets is not None:
             self.popart.update(self._targets)  # outputs preserved; published below
         self.updates += 1
+        if self.target is not None and self.updates % self.cfg.appo_target_interval == 0:
+            self.target.load_state_dict(self.model.state_dict())
         behaviour_version = batch["policy_version"].double().mean().item()
         policy_lag = self.store.version - behaviour_version
         self.store.publish(self.model)
@@ -199,12 +249,16 @@ class Learner:
 
     def _vtrace_loss(self, batch: dict[str, torch.Tensor]):
         logits, values = self._forward(batch)
+        reference = None  # APPO: pi_target's logits, V-trace's target policy and the clip's
+        if self.target is not None:
+            with torch.no_grad():
+                reference = self._forward(batch, self.target)[0][:-1]
         # Truncated episodes: discount is 0 there and the explorer recorded V_mu of the last
         # observation, so the target is r + gamma * V(x_last), never the next episode's value.
         rewards = batch["reward"] + self.cfg.gamma * batch["truncation_value"]
         returns = vtrace.from_logits(
             behaviour_policy_logits=batch["behaviour_logits"],
-            target_policy_logits=logits[:-1],
+            target_policy_logits=logits[:-1] if reference is None else reference,
             actions=batch["action"],
             discounts=batch["discount"],
             rewards=rewards,
@@ -222,15 +276,24 @@ class Learner:
             self._targets = vs.detach()
             mu, sigma = self.popart.mu.detach(), self.popart.sigma
             vs, values, advantages = (vs - mu) / sigma, (values - mu) / sigma, advantages / sigma
-        terms = losses.actor_critic_loss(
-            logits[:-1],
-            values,
-            batch["action"],
-            vtrace.VTraceReturns(vs=vs, pg_advantages=advantages),
+        costs = dict(
             baseline_cost=self.cfg.baseline_cost,
             entropy_cost=self.cfg.entropy_cost,
             reduction=self.cfg.loss_reduction,
         )
+        targets = vtrace.VTraceReturns(vs=vs, pg_advantages=advantages)
+        if reference is None:
+            terms = losses.actor_critic_loss(logits[:-1], values, batch["action"], targets, **costs)
+        else:
+            terms = losses.appo_loss(
+                logits[:-1],
+                reference,
+                values,
+                batch["action"],
+                targets,
+                clip=self.cfg.appo_clip,
+                **costs,
+            )
         out = {
             "loss": terms.total,
             "policy_loss": terms.policy,
@@ -238,6 +301,12 @@ class Learner:
             "entropy_loss": terms.entropy,
             "mean_rho": returns.log_rhos.exp().mean(),
         }
+        if reference is not None:
+            with torch.no_grad():  # the share of steps whose ratio pi/pi_target left the range
+                log_ratio = vtrace.action_log_probs(logits[:-1], batch["action"])
+                log_ratio -= vtrace.action_log_probs(reference, batch["action"])
+                outside = (log_ratio.exp() - 1).abs() > self.cfg.appo_clip
+                out["clip_fraction"] = outside.float().mean()
         return out, logits[:-1]
 
     def _reinforce_loss(self, batch: dict[str, torch.Tensor]):
