@@ -126,8 +126,9 @@ class LearnerGroup:
         )
 
     def broadcast_learner_state(self, learner) -> None:
-        """Learner 0's optimizer state and counters to every learner (a resumed job: learner 0
-        loaded the checkpoint; the weights go with `broadcast_parameters`)."""
+        """Learner 0's optimizer state, counters and APPO's target network to every learner (a
+        resumed job: learner 0 loaded the checkpoint; the weights go with
+        `broadcast_parameters`)."""
         import torch.distributed as dist
 
         payload = [None]
@@ -137,6 +138,7 @@ class LearnerGroup:
                     "optimizer": learner.optimizer.state_dict(),
                     "updates": learner.updates,
                     "version": learner.store.version,
+                    "target": None if learner.target is None else learner.target.state_dict(),
                 }
             ]
         self._collective("start", lambda: dist.broadcast_object_list(payload, src=0))
@@ -145,6 +147,8 @@ class LearnerGroup:
             learner.optimizer.load_state_dict(state["optimizer"])
             learner.updates = state["updates"]
             learner.store.assign(state["version"], learner.store.flat)
+            if learner.target is not None:  # APPO's target network
+                learner.target.load_state_dict(state["target"])
 
     def report_failure(self, line: str) -> None:
         """Records this learner's failure at hub 0 (first one wins) and leaves the group at once,
