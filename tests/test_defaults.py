@@ -45,8 +45,11 @@ def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id, steps):
     )
     last = records[-1]
     # Acrobot's first episodes last 500 steps: uploads (every episode) start after that.
-    assert last["updates"] > 10 and last["steps"] >= steps
-    assert math.isfinite(last["loss"]) and last["return_mean"] is not None
+    assert last["updates"] > 10 and last["steps"] >= steps and last["return_mean"] is not None
+    # The final record may come after the last update (explorers still finishing their share):
+    # the update metrics are those of the last record with updates in its interval.
+    learned = [r for r in records if "loss" in r][-1]
+    assert math.isfinite(learned["loss"])
     if env_id == "Acrobot-v1":
-        assert last["popart_sigma"] > 1.0  # the scale of its returns
-        assert 0.0 <= last["clip_fraction"] <= 1.0  # APPO's loss
+        assert learned["popart_sigma"] > 1.0  # the scale of its returns
+        assert 0.0 <= learned["clip_fraction"] <= 1.0  # APPO's loss
