@@ -4,6 +4,7 @@
 import multiprocessing
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
 
@@ -33,7 +34,67 @@ class MatrixObservations(CartPoleEnv):
         return obs.reshape(2, 2), *rest
 
 
+class MultiBinaryActions(CartPoleEnv):
+    """CartPole with a MultiBinary action space, which no policy here takes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.action_space = gym.spaces.MultiBinary(2)
+
+
+class MatchDigits(gym.Env):
+    """A MultiDiscrete task: each step shows two digits (in 0..2, one-hot, 6 floats) and the
+    action names them (MultiDiscrete([3, 3])); one reward per digit named right, 10 steps an
+    episode. A uniform policy earns 2/3 a step (6.7 an episode), the best 2 (20)."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (6,), np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 3])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observe(), {}
+
+    def _observe(self):
+        self.digits = self.np_random.integers(0, 3, size=2)
+        obs = np.zeros(6, np.float32)
+        obs[self.digits + np.array([0, 3])] = 1.0
+        return obs
+
+    def step(self, action):
+        reward = float(np.sum(np.asarray(action) == self.digits))
+        self.t += 1
+        return self._observe(), reward, False, self.t >= 10, {}
+
+
+class ReachPoint(gym.Env):
+    """A continuous task: each step shows a point in [-1, 1]^2 and the action (Box(-2, 2, (2,)))
+    should be twice it; reward minus the squared distance, 10 steps an episode. A policy that
+    ignores the observation earns about -27 an episode, the best 0."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observe(), {}
+
+    def _observe(self):
+        self.point = self.np_random.uniform(-1, 1, size=2).astype(np.float32)
+        return self.point.copy()
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, np.float32)), action
+        reward = -float(np.sum((np.asarray(action) - 2 * self.point) ** 2))
+        self.t += 1
+        return self._observe(), reward, False, self.t >= 10, {}
+
+
 for env_id, entry_point in {
+    "MultiBinaryActions-v0": "envs_for_tests:MultiBinaryActions",
+    "MatchDigits-v0": "envs_for_tests:MatchDigits",
+    "ReachPoint-v0": "envs_for_tests:ReachPoint",
     "MatrixObservations-v0": "envs_for_tests:MatrixObservations",
     "FailsInExplorers-v0": "envs_for_tests:FailsInExplorers",
     # Its module imports a package that is not installed (as a MuJoCo env without imageio).

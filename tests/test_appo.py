@@ -180,20 +180,22 @@ def test_vtrace_and_the_clip_use_the_target_policy(monkeypatch):
         seen["reference"] = reference
         return real_appo(logits, reference, *args, **kwargs)
 
-    real_vtrace = vtrace.from_logits
+    real_vtrace = vtrace.from_importance_weights
 
     def spy_vtrace(**kwargs):
-        seen["vtrace_target"] = kwargs["target_policy_logits"]
+        seen["log_rhos"] = kwargs["log_rhos"]
         return real_vtrace(**kwargs)
 
     monkeypatch.setattr(losses, "appo_loss", spy)
-    monkeypatch.setattr(vtrace, "from_logits", spy_vtrace)
+    monkeypatch.setattr(vtrace, "from_importance_weights", spy_vtrace)
     learner.update(batch)
     with torch.no_grad():
         expected = learner.target(batch["obs"].flatten(0, 1))[0].view(6, 4, 2)[:-1]
         pi_logits = learner.model(batch["obs"].flatten(0, 1))[0].view(6, 4, 2)[:-1]
     torch.testing.assert_close(seen["reference"], expected)
-    torch.testing.assert_close(seen["vtrace_target"], expected)
+    log_mu = vtrace.action_log_probs(batch["behaviour_logits"], batch["action"])
+    target_log_rhos = vtrace.action_log_probs(expected, batch["action"]) - log_mu
+    torch.testing.assert_close(seen["log_rhos"], target_log_rhos)
     assert not torch.allclose(expected, pi_logits)
 
 

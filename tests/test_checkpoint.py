@@ -121,6 +121,8 @@ SERIAL_RUNS = {
     "appo": dict(
         env="CartPole-v1", loss="appo", appo_passes=3, appo_target_interval=4, total_steps=12_000
     ),
+    # continuous actions: the environments replay float actions (the fallback preset: replay)
+    "box": dict(env="Pendulum-v1", max_steps_per_episode=50, total_steps=4_000),
 }
 
 

@@ -23,7 +23,7 @@ BAD_INPUT = [
     (["train", "--env", "CartPol-v1"], "'CartPol-v1' (did you mean CartPole-v1"),
     (["train", "--env", "envs_for_tests:ImportFails-v0"], "'a_renderer_that_is_not_installed'"),
     (["train", "--env", "no_such_module:Env-v0"], "cannot import module 'no_such_module'"),
-    (["train", "--env", "Pendulum-v1"], "'Pendulum-v1' has a Box action space"),
+    (["train", "--env", "envs_for_tests:MultiBinaryActions-v0"], "MultiBinary(2), which no"),
     (["train", "--env", "FrozenLake-v1"], "'FrozenLake-v1' has a Discrete observation space"),
     (["train", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
     (["train", "--unroll-length", "-3"], "--unroll-length must be a positive integer, got -3"),

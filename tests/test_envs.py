@@ -52,9 +52,20 @@ def test_unknown_env_id_is_a_config_error():
         make_env("CartPol-v1")
 
 
-def test_continuous_actions_rejected():
-    with pytest.raises(ConfigError, match="Pendulum-v1.*Box action space"):
-        make_env("Pendulum-v1")
+def test_action_spaces_taken_and_refused():
+    box = probe_env("Pendulum-v1").action
+    assert (box.kind, box.low, box.high, box.params_size) == ("box", (-2.0,), (2.0,), 2)
+    import envs_for_tests  # noqa: F401  (registers the test environments)
+
+    multi = probe_env("MatchDigits-v0").action
+    assert (multi.kind, multi.nvec, multi.params_size, multi.action_shape) == (
+        "multi_discrete",
+        (3, 3),
+        6,
+        (2,),
+    )
+    with pytest.raises(ConfigError, match="MultiBinaryActions-v0.*MultiBinary.*no policy"):
+        make_env("MultiBinaryActions-v0")
 
 
 def test_corridor_registered_with_gymnasium():

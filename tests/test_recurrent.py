@@ -111,9 +111,15 @@ def _exact_config(env_id, core, **overrides):
     [
         ("MinAtar/Breakout-v1", {}),  # episodes of 10-30 steps at random
         ("PongNoFrameskip-v4", {"max_steps_per_episode": 11}),  # truncated every 11 steps
+        # Continuous (a Gaussian's means and log-stds) and multi-discrete actions (two
+        # categoricals): the LSTM takes the last action's features, not a one-hot.
+        ("Pendulum-v1", {"max_steps_per_episode": 11}),
+        ("MatchDigits-v0", {}),  # episodes of 10 steps
     ],
 )
 def test_learner_recomputes_the_explorers_behaviour_logits(env_id, overrides, core):
+    import envs_for_tests  # noqa: F401  (registers MatchDigits-v0)
+
     cfg = _exact_config(env_id, core, **overrides)
     env = probe_env(cfg.env, **cfg.env_options)
     torch.manual_seed(0)
@@ -126,7 +132,8 @@ def test_learner_recomputes_the_explorers_behaviour_logits(env_id, overrides, co
     storage = allocate(spec, num_unrolls)
     for slot in range(num_unrolls):
         explorer.fill(numpy_views(storage, slot))
-    assert storage["obs"].dtype == torch.uint8  # frames stay compact up to the learner
+    if env.is_image:
+        assert storage["obs"].dtype == torch.uint8  # frames stay compact up to the learner
     batch = slots_to_batch(storage, list(range(num_unrolls)), "vtrace")
     discounts = batch["discount"]
     assert (discounts[1:] == 0).any(), "no episode ended inside an unroll"

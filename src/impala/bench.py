@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+import gymnasium as gym
 import numpy as np
 import psutil
 import torch.multiprocessing as mp
@@ -37,15 +38,19 @@ def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
     try:
         vec.reset(seed=cfg.seed + index)
         rng = np.random.default_rng(cfg.seed + index)
-        n = (
-            vec.action_space.nvec[0]
-            if hasattr(vec.action_space, "nvec")
-            else vec.single_action_space.n
-        )
+        space = vec.single_action_space
+        if isinstance(space, gym.spaces.Discrete):
+            n = int(space.n)
+
+            def random_actions():
+                return rng.integers(0, n, size=cfg.envs_per_explorer)
+        else:  # continuous or multi-discrete actions: the space's own uniform sampling
+            vec.action_space.seed(cfg.seed + index)
+            random_actions = vec.action_space.sample
         steps, start = 0, time.monotonic()
         while time.monotonic() - start < seconds:
             for _ in range(16):
-                vec.step(rng.integers(0, n, size=cfg.envs_per_explorer))
+                vec.step(random_actions())
             steps += 16 * cfg.envs_per_explorer
         results.send(steps / (time.monotonic() - start))
     finally:

@@ -1,11 +1,14 @@
 """Learner losses: IMPALA's actor-critic loss (Espeholt et al. 2018, arXiv 1802.01561, Sec. 4.2)
 and the seed prototype's REINFORCE with a learned baseline (Williams 1992).
 
-Pure functions over time-major tensors: logits `[T, B, A]`, everything per step `[T, B]`. The
-regression targets (V-trace's ``vs``, Monte-Carlo returns) and the policy-gradient advantages
-are constants inside every loss: they are detached here, so gradient flows only into the
-network's logits (policy and entropy terms) and values (baseline term). Each term returns a
-scalar; the reduction is stated per function.
+Pure functions over time-major tensors: logits `[T, B, A]`, everything per step `[T, B]`. For
+other action spaces than Discrete pass `action_spec` (`impala.distributions`): the "logits" are
+then the policy's parameters `[T, B, P]`, the actions `[T, B, *action_shape]`, and
+log-probabilities and entropies are the joint policy's. The regression targets (V-trace's
+``vs``, Monte-Carlo returns) and the policy-gradient advantages are constants inside every loss:
+they are detached here, so gradient flows only into the network's logits (policy and entropy
+terms) and values (baseline term). Each term returns a scalar; the reduction is stated per
+function.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from impala import distributions
+from impala.distributions import ActionSpec
 from impala.vtrace import VTraceReturns, action_log_probs
 
 __all__ = [
@@ -79,24 +83,54 @@ def _check_logits(name: str, logits: torch.Tensor, rank: int | None = 3) -> None
         raise ValueError(f"{name} must have an action dim, got shape {_shape(logits)}")
 
 
+def _check_actions(logits: torch.Tensor, actions: torch.Tensor, spec: ActionSpec | None) -> None:
+    """actions must be `logits.shape[:-1] + action_shape`."""
+    want = tuple(logits.shape[:-1]) + (spec.action_shape if spec is not None else ())
+    if tuple(actions.shape) != want:
+        raise ValueError(
+            f"actions shape {_shape(actions)} must equal target_logits shape without its last "
+            f"dim{' then the action shape' if spec is not None and spec.action_shape else ''}, "
+            f"{want}"
+        )
+
+
+def log_probs(
+    logits: torch.Tensor, actions: torch.Tensor, action_spec: ActionSpec | None = None
+) -> torch.Tensor:
+    """log pi(a_t|x_t) `[T, B]` with gradient: a categorical policy's (`vtrace.action_log_probs`)
+    without `action_spec`, else the joint log-probability of `impala.distributions`."""
+    if action_spec is None or action_spec.kind == "discrete":
+        return action_log_probs(logits, actions)
+    return distributions.log_prob(action_spec, logits, actions)
+
+
 def policy_gradient_loss(
-    target_logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor
+    target_logits: torch.Tensor,
+    actions: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    action_spec: ActionSpec | None = None,
+    log_epsilon: float | None = None,
 ) -> torch.Tensor:
     """Policy-gradient loss, -sum_{t,b} log pi(a_t|x_t) * A_t (Espeholt et al. 2018, Sec. 4.2).
 
-    Shapes: target_logits `[T, B, A]`, actions `[T, B]` (integer), advantages `[T, B]` -> scalar.
-    Reduction: sum over time and batch. The advantages (V-trace's
-    rho_t (r_t + discount_t v_{t+1} - V(x_t))) are detached inside, so the gradient is
-    -sum A_t grad log pi(a_t|x_t) and reaches the logits only.
+    Shapes: target_logits `[T, B, A]`, actions `[T, B]` (integer), advantages `[T, B]` -> scalar
+    (other action spaces: see the module doc). Reduction: sum over time and batch. The advantages
+    (V-trace's rho_t (r_t + discount_t v_{t+1} - V(x_t))) are detached inside, so the gradient
+    is -sum A_t grad log pi(a_t|x_t) and reaches the logits only.
+
+    `log_epsilon`: the paper's epsilon-correction (Sec. 5.2, after Babaeizadeh et al. 2016):
+    log(pi(a_t|x_t) + epsilon) in place of log pi(a_t|x_t), which keeps the gradient of a very
+    unlikely action from exploding.
     """
     _check_logits("target_logits", target_logits)
+    _check_actions(target_logits, actions, action_spec)
     _check_per_step(
-        "target_logits without its last dim",
-        target_logits.shape[:-1],
-        actions=actions,
-        advantages=advantages,
+        "target_logits without its last dim", target_logits.shape[:-1], advantages=advantages
     )
-    log_pi = action_log_probs(target_logits, actions)
+    log_pi = log_probs(target_logits, actions, action_spec)
+    if log_epsilon is not None:
+        log_pi = torch.logaddexp(log_pi, torch.full_like(log_pi, float(log_epsilon)).log())
     return -(log_pi * advantages.detach()).sum()
 
 
@@ -106,6 +140,8 @@ def clipped_surrogate_loss(
     actions: torch.Tensor,
     advantages: torch.Tensor,
     clip: float,
+    *,
+    action_spec: ActionSpec | None = None,
 ) -> torch.Tensor:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) against a reference policy, as
     APPO/IMPACT use it (Luo et al. 2020): with r_t = pi(a_t|x_t) / pi_ref(a_t|x_t),
@@ -120,19 +156,17 @@ def clipped_surrogate_loss(
     """
     _check_logits("target_logits", target_logits)
     _check_logits("reference_logits", reference_logits)
+    _check_actions(target_logits, actions, action_spec)
     _check_per_step(
-        "target_logits without its last dim",
-        target_logits.shape[:-1],
-        actions=actions,
-        advantages=advantages,
+        "target_logits without its last dim", target_logits.shape[:-1], advantages=advantages
     )
     if reference_logits.shape != target_logits.shape:
         raise ValueError(
             f"reference_logits shape {_shape(reference_logits)} must equal target_logits shape "
             f"{_shape(target_logits)}"
         )
-    log_ratio = action_log_probs(target_logits, actions) - action_log_probs(
-        reference_logits.detach(), actions
+    log_ratio = log_probs(target_logits, actions, action_spec) - log_probs(
+        reference_logits.detach(), actions, action_spec
     )
     ratio = log_ratio.exp()
     advantages = advantages.detach()
@@ -151,17 +185,20 @@ def baseline_loss(vs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((vs.detach() - values) ** 2).sum()
 
 
-def entropy_loss(target_logits: torch.Tensor) -> torch.Tensor:
+def entropy_loss(
+    target_logits: torch.Tensor, *, action_spec: ActionSpec | None = None
+) -> torch.Tensor:
     """Negative total entropy of pi, -sum_{t,b} H(pi(.|x_t)) = sum_{t,b,a} pi log pi
     (Espeholt et al. 2018, Sec. 4.2: the entropy bonus).
 
     Shape: target_logits `[T, B, A]` -> scalar. Reduction: sum over time and batch. The sign is
     that of a loss: adding ``entropy_cost * entropy_loss`` to the total and minimising it raises
-    the policy's entropy (a more uniform policy gives a lower value).
+    the policy's entropy (a more uniform policy gives a lower value). With `action_spec`: the
+    joint policy's entropy, the sum of its components' (a Gaussian's in closed form).
     """
     _check_logits("target_logits", target_logits)
-    log_probs = F.log_softmax(target_logits, dim=-1)
-    return (log_probs.exp() * log_probs).sum()
+    spec = action_spec if action_spec is not None else ActionSpec.discrete(target_logits.shape[-1])
+    return -distributions.entropy(spec, target_logits).sum()
 
 
 def actor_critic_loss(
@@ -173,6 +210,8 @@ def actor_critic_loss(
     baseline_cost: float = 0.5,
     entropy_cost: float = 0.01,
     reduction: str = "sum",
+    action_spec: ActionSpec | None = None,
+    log_epsilon: float | None = None,
 ) -> ActorCriticLoss:
     """IMPALA's loss (Espeholt et al. 2018, Sec. 4.2):
 
@@ -184,7 +223,8 @@ def actor_critic_loss(
     Shapes: target_logits `[T, B, A]`, values `[T, B]`, actions `[T, B]`, vtrace_returns fields
     `[T, B]` -> scalars. Reduction: "sum" sums each term over time and batch, as the paper and
     TorchBeast do; "mean" divides each term by T * B (learning-rate scale independent of the
-    batch). The V-trace returns are treated as constants.
+    batch). The V-trace returns are treated as constants. `action_spec` (other action spaces)
+    and `log_epsilon` (the epsilon-correction) as in `policy_gradient_loss`.
 
     Raises:
       ValueError: on an unknown reduction or mismatched shapes.
@@ -192,26 +232,32 @@ def actor_critic_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_logits("target_logits", target_logits)
+    _check_actions(target_logits, actions, action_spec)
     _check_per_step(
         "target_logits without its last dim",
         target_logits.shape[:-1],
         values=values,
-        actions=actions,
         **{
             "vtrace_returns.vs": vtrace_returns.vs,
             "vtrace_returns.pg_advantages": vtrace_returns.pg_advantages,
         },
     )
-    policy = policy_gradient_loss(target_logits, actions, vtrace_returns.pg_advantages)
+    policy = policy_gradient_loss(
+        target_logits,
+        actions,
+        vtrace_returns.pg_advantages,
+        action_spec=action_spec,
+        log_epsilon=log_epsilon,
+    )
     return _combine(
         policy,
         target_logits,
         values,
-        actions,
         vtrace_returns,
         baseline_cost,
         entropy_cost,
         reduction,
+        action_spec,
     )
 
 
@@ -226,6 +272,7 @@ def appo_loss(
     baseline_cost: float = 0.5,
     entropy_cost: float = 0.01,
     reduction: str = "sum",
+    action_spec: ActionSpec | None = None,
 ) -> ActorCriticLoss:
     """APPO's loss (IMPACT, Luo et al. 2020; RLlib's APPO): `actor_critic_loss` with the policy
     term replaced by `clipped_surrogate_loss` against `reference_logits` (the target network's),
@@ -235,17 +282,22 @@ def appo_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     policy = clipped_surrogate_loss(
-        target_logits, reference_logits, actions, vtrace_returns.pg_advantages, clip
+        target_logits,
+        reference_logits,
+        actions,
+        vtrace_returns.pg_advantages,
+        clip,
+        action_spec=action_spec,
     )
     return _combine(
         policy,
         target_logits,
         values,
-        actions,
         vtrace_returns,
         baseline_cost,
         entropy_cost,
         reduction,
+        action_spec,
     )
 
 
@@ -253,17 +305,17 @@ def _combine(
     policy: torch.Tensor,
     target_logits: torch.Tensor,
     values: torch.Tensor,
-    actions: torch.Tensor,
     vtrace_returns: VTraceReturns,
     baseline_cost: float,
     entropy_cost: float,
     reduction: str,
+    action_spec: ActionSpec | None,
 ) -> ActorCriticLoss:
     """The baseline and entropy terms beside a policy term, reduced and weighted."""
     baseline = baseline_loss(vtrace_returns.vs, values)
-    entropy = entropy_loss(target_logits)
+    entropy = entropy_loss(target_logits, action_spec=action_spec)
     if reduction == "mean":
-        count = actions.numel()
+        count = values.numel()
         policy, baseline, entropy = policy / count, baseline / count, entropy / count
     total = policy + baseline_cost * baseline + entropy_cost * entropy
     return ActorCriticLoss(total=total, policy=policy, baseline=baseline, entropy=entropy)
@@ -301,6 +353,7 @@ def reinforce_loss(
     *,
     policy_weight: float = 0.5,
     baseline_weight: float = 0.4,
+    action_spec: ActionSpec | None = None,
 ) -> ReinforceLoss:
     """The seed prototype's learner: REINFORCE with a learned state-value baseline (Williams
     1992, with the baseline of Sutton and Barto 2018, Sec. 13.4):
@@ -312,18 +365,15 @@ def reinforce_loss(
     Shapes: logits `[N, A]` (any leading shape `[..., A]`, e.g. `[T, B, A]`), values, actions
     and returns `[N]` (resp. `[...]`) -> scalars. Reduction: mean, as in the seed. The advantage
     G - V is detached in the policy term, so the baseline is trained only by its own term; the
-    returns are constants.
+    returns are constants. Other action spaces: `action_spec`, as in `policy_gradient_loss`.
     """
     _check_logits("logits", logits, rank=None)
+    _check_actions(logits, actions, action_spec)
     _check_per_step(
-        "logits without its last dim",
-        logits.shape[:-1],
-        values=values,
-        actions=actions,
-        returns=returns,
+        "logits without its last dim", logits.shape[:-1], values=values, returns=returns
     )
     advantages = returns.detach() - values
-    policy = -(action_log_probs(logits, actions) * advantages.detach()).mean()
+    policy = -(log_probs(logits, actions, action_spec) * advantages.detach()).mean()
     baseline = (0.5 * advantages**2).mean()
     total = policy_weight * policy + baseline_weight * baseline
     return ReinforceLoss(total=total, policy=policy, baseline=baseline)

@@ -6,9 +6,10 @@ explorer that made it. The runtime pre-allocates the storage (plain or shared me
 unrolls by index; these functions only read and write tensors.
 
 Batches handed to the learner:
-- V-trace: time-major sequences, `obs [T+1, B, *obs]`, other fields `[T, B, ...]`; with a
-  recurrent core also the core's inputs `prev_action`, `prev_reward`, `first [T+1, B]` and its
-  state at the unroll's start `core_h`, `core_c [B, H]`;
+- V-trace: time-major sequences, `obs [T+1, B, *obs]`, `action [T, B, *action_shape]`,
+  `behaviour_logits [T, B, P]` (mu's policy parameters, see `impala.distributions`), other fields
+  `[T, B]`; with a recurrent core also the core's inputs `prev_action`, `prev_reward`, `first`
+  (`[T+1, B, ...]`) and its state at the unroll's start `core_h`, `core_c [B, H]`;
 - REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
 """
 
@@ -28,12 +29,13 @@ def rollout_spec(
     """Field name -> (shape, dtype) of one unroll of `num_envs` environments (`core_size`: the
     LSTM's units, for a recurrent network). Observations keep the environment's type (uint8
     frames stay uint8 until the learner's forward pass)."""
-    T, E, A = unroll_length, num_envs, env.num_actions
+    T, E, P = unroll_length, num_envs, env.action.params_size
+    action_shape, action_dtype = env.action.action_shape, env.action.action_dtype
     obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
     recurrent: Spec = {}
     if core_size is not None:
         recurrent = {
-            "prev_action": ((T + 1, E), torch.int64),
+            "prev_action": ((T + 1, E, *action_shape), action_dtype),
             "prev_reward": ((T + 1, E), torch.float32),
             "first": ((T + 1, E), torch.bool),
             "core_h": ((E, core_size), torch.float32),
@@ -41,8 +43,8 @@ def rollout_spec(
         }
     return recurrent | {
         "obs": ((T + 1, E, *env.obs_shape), obs_dtype),
-        "action": ((T, E), torch.int64),
-        "behaviour_logits": ((T, E, A), torch.float32),
+        "action": ((T, E, *action_shape), action_dtype),
+        "behaviour_logits": ((T, E, P), torch.float32),
         "reward": ((T, E), torch.float32),
         "discount": ((T, E), torch.float32),
         "truncation_value": ((T, E), torch.float32),
@@ -232,7 +234,7 @@ class ReplayRate:
             return None
         batch = buffer.sample(learn_batch_size, algo, generator)
         if batch is not None:
-            self.sampled += batch["action"].numel()
+            self.sampled += batch["policy_version"].numel()  # time steps, whatever the action
         return batch
 
 

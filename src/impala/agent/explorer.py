@@ -29,7 +29,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
-from impala import checkpoint
+from impala import checkpoint, distributions
 from impala.agent.params import ParameterStore
 
 
@@ -49,7 +49,7 @@ class _Step:
     """One time step kept until its episode ends (REINFORCE needs the whole episode's return)."""
 
     obs: np.ndarray
-    action: int
+    action: np.ndarray
     reward: float
     logits: np.ndarray
     version: int
@@ -94,6 +94,8 @@ class Explorer:
         self.episodic_life = episodic_life
         self.greedy = greedy  # evaluation: the most probable action instead of a sample
         self.num_envs = vec_env.num_envs
+        # What the policy's output means and how actions are sampled (impala.distributions).
+        self.action_spec: distributions.ActionSpec = model.action_spec
         self.rng = np.random.default_rng(seed)
         self.version = -1
         # Every action since the reset below, if asked (the serial runtime's exact resume: the
@@ -116,7 +118,7 @@ class Explorer:
             # The inputs of the next step: the state, the last action and (learning) reward, and
             # whether the next observation starts an episode (the state is reset before it).
             self.core_state = model.initial_state(self.num_envs)
-            self.prev_action = np.zeros(self.num_envs, dtype=np.int64)
+            self.prev_action = self._no_actions(self.num_envs)
             self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
             self.first = np.ones(self.num_envs, dtype=bool)
         self.refresh()
@@ -127,8 +129,15 @@ class Explorer:
         if version is not None:
             self.version = version
 
+    def _no_actions(self, *shape: int) -> np.ndarray:
+        """Zero actions of this action space, `[*shape, *action_shape]`."""
+        spec = self.action_spec
+        dtype = np.float32 if spec.kind == "box" else np.int64
+        return np.zeros((*shape, *spec.action_shape), dtype=dtype)
+
     def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
-        """One step of the recurrent network: logits `[N, A]`, values `[N]`, the next state."""
+        """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
+        state."""
         logits, values, state = self.model.unroll(
             torch.from_numpy(obs)[None],
             torch.from_numpy(prev_action)[None],
@@ -139,8 +148,8 @@ class Explorer:
         return logits[0], values[0], state
 
     def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Samples an action per environment from mu: inverse-CDF sampling in numpy, which costs
-        a fraction of torch.multinomial's per-call overhead on these small batches."""
+        """Samples an action per environment from mu (in numpy, see `impala.distributions`):
+        the actions `[E, *action_shape]` and mu's policy parameters `[E, P]`."""
         if self.recurrent:
             logits, _, self.core_state = self._core_step(
                 obs, self.prev_action, self.prev_reward, self.first, self.core_state
@@ -149,12 +158,8 @@ class Explorer:
         else:
             logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
         if self.greedy:
-            return logits.argmax(axis=1), logits
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        cdf = probs.cumsum(axis=1)
-        u = self.rng.random((len(logits), 1)) * cdf[:, -1:]
-        actions = np.minimum((cdf < u).sum(axis=1), logits.shape[1] - 1)
-        return actions, logits
+            return distributions.mode(self.action_spec, logits), logits
+        return distributions.sample(self.action_spec, logits, self.rng), logits
 
     def _values(self, obs: np.ndarray, envs: np.ndarray, actions, rewards) -> np.ndarray:
         """V_mu of the last observations `obs` of the episodes in environments `envs`."""
@@ -171,9 +176,10 @@ class Explorer:
         reward and ends of episodes (see the module doc)."""
         obs = self.obs
         actions, logits = self._act(obs)
-        next_obs, rewards, terminated, truncated, infos = self.vec_env.step(actions)
+        env_actions = self.action_spec.to_env(actions)  # a Box's clipped to its bounds
+        next_obs, rewards, terminated, truncated, infos = self.vec_env.step(env_actions)
         if self.actions_made is not None:
-            self.actions_made.append(np.asarray(actions))
+            self.actions_made.append(np.asarray(env_actions))
         done = terminated | truncated  # the game's episode: reported, and reset by the env
         learn_rewards = np.asarray(rewards, dtype=np.float32)
         if self.reward_clip is not None:
@@ -195,7 +201,7 @@ class Explorer:
             )
         learn_done = learn_terminated | truncated
         if self.recurrent:
-            self.prev_action = np.asarray(actions, dtype=np.int64)
+            self.prev_action = np.asarray(actions, dtype=self.prev_action.dtype)
             self.prev_reward = learn_rewards
             self.first = learn_done
         self.steps_made += self.num_envs
@@ -224,12 +230,10 @@ class Explorer:
         if any(self._open_episodes) or self._finished_steps:
             raise ValueError("REINFORCE explorers keep collected episodes that are not saved")
         actions = (
-            np.stack(self.actions_made)
-            if self.actions_made
-            else np.zeros((0, self.num_envs), dtype=np.int64)
+            np.stack(self.actions_made) if self.actions_made else self._no_actions(0, self.num_envs)
         )
         state: dict[str, Any] = {
-            "actions": torch.from_numpy(actions.astype(np.int64)),
+            "actions": torch.from_numpy(actions),
             "obs": torch.from_numpy(np.array(self.obs)),
             "rng": checkpoint.numpy_rng_state(self.rng),
             "version": self.version,
@@ -352,7 +356,7 @@ class Explorer:
             steps += self.num_envs
             for i in range(self.num_envs):
                 self._open_episodes[i].append(
-                    _Step(obs[i], int(actions[i]), float(rewards[i]), logits[i], self.version)
+                    _Step(obs[i], actions[i], float(rewards[i]), logits[i], self.version)
                 )
                 if done[i]:
                     self._close_episode(i, bootstrap=0.0 if terminated[i] else trunc_value[i])

@@ -93,6 +93,7 @@ class Learner:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
+        self.action_spec = model.action_spec  # what the policy's output means (distributions)
         self.bf16 = uses_bf16(cfg.precision, model)
         self.store = store
         # Synchronous multi-learner training: the runtime's hook averages the gradients of all
@@ -174,8 +175,8 @@ class Learner:
     def _forward(
         self, batch: dict[str, torch.Tensor], model: nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits `[T+1, B, A]` and values `[T+1, B]` of pi (or `model`) for a V-trace
-        batch, in float32."""
+        """The policy parameters `[T+1, B, P]` (logits for discrete actions) and values `[T+1, B]`
+        of pi (or `model`) for a V-trace batch, in float32."""
         model = self.model if model is None else model
         obs = batch["obs"]  # [T+1, B, *obs]
         T1, B = obs.shape[:2]
@@ -233,19 +234,29 @@ class Learner:
         behaviour_version = batch["policy_version"].double().mean().item()
         policy_lag = self.store.version - behaviour_version
         self.store.publish(self.model)
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).mean(0)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics.update(
             grad_norm=float(grad_norm),
             learning_rate=lr,
             policy_lag=policy_lag,
-            batch_steps=int(batch["action"].numel()),
+            batch_steps=int(batch["policy_version"].numel()),
         )
-        metrics.update({f"prob_action{a}": float(p) for a, p in enumerate(probs)})
+        metrics.update(self._policy_metrics(logits.detach()))
         if self.popart is not None:
             metrics.update(popart_mu=float(self.popart.mu), popart_sigma=float(self.popart.sigma))
         return metrics
+
+    def _policy_metrics(self, params: torch.Tensor) -> dict[str, float]:
+        """The batch's mean probability of each action (discrete actions: `prob_action{a}`) or
+        the policy's mean standard deviation (a Box: `policy_std`, in normalised units)."""
+        spec = self.action_spec
+        if spec.kind == "box":
+            log_std = params.reshape(-1, spec.params_size)[:, spec.dim :]
+            return {"policy_std": float(log_std.exp().mean())}
+        if spec.kind != "discrete":
+            return {}
+        probs = torch.softmax(params, -1).reshape(-1, params.shape[-1]).mean(0)
+        return {f"prob_action{a}": float(p) for a, p in enumerate(probs)}
 
     def _vtrace_loss(self, batch: dict[str, torch.Tensor]):
         logits, values = self._forward(batch)
@@ -256,10 +267,13 @@ class Learner:
         # Truncated episodes: discount is 0 there and the explorer recorded V_mu of the last
         # observation, so the target is r + gamma * V(x_last), never the next episode's value.
         rewards = batch["reward"] + self.cfg.gamma * batch["truncation_value"]
-        returns = vtrace.from_logits(
-            behaviour_policy_logits=batch["behaviour_logits"],
-            target_policy_logits=logits[:-1] if reference is None else reference,
-            actions=batch["action"],
+        actions, spec = batch["action"], self.action_spec
+        with torch.no_grad():  # log pi/mu of the actions taken (the joint policy's)
+            target = logits[:-1] if reference is None else reference
+            log_rhos = losses.log_probs(target, actions, spec)
+            log_rhos -= losses.log_probs(batch["behaviour_logits"], actions, spec)
+        returns = vtrace.from_importance_weights(
+            log_rhos=log_rhos,
             discounts=batch["discount"],
             rewards=rewards,
             values=values[:-1],
@@ -280,31 +294,26 @@ class Learner:
             baseline_cost=self.cfg.baseline_cost,
             entropy_cost=self.cfg.entropy_cost,
             reduction=self.cfg.loss_reduction,
+            action_spec=spec,
         )
         targets = vtrace.VTraceReturns(vs=vs, pg_advantages=advantages)
         if reference is None:
-            terms = losses.actor_critic_loss(logits[:-1], values, batch["action"], targets, **costs)
+            terms = losses.actor_critic_loss(logits[:-1], values, actions, targets, **costs)
         else:
             terms = losses.appo_loss(
-                logits[:-1],
-                reference,
-                values,
-                batch["action"],
-                targets,
-                clip=self.cfg.appo_clip,
-                **costs,
+                logits[:-1], reference, values, actions, targets, clip=self.cfg.appo_clip, **costs
             )
         out = {
             "loss": terms.total,
             "policy_loss": terms.policy,
             "baseline_loss": terms.baseline,
             "entropy_loss": terms.entropy,
-            "mean_rho": returns.log_rhos.exp().mean(),
+            "mean_rho": log_rhos.exp().mean(),
         }
         if reference is not None:
             with torch.no_grad():  # the share of steps whose ratio pi/pi_target left the range
-                log_ratio = vtrace.action_log_probs(logits[:-1], batch["action"])
-                log_ratio -= vtrace.action_log_probs(reference, batch["action"])
+                log_ratio = losses.log_probs(logits[:-1], actions, spec)
+                log_ratio -= losses.log_probs(reference, actions, spec)
                 outside = (log_ratio.exp() - 1).abs() > self.cfg.appo_clip
                 out["clip_fraction"] = outside.float().mean()
         return out, logits[:-1]
@@ -313,7 +322,9 @@ class Learner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits, values = self.model(batch["obs"])
         logits, values = logits.float(), values.float()
-        terms = losses.reinforce_loss(logits, values, batch["action"], batch["mc_return"])
+        terms = losses.reinforce_loss(
+            logits, values, batch["action"], batch["mc_return"], action_spec=self.action_spec
+        )
         out = {"loss": terms.total, "policy_loss": terms.policy, "baseline_loss": terms.baseline}
         return out, logits
 

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from impala.distributions import ActionSpec
 from impala.envs import atari, minatar, minigrid
 from impala.envs.atari import AtariProtocol
 from impala.errors import ConfigError
@@ -40,7 +41,7 @@ class EnvInfo:
     env_id: str
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
-    num_actions: int
+    action: ActionSpec
     max_episode_steps: int | None
     family: str = "gymnasium"
     """'atari' (the paper's protocol applies), 'minatar' or 'gymnasium'."""
@@ -48,6 +49,30 @@ class EnvInfo:
     @property
     def is_image(self) -> bool:
         return len(self.obs_shape) == 3
+
+    @property
+    def num_actions(self) -> int:
+        """The number of actions of a Discrete action space."""
+        return self.action.num_actions
+
+
+def action_spec(space: gym.Space) -> ActionSpec | None:
+    """The ActionSpec of a Gymnasium action space, or None for a space no policy here takes
+    (Discrete, MultiDiscrete with one axis, and Box with one axis are taken)."""
+    if isinstance(space, gym.spaces.Discrete):
+        if space.start != 0:
+            return None
+        return ActionSpec.discrete(int(space.n))
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        if space.nvec.ndim != 1 or np.any(space.start != 0):
+            return None
+        return ActionSpec("multi_discrete", tuple(int(n) for n in space.nvec))
+    if isinstance(space, gym.spaces.Box):
+        if len(space.shape) != 1 or not np.issubdtype(space.dtype, np.floating):
+            return None
+        low, high = (tuple(float(x) for x in bound) for bound in (space.low, space.high))
+        return ActionSpec("box", low=low, high=high)
+    return None
 
 
 def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
@@ -102,7 +127,8 @@ def make_env(
     MiniGrid ids one flat uint8 vector (`impala.envs.minigrid`).
 
     Raises ConfigError for an unknown id, a missing extra or ROM, an environment whose code
-    cannot be imported, a non-discrete action space or a non-Box observation.
+    cannot be imported, an action space no policy takes (see `action_spec`) or a non-Box
+    observation.
     """
     name, spec = _spec_of(env_id)
     game = atari.atari_game(spec)
@@ -172,11 +198,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_spaces(env_id: str, env: gym.Env) -> None:
-    if not isinstance(env.action_space, gym.spaces.Discrete):
+    if action_spec(env.action_space) is None:
         env.close()
         raise ConfigError(
-            f"environment '{env_id}' has a {type(env.action_space).__name__} action space; "
-            "only discrete actions are supported"
+            f"environment '{env_id}' has the action space {env.action_space}, which no policy "
+            "here takes (supported: Discrete, MultiDiscrete and Box with one axis and starting "
+            "at 0 where discrete; Tuple, Dict, MultiBinary, Text and image-shaped Box actions "
+            "are not)"
         )
     if not isinstance(env.observation_space, gym.spaces.Box):
         env.close()
@@ -201,7 +229,7 @@ def probe_env(
             env_id=env_id,
             obs_shape=tuple(space.shape),
             obs_dtype=np.dtype(space.dtype),
-            num_actions=int(env.action_space.n),
+            action=action_spec(env.action_space),
             max_episode_steps=max_episode_steps if max_episode_steps is not None else spec_steps,
             family=env_family(env_id),
         )

@@ -84,6 +84,11 @@ def build_net(
     name = resolve_net(name, env)
     normalise = resolve_obs_norm(obs_norm, name) == "on"
     if name == "seed":
+        if env.action.kind != "discrete":
+            raise ConfigError(
+                f"the seed network has discrete actions only; '{env.env_id}' has "
+                f"{env.action.describe()} actions (use --net mlp)"
+            )
         if core != "ff":
             raise ConfigError("the seed network has no torso for an LSTM core; use --net mlp")
         if popart_beta is not None:
@@ -94,7 +99,7 @@ def build_net(
         if core == "ff":
             return MLPNet(
                 obs_dim,
-                env.num_actions,
+                env.action,
                 num_hidden=num_hidden,
                 num_layers=num_layers,
                 popart_beta=popart_beta,
@@ -105,5 +110,5 @@ def build_net(
         make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
         torso = make(env.obs_shape)
     if core == "lstm":
-        return RecurrentNet(torso, env.num_actions, core_size=core_size, popart_beta=popart_beta)
-    return PolicyValueNet(torso, env.num_actions, popart_beta=popart_beta)
+        return RecurrentNet(torso, env.action, core_size=core_size, popart_beta=popart_beta)
+    return PolicyValueNet(torso, env.action, popart_beta=popart_beta)

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from impala.nets.heads import value_head, values
+from impala.distributions import ActionSpec, as_spec
+from impala.nets.heads import init_policy_head, policy_head, value_head, values
 from impala.nets.obsnorm import ObsNorm
 
 
@@ -22,6 +23,7 @@ class SeedNet(nn.Module):
 
     def __init__(self, num_hidden: int = 10, obs_dim: int = 1, num_actions: int = 2) -> None:
         super().__init__()
+        self.action_spec = ActionSpec.discrete(num_actions)
         self.num_actions = num_actions
         self.hidden = nn.Linear(obs_dim, num_hidden)
         self.out = nn.Linear(num_hidden, num_actions + 1)
@@ -73,12 +75,14 @@ class MLPTorso(nn.Module):
 
 
 class MLPNet(nn.Module):
-    """An MLP policy-value network for flat vector observations and discrete actions.
+    """An MLP policy-value network for flat vector observations, for any action space of
+    `impala.distributions` (`action`: an ActionSpec, or an int for that many discrete actions).
 
     By default the policy and the value have separate towers (`num_layers` layers of
     `num_hidden` tanh units each), so the value loss, whose scale grows with the returns, does not
     disturb the policy's features. `shared=True` gives one torso with two heads.
-    Orthogonal initialisation, with a small policy head so that the first policy is near uniform.
+    Orthogonal initialisation, with a small policy head so that the first policy is near uniform
+    (a Gaussian's means near 0).
     `obs_norm=True` standardises the inputs first (`impala.nets.obsnorm`).
     """
 
@@ -87,7 +91,7 @@ class MLPNet(nn.Module):
     def __init__(
         self,
         obs_dim: int,
-        num_actions: int,
+        action: int | ActionSpec,
         *,
         num_hidden: int = 64,
         num_layers: int = 2,
@@ -97,24 +101,27 @@ class MLPNet(nn.Module):
     ) -> None:
         super().__init__()
         sizes = [obs_dim] + [num_hidden] * num_layers
+        self.action_spec = as_spec(action)
         self.shared = shared
         self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
         self.policy_torso = _tower(sizes, nn.Tanh)
         self.value_torso = None if shared else _tower(sizes, nn.Tanh)
-        self.policy_head = nn.Linear(sizes[-1], num_actions)
+        self.policy_head = policy_head(sizes[-1], self.action_spec)
         self.value_head = value_head(sizes[-1], popart_beta)
         _orthogonal_init(self)
-        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
+        init_policy_head(self.policy_head)
         linear = self.value_head.linear if popart_beta is not None else self.value_head
         nn.init.orthogonal_(linear.weight, gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs `[N, obs_dim]` -> logits `[N, A]`, values `[N]`."""
+        """obs `[N, obs_dim]` -> policy parameters `[N, P]` (logits for discrete actions),
+        values `[N]`."""
         obs = _inputs(self.obs_norm, obs)
         policy_features = self.policy_torso(obs)
         value_features = policy_features if self.value_torso is None else self.value_torso(obs)
         return self.policy_head(policy_features), values(self.value_head, value_features)
 
     def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs `[N, obs_dim]` -> logits `[N, A]`, without the value tower (acting needs none)."""
+        """obs `[N, obs_dim]` -> policy parameters `[N, P]`, without the value tower (acting needs
+        none)."""
         return self.policy_head(self.policy_torso(_inputs(self.obs_norm, obs)))

@@ -1,21 +1,22 @@
 """The LSTM core (Espeholt et al. 2018, Fig. 3): torso -> LSTM -> policy and value heads.
 
 As in the paper, the LSTM's input at time t is the torso's features of `x_t` with the one-hot
-action `a_{t-1}` and the reward `r_{t-1}` clipped to [-1, 1] that led to `x_t`. The state is
+action `a_{t-1}` and the reward `r_{t-1}` clipped to [-1, 1] that led to `x_t` (for other action
+spaces the action's features of `impala.distributions.action_features`). The state is
 carried from step to step and from one unroll to the next, and reset to zeros before the first
 observation of an episode (`first[t]`), inside an unroll too. An explorer records the state at
 the start of each unroll, so the learner replays the unroll from exactly that state.
 
-Shapes: time-major, `obs [T, B, ...]`, `prev_action [T, B]` (int), `prev_reward [T, B]`,
+Shapes: time-major, `obs [T, B, ...]`, `prev_action [T, B, *action_shape]`, `prev_reward [T, B]`,
 `first [T, B]` (bool), state `(h [B, H], c [B, H])`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from impala.distributions import ActionSpec, action_features, as_spec
 from impala.nets.heads import Heads
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -29,20 +30,20 @@ class RecurrentNet(nn.Module):
     def __init__(
         self,
         torso: nn.Module,
-        num_actions: int,
+        action: int | ActionSpec,
         core_size: int = 256,
         popart_beta: float | None = None,
     ) -> None:
         super().__init__()
         self.torso = torso
-        self.num_actions = num_actions
+        self.action_spec = as_spec(action)
         self.core_size = core_size
-        self.core = nn.LSTMCell(torso.num_features + num_actions + 1, core_size)
-        self.heads = Heads(core_size, num_actions, popart_beta)
+        self.core = nn.LSTMCell(torso.num_features + self.action_spec.feature_size + 1, core_size)
+        self.heads = Heads(core_size, self.action_spec, popart_beta)
 
     def initial_state(self, batch_size: int) -> State:
         """Zeros `(h [B, H], c [B, H])`."""
-        device = self.heads.policy.weight.device
+        device = self.core.weight_ih.device
         zeros = torch.zeros(batch_size, self.core_size, device=device)
         return zeros, zeros.clone()
 
@@ -54,13 +55,14 @@ class RecurrentNet(nn.Module):
         first: torch.Tensor,
         state: State,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """-> logits `[T, B, A]`, values `[T, B]`, the state after the last step."""
+        """-> policy parameters `[T, B, P]` (logits for discrete actions), values `[T, B]`, the
+        state after the last step."""
         T, B = obs.shape[:2]
         features = self.torso(obs.flatten(0, 1)).view(T, B, -1)
         inputs = torch.cat(
             [
                 features,
-                F.one_hot(prev_action.long(), self.num_actions).to(features.dtype),
+                action_features(self.action_spec, prev_action, features.dtype),
                 prev_reward.to(features.dtype).clamp(-1.0, 1.0).unsqueeze(-1),
             ],
             dim=-1,
