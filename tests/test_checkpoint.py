@@ -121,6 +121,14 @@ SERIAL_RUNS = {
     "appo": dict(
         env="CartPole-v1", loss="appo", appo_passes=3, appo_target_interval=4, total_steps=12_000
     ),
+    # the paper's replay experiment (the learner's ring of sequences) with a policy-lag limit
+    "replay-mix": dict(
+        env="CartPole-v1",
+        replay_fraction=0.5,
+        replay_size=100,
+        max_policy_lag=1,
+        total_steps=12_000,
+    ),
     # continuous actions: the environments replay float actions (the fallback preset: replay)
     "box": dict(env="Pendulum-v1", max_steps_per_episode=50, total_steps=4_000),
 }

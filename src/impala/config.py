@@ -146,6 +146,20 @@ class Config:
     """Clip of the importance weight in the policy gradient; none for no clipping."""
     vtrace_lambda: float = 1.0
     """V-trace lambda (Remark 2)."""
+    correction: Literal["vtrace", "none", "epsilon", "is1"] = "vtrace"
+    """The off-policy correction (the paper's Table 2): 'vtrace'; 'none' (n-step returns as if
+    pi had acted); 'epsilon' ('none' with log(pi + 1e-6) in the policy gradient); 'is1' (1-step
+    importance sampling: each step's policy gradient weighted by pi/mu, no traces)."""
+    replay_fraction: float = 0.0
+    """Share of every learner batch drawn at random from a replay of past unroll sequences (the
+    paper's replay experiment: 0.5); the fresh batch is the rest, so a batch of B fresh
+    sequences grows to B / (1 - f). 0: no replay."""
+    replay_size: int = 10_000
+    """Unroll sequences (one environment's T steps each) the learner keeps for
+    --replay-fraction, the oldest overwritten first."""
+    max_policy_lag: int | None = None
+    """Unroll sequences acted by a policy more than this many versions behind the learner's are
+    dropped before learning (counted as stale_sequences in the metrics); none: no limit."""
     loss: Literal["impala", "appo"] = "impala"
     """'impala': the paper's policy gradient; 'appo': the clipped surrogate of PPO against a
     target network refreshed every --appo-target-interval updates, V-trace from the target
@@ -265,6 +279,7 @@ POSITIVE_INTS = (
     "appo_target_interval",
     "appo_passes",
     "appo_buffer",
+    "replay_size",
 )
 POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds", "checkpoint_interval")
 CHOICES = {
@@ -283,6 +298,7 @@ CHOICES = {
     "value_norm": ("none", "popart"),
     "obs_norm": ("off", "on", "auto"),
     "loss": ("impala", "appo"),
+    "correction": ("vtrace", "none", "epsilon", "is1"),
 }
 
 
@@ -314,6 +330,26 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("--loss appo needs --algo vtrace (its targets are V-trace's)")
     if not 0.0 < cfg.appo_clip < 1.0:
         raise ConfigError(f"--appo-clip must be in (0, 1), got {cfg.appo_clip!r}")
+    if not 0.0 <= cfg.replay_fraction < 1.0:
+        raise ConfigError(f"--replay-fraction must be in [0, 1), got {cfg.replay_fraction!r}")
+    if cfg.max_policy_lag is not None and (
+        isinstance(cfg.max_policy_lag, bool)
+        or not isinstance(cfg.max_policy_lag, int)
+        or cfg.max_policy_lag < 0
+    ):
+        raise ConfigError(
+            f"--max-policy-lag must be a non-negative integer or 'none', got {cfg.max_policy_lag!r}"
+        )
+    if cfg.correction != "vtrace" and (cfg.algo != "vtrace" or cfg.loss != "impala"):
+        raise ConfigError(
+            f"--correction {cfg.correction} needs --algo vtrace and --loss impala (REINFORCE has "
+            "no correction to choose; APPO's targets are V-trace's)"
+        )
+    if (cfg.replay_fraction > 0 or cfg.max_policy_lag is not None) and cfg.algo != "vtrace":
+        raise ConfigError(
+            "--replay-fraction and --max-policy-lag need --algo vtrace (they act on unroll "
+            "sequences)"
+        )
     if not 0.0 <= cfg.vtrace_lambda <= 1.0:
         raise ConfigError(f"--vtrace-lambda must be in [0, 1], got {cfg.vtrace_lambda!r}")
     for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "grad_clip"):
@@ -371,6 +407,7 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "clip_c_threshold": ("algo", ("vtrace",)),
     "clip_pg_rho_threshold": ("algo", ("vtrace",)),
     "vtrace_lambda": ("algo", ("vtrace",)),
+    "correction": ("algo", ("vtrace",)),
     "appo_clip": ("loss", ("appo",)),
     "appo_target_interval": ("loss", ("appo",)),
     "appo_passes": ("loss", ("appo",)),
@@ -605,6 +642,8 @@ def resolve(explicit: dict[str, Any]) -> Config:
         preset.pop("loss", None)
     if explicit.get("net") == "seed":
         preset.pop("value_norm", None)
+    if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
+        preset.pop("loss", None)
     values = {**preset, **explicit}
     try:
         return Config(**values)

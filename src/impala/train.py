@@ -156,8 +156,8 @@ class Checkpointer:
             "rng": checkpoint.rng_state(),
             "source": source_state,
         }
-        if "appo" in learner_state:  # APPO's target network and circular buffer
-            state["appo"] = learner_state["appo"]
+        # APPO's target network and circular buffer, the replay of sequences, the stale count
+        state.update({k: learner_state[k] for k in LEARNER_EXTRAS if k in learner_state})
         try:
             path = checkpoint.save(state, self.run_dir, self.cfg.keep_checkpoints)
         except OSError as exc:  # a full disk: say so and go on (the next one may succeed)
@@ -166,6 +166,11 @@ class Checkpointer:
         finally:
             self._last = time.monotonic()
         return path
+
+
+# What a checkpoint keeps of a learner beyond its weights, optimizer and counters (see
+# `Learner.state`), each where its run has it.
+LEARNER_EXTRAS = ("appo", "replay", "stale_sequences")
 
 
 def run_learner(
@@ -275,7 +280,7 @@ class ResumePoint:
                 "optimizer": self.state["optimizer"],
                 "updates": counters.get("learner_updates", 0),
                 "policy_version": counters.get("policy_version", 0),
-                **({"appo": self.state["appo"]} if "appo" in self.state else {}),
+                **{k: self.state[k] for k in LEARNER_EXTRAS if k in self.state},
             }
         )
         checkpoint.set_rng_state(self.state["rng"])

@@ -280,3 +280,94 @@ class ReplayStaging:
             self._written_since_upload = 0
             return True
         return False
+
+
+# --- whole columns of V-trace batches -------------------------------------------------------
+
+
+def _batch_dim(key: str) -> int:
+    """The batch (sequence) dim of a V-trace batch field: 1 for time-major fields, 0 for a
+    recurrent state."""
+    return 0 if key in _STATE_FIELDS else 1
+
+
+def num_sequences(batch: dict[str, torch.Tensor]) -> int:
+    """B, the sequences in a V-trace batch."""
+    return batch["reward"].shape[1]
+
+
+def select_sequences(
+    batch: dict[str, torch.Tensor], index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The sequences `index` of a V-trace batch (a copy)."""
+    return {k: v.index_select(_batch_dim(k), index.to(v.device)) for k, v in batch.items()}
+
+
+def join_sequences(*batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """V-trace batches side by side: one batch with all their sequences, in order."""
+    return {k: torch.cat([b[k] for b in batches], _batch_dim(k)) for k in batches[0]}
+
+
+class SequenceReplay:
+    """The learner's replay of past unroll sequences, for the paper's replay experiment
+    (`--replay-fraction`, `--replay-size`): a ring of `capacity` sequences of V-trace batches,
+    drawn uniformly at random with the learner's generator. Every field keeps its batch's dtype
+    (frames stay uint8); the storage is allocated at the first batch, on the CPU."""
+
+    def __init__(self, capacity: int, fraction: float, generator: torch.Generator) -> None:
+        self.capacity = capacity
+        self.fraction = fraction
+        self.generator = generator
+        self.storage: dict[str, torch.Tensor] | None = None
+        self.size = 0  # sequences held
+        self.next = 0  # where the next one goes
+
+    def mix(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` (B fresh sequences) with round(B f / (1 - f)) sequences drawn from the
+        replay after them, so that a share f of the result is replayed; the fresh sequences
+        are then kept (they are not drawn in their own batch). Nothing is added before the
+        replay holds anything."""
+        count = round(num_sequences(batch) * self.fraction / (1.0 - self.fraction))
+        replayed = self.sample(count) if self.size and count else None
+        self.add(batch)
+        return batch if replayed is None else join_sequences(batch, replayed)
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        columns = {k: v.cpu().movedim(_batch_dim(k), 0) for k, v in batch.items()}
+        if self.storage is None:
+            self.storage = {
+                k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
+                for k, v in columns.items()
+            }
+        count = min(num_sequences(batch), self.capacity)  # a batch larger than the ring: its last
+        where = (self.next + torch.arange(count)) % self.capacity
+        for k, v in columns.items():
+            self.storage[k][where] = v[-count:]
+        self.next = int((self.next + count) % self.capacity)
+        self.size = min(self.capacity, self.size + count)
+
+    def sample(self, count: int) -> dict[str, torch.Tensor]:
+        assert self.storage is not None and self.size > 0
+        index = torch.randint(self.size, (count,), generator=self.generator)
+        return {k: v[index].movedim(0, _batch_dim(k)) for k, v in self.storage.items()}
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the sequences held, the ring's position, the generator."""
+        held = (
+            None if self.storage is None else {k: v[: self.size] for k, v in self.storage.items()}
+        )
+        return {"held": held, "next": self.next, "rng": self.generator.get_state()}
+
+    def restore(self, state: dict) -> None:
+        self.storage, self.size, self.next = None, 0, 0
+        held = state["held"]
+        if held is not None:
+            self.storage = {
+                k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
+                for k, v in held.items()
+            }
+            self.size = len(next(iter(held.values())))
+            for k, v in held.items():
+                self.storage[k][: self.size] = v
+            self.next = int(state["next"])
+        self.generator.set_state(state["rng"])

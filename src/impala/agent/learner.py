@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from impala import losses, vtrace
+from impala import corrections, losses, vtrace
+from impala.agent.buffer import SequenceReplay, num_sequences, select_sequences
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.errors import ConfigError
@@ -114,6 +115,12 @@ class Learner:
         self._reuse_rng = torch.Generator().manual_seed(cfg.seed)
         if cfg.algo == "vtrace" and cfg.loss == "appo":
             self.target = copy.deepcopy(self.model).requires_grad_(False)
+        # The paper's replay experiment: a share of every batch from past sequences.
+        self.replay: SequenceReplay | None = None
+        if cfg.replay_fraction > 0:
+            generator = torch.Generator().manual_seed(cfg.seed + 1)
+            self.replay = SequenceReplay(cfg.replay_size, cfg.replay_fraction, generator)
+        self.stale_sequences = 0  # dropped by --max-policy-lag so far
 
     @property
     def version(self) -> int:
@@ -134,6 +141,9 @@ class Learner:
                 "reuse": [_to_cpu(batch) for batch in self._reuse],
                 "rng": self._reuse_rng.get_state(),
             }
+        if self.replay is not None:
+            state["replay"] = self.replay.state()
+        state["stale_sequences"] = self.stale_sequences
         return state
 
     def restore(self, state: dict) -> None:
@@ -147,6 +157,9 @@ class Learner:
                 f"the checkpoint's weights do not fit this network: {str(exc).splitlines()[0]}"
             ) from None
         self.updates = int(state["updates"])
+        self.stale_sequences = int(state.get("stale_sequences", 0))
+        if self.replay is not None and "replay" in state:
+            self.replay.restore(state["replay"])
         if self.target is not None:
             appo = state.get("appo")
             if appo is None:  # a checkpoint of a run without APPO (--override)
@@ -198,7 +211,17 @@ class Learner:
     ) -> list[dict[str, float]]:
         """Learns from a batch received: one update, and with APPO's --appo-passes more, each on a
         batch drawn at random from the circular buffer of the last --appo-buffer batches (this
-        one included). The metrics of each update, in order."""
+        one included). The metrics of each update, in order.
+
+        Before that, with --replay-fraction the batch is joined by sequences drawn from the
+        replay of earlier ones, and with --max-policy-lag the sequences of too old a policy are
+        dropped (no update if none is left)."""
+        if self.replay is not None:
+            batch = self.replay.mix(batch)
+        if self.cfg.max_policy_lag is not None:
+            batch = self._drop_stale(batch)
+            if batch is None:
+                return []
         if self.target is None or self.cfg.appo_passes == 1:
             return [self.update(batch, progress)]
         batch = self._to_device(batch)
@@ -208,6 +231,19 @@ class Learner:
             pick = int(torch.randint(len(self._reuse), (), generator=self._reuse_rng))
             metrics.append(self.update(self._reuse[pick], progress))
         return metrics
+
+    def _drop_stale(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """`batch` without the sequences whose oldest step was acted by a policy more than
+        --max-policy-lag versions behind the learner's; None if none is left."""
+        oldest = batch["policy_version"].min(0).values  # [B]
+        fresh = (self.store.version - oldest) <= self.cfg.max_policy_lag
+        dropped = int((~fresh).sum())
+        if dropped == 0:
+            return batch
+        self.stale_sequences += dropped
+        if dropped == num_sequences(batch):
+            return None
+        return select_sequences(batch, torch.nonzero(fresh).squeeze(1))
 
     def update(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> dict[str, float]:
         """One update of pi from `batch`; its metrics."""
@@ -244,6 +280,8 @@ class Learner:
         metrics.update(self._policy_metrics(logits.detach()))
         if self.popart is not None:
             metrics.update(popart_mu=float(self.popart.mu), popart_sigma=float(self.popart.sigma))
+        if self.cfg.max_policy_lag is not None:
+            metrics.update(stale_sequences=self.stale_sequences)
         return metrics
 
     def _policy_metrics(self, params: torch.Tensor) -> dict[str, float]:
@@ -272,7 +310,8 @@ class Learner:
             target = logits[:-1] if reference is None else reference
             log_rhos = losses.log_probs(target, actions, spec)
             log_rhos -= losses.log_probs(batch["behaviour_logits"], actions, spec)
-        returns = vtrace.from_importance_weights(
+        returns = corrections.off_policy_returns(
+            self.cfg.correction,
             log_rhos=log_rhos,
             discounts=batch["discount"],
             rewards=rewards,
@@ -298,7 +337,10 @@ class Learner:
         )
         targets = vtrace.VTraceReturns(vs=vs, pg_advantages=advantages)
         if reference is None:
-            terms = losses.actor_critic_loss(logits[:-1], values, actions, targets, **costs)
+            epsilon = corrections.EPSILON if self.cfg.correction == "epsilon" else None
+            terms = losses.actor_critic_loss(
+                logits[:-1], values, actions, targets, log_epsilon=epsilon, **costs
+            )
         else:
             terms = losses.appo_loss(
                 logits[:-1], reference, values, actions, targets, clip=self.cfg.appo_clip, **costs

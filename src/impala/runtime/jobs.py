@@ -58,6 +58,11 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
             "--value-norm popart with several learners is not supported yet (each learner's "
             "statistics would follow its own batches); use one learner"
         )
+    if cfg.max_policy_lag is not None and len(spec.learners) > 1:
+        raise ConfigError(
+            "--max-policy-lag with several learners is not supported (a learner whose whole "
+            "batch is stale would skip an update the others wait for); use one learner"
+        )
     point = None
     if spec.job == "learner" and spec.task == 0 and resume is not None:
         # Learner 0 loads the checkpoint and hands it to the other learners; explorers ask
