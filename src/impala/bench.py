@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from impala.agent.factory import settle
 from impala.config import Config
 from impala.envs import make_vector_env, probe_env
+from impala.envs.factory import task_ids
 from impala.errors import RunFailed
 from impala.runtime.common import describe_exit
 from impala.shutdown import StopSignals
@@ -34,7 +35,8 @@ from impala.train import check_run_dir, train
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    vec = make_vector_env(cfg.env, cfg.envs_per_explorer, **cfg.env_options)
+    tasks = task_ids(cfg.env)  # a multi-task run: explorer `index` plays task index % K
+    vec = make_vector_env(tasks[index % len(tasks)], cfg.envs_per_explorer, **cfg.env_options)
     try:
         vec.reset(seed=cfg.seed + index)
         rng = np.random.default_rng(cfg.seed + index)

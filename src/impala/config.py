@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from impala.envs import CORRIDOR_ID
 from impala.envs.atari import AtariProtocol, looks_like_atari
-from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID
+from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID, task_ids
 from impala.envs.minatar import looks_like_minatar
 from impala.errors import ConfigError
 
@@ -36,8 +36,10 @@ class Config:
 
     # --- task -------------------------------------------------------------------------------
     env: str = CORRIDOR_ID
-    """Gymnasium environment id with discrete actions: vector observations, Atari
-    (ALE/Pong-v5, PongNoFrameskip-v4, ...; the paper's preprocessing) or MinAtar/Breakout-v1."""
+    """Gymnasium environment id: vector observations, Atari (ALE/Pong-v5, PongNoFrameskip-v4,
+    ...; the paper's preprocessing) or MinAtar/Breakout-v1; discrete, multi-discrete or
+    continuous actions. Several ids, comma-separated, make a multi-task run: one network, explorer
+    i on task i % K, a value output per task, returns reported per task."""
     max_steps_per_episode: int | None = None
     """Cap on steps in one episode (seed -m); the episode is truncated, not terminated."""
     sticky_actions: float = 0.0
@@ -373,6 +375,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"--noop-max must not be negative, got {cfg.noop_max!r}")
     if cfg.reward_clip is not None and cfg.reward_clip <= 0:
         raise ConfigError(f"--reward-clip must be positive or 'none', got {cfg.reward_clip!r}")
+    tasks = task_ids(cfg.env)
+    if len(tasks) > 1:
+        if len(set(tasks)) < len(tasks):
+            raise ConfigError(f"--env names a task twice: {cfg.env!r}")
+        if cfg.num_explorers < len(tasks):
+            raise ConfigError(
+                f"a multi-task run of {len(tasks)} tasks needs at least as many explorers (each "
+                f"plays one task), got --num-explorers {cfg.num_explorers}"
+            )
+        if cfg.algo != "vtrace":
+            raise ConfigError("a multi-task run needs --algo vtrace (a value output per task)")
     if cfg.core == "lstm" and cfg.net == "seed":
         raise ConfigError("--core lstm needs a network with a torso; the seed network has none")
     if cfg.core == "lstm" and cfg.algo == "reinforce":
@@ -612,7 +625,8 @@ PRESETS[FALLBACK] = dict(
 
 def preset_for(env_id: str) -> dict[str, Any]:
     """The preset of `env_id`: its own, else its family's (Atari ids, MinAtar ids), else the
-    fallback."""
+    fallback (for several ids, the first one's)."""
+    env_id = task_ids(env_id)[0]  # a multi-task run: its first task's
     if env_id in PRESETS:
         return dict(PRESETS[env_id])
     if looks_like_atari(env_id):

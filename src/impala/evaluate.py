@@ -39,8 +39,10 @@ from impala.agent.explorer import Explorer
 from impala.agent.factory import build_model, settle
 from impala.agent.params import ParameterStore
 from impala.config import Config, resolve
-from impala.envs import make_env, make_vector_env, probe_env
+from impala.envs import EnvInfo, make_env, make_vector_env, probe_env
+from impala.envs.factory import PadChannels
 from impala.errors import ConfigError, RunFailed
+from impala.nets.heads import check_value_outputs
 
 MAX_PARALLEL_ENVS = 8
 # The containers imageio-ffmpeg writes here with a codec each (WebM takes VP8/VP9 only).
@@ -275,26 +277,33 @@ class EpisodeRecorder(gym.Wrapper):
 
 
 def _recording_vector_env(
-    cfg: Config, num_envs: int, video_path: Path
+    cfg: Config, env_id: str, num_envs: int, video_path: Path, pad: tuple[int, ...] | None
 ) -> tuple[VectorEnv, EpisodeRecorder]:
-    """`num_envs` single environments in a SyncVectorEnv, the first rendering into a video."""
+    """`num_envs` single environments of `env_id` in a SyncVectorEnv, the first rendering into a
+    video (`pad`: a multi-task network's frame shape)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame's pictures need no display
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Gymnasium's warning about an unknown render mode
-            first = make_env(cfg.env, render_mode="rgb_array", **cfg.env_options)
+            first = make_env(env_id, render_mode="rgb_array", **cfg.env_options)
     except ConfigError:
         raise
     except (TypeError, ValueError):  # an environment that takes no render_mode
-        raise ConfigError(f"--video: {cfg.env} cannot render frames") from None
+        raise ConfigError(f"--video: {env_id} cannot render frames") from None
     modes = first.metadata.get("render_modes") or ()
     if first.render_mode != "rgb_array" or "rgb_array" not in modes:
         first.close()
-        raise ConfigError(f"--video: {cfg.env} cannot render frames")
+        raise ConfigError(f"--video: {env_id} cannot render frames")
     fps = first.metadata.get("render_fps") or DEFAULT_FPS
-    recorder = EpisodeRecorder(first, VideoFile(video_path, fps), cfg.env)
-    makers = [lambda: recorder] + [
-        lambda: make_env(cfg.env, **cfg.env_options) for _ in range(num_envs - 1)
+    recorder = EpisodeRecorder(first, VideoFile(video_path, fps), env_id)
+
+    def padded(env: gym.Env) -> gym.Env:
+        if pad is None or tuple(env.observation_space.shape) == tuple(pad):
+            return env
+        return PadChannels(env, pad[0])
+
+    makers = [lambda: padded(recorder)] + [
+        lambda: padded(make_env(env_id, **cfg.env_options)) for _ in range(num_envs - 1)
     ]
     try:
         vec_env = SyncVectorEnv(makers, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -315,7 +324,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Plays `episodes` whole episodes with the policy of `path` (a run folder or a checkpoint
     file); prints and returns the statistics of their unclipped returns. With `video`, records
-    the first episode of environment 0 there."""
+    the first episode of environment 0 there. A multi-task run's policy plays `episodes` of each
+    of its tasks (a line and figures per task, under "tasks"; the video is of the first task)."""
     if episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {episodes}")
     out = out if out is not None else sys.stdout
@@ -327,6 +337,7 @@ def evaluate(
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env, learner=False)
     model = build_model(cfg, env)
+    check_value_outputs(weights.state, model, f"'{weights.path}'")
     try:
         model.load_state_dict(weights.state)
     except (RuntimeError, TypeError) as exc:  # TypeError: no state dict at all
@@ -335,14 +346,50 @@ def evaluate(
             f"the weights in '{weights.path}' do not fit its config: {first}"
         ) from None
     model.requires_grad_(False)
+    if not env.tasks:
+        return _play(cfg, env, model, weights, cfg.env, None, episodes, greedy, seed, video, out)
+    per_task = {
+        task: _play(
+            cfg,
+            env,
+            model,
+            weights,
+            task,
+            k,
+            episodes,
+            greedy,
+            seed,
+            video if k == 0 else None,
+            out,
+        )
+        for k, task in enumerate(env.tasks)
+    }
+    return dict(env=cfg.env, episodes=episodes, greedy=greedy, tasks=per_task)
+
+
+def _play(
+    cfg: Config,
+    env: EnvInfo,
+    model: torch.nn.Module,
+    weights: Weights,
+    env_id: str,
+    task: int | None,
+    episodes: int,
+    greedy: bool,
+    seed: int,
+    video: Path | None,
+    out: IO[str],
+) -> dict[str, Any]:
+    """`episodes` episodes of `env_id` (a multi-task run's task `task`), printed and returned."""
     num_envs = min(episodes, MAX_PARALLEL_ENVS)
     quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
     store = ParameterStore(*ParameterStore.allocate(model))
+    pad = env.obs_shape if env.tasks else None  # a multi-task network's frames
     recorder = None
     if video is None:
-        vec_env = make_vector_env(cfg.env, num_envs, **cfg.env_options)
+        vec_env = make_vector_env(env_id, num_envs, obs_shape=pad, **cfg.env_options)
     else:
-        vec_env, recorder = _recording_vector_env(cfg, num_envs, video)
+        vec_env, recorder = _recording_vector_env(cfg, env_id, num_envs, video, pad)
     returns: list[float] = []
     lengths: list[int] = []
     try:
@@ -357,6 +404,7 @@ def evaluate(
             reward_clip=cfg.reward_clip,
             episodic_life=cfg.episodic_life,
             greedy=greedy,
+            task=task,
         )
         with torch.inference_mode():
             while any(quota):
@@ -371,7 +419,7 @@ def evaluate(
             recorder.video.discard()
     r = np.asarray(returns)
     figures = dict(
-        env=cfg.env,
+        env=env_id,
         episodes=episodes,
         greedy=greedy,
         return_mean=float(r.mean()),
@@ -391,7 +439,7 @@ def evaluate(
             f"{p.sticky_actions:g}, at most {p.max_frames_per_episode:,} frames"
         )
     print(
-        f"{episodes} episodes of {cfg.env} ({how}{protocol}): return mean "
+        f"{episodes} episodes of {env_id} ({how}{protocol}): return mean "
         f"{figures['return_mean']:.2f} +- {figures['return_std']:.2f} (std), min "
         f"{figures['return_min']:g}, max {figures['return_max']:g}; mean length "
         f"{figures['length_mean']:.0f} steps; weights {weights.describe()}",

@@ -14,6 +14,7 @@ from typing import IO, Any
 from impala.agent.explorer import UnrollInfo
 from impala.config import Config
 from impala.envs import CORRIDOR_ID
+from impala.envs.factory import task_ids
 from impala.shutdown import StopSignals
 
 RETURN_WINDOW = 100
@@ -32,6 +33,8 @@ class RunResult:
     run_dir: str | None
     stop_reason: str
     signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
+    task_returns: dict[str, float] = dataclasses.field(default_factory=dict)
+    """A multi-task run's mean return of the last 100 episodes of each task (by id)."""
 
     @property
     def steps_per_second(self) -> float:
@@ -66,6 +69,12 @@ class Tracker:
         self.episodes = int(resumed.get("episodes", 0))
         self.seconds_before = float(resumed.get("seconds", 0.0))
         self.returns: deque[float] = deque(resumed.get("returns", ()), maxlen=RETURN_WINDOW)
+        # A multi-task run's return windows, one per task (the run's are over all of them).
+        self.tasks = task_ids(cfg.env) if "," in cfg.env else ()
+        before = resumed.get("task_returns", {})
+        self.task_returns = {
+            task: deque(before.get(task, ()), maxlen=RETURN_WINDOW) for task in self.tasks
+        }
         self.last_metrics: dict[str, float] = {}
         self._interval_metrics: dict[str, float] = {}
         self._interval_updates = 0
@@ -88,6 +97,8 @@ class Tracker:
         self.steps += info.steps
         self.episodes += len(info.episode_returns)
         self.returns.extend(info.episode_returns)
+        if self.tasks:
+            self.task_returns[self.tasks[info.task]].extend(info.episode_returns)
 
     def on_update(self, metrics: dict[str, float]) -> None:
         self.updates += 1
@@ -116,12 +127,17 @@ class Tracker:
             "episodes": self.episodes,
             "seconds": self.elapsed,
             "returns": list(self.returns),
+            "task_returns": {task: list(window) for task, window in self.task_returns.items()},
             "metrics_offset": self._metrics_file.tell() if self._metrics_file else 0,
         }
 
     @property
     def return_mean(self) -> float | None:
         return sum(self.returns) / len(self.returns) if self.returns else None
+
+    def task_return_means(self) -> dict[str, float]:
+        """A multi-task run's mean return of each task's last 100 episodes (tasks with some)."""
+        return {task: sum(w) / len(w) for task, w in self.task_returns.items() if w}
 
     def should_stop(self) -> bool:
         """A stop signal, the time limit or the target return (the step budget is the batch
@@ -156,6 +172,7 @@ class Tracker:
             "episodes": self.episodes,
             "steps_per_second": round(sps, 1),
             "return_mean": self.return_mean,
+            **{f"return_mean/{task}": value for task, value in self.task_return_means().items()},
             **means,
             **self.counters,
         }
@@ -199,10 +216,15 @@ class Tracker:
         ret = "-" if self.return_mean is None else f"{self.return_mean:.1f}"
         left = max(0, self.cfg.steps_total - self.steps)
         eta = _duration(left / sps) if sps > 0 else "-"
+        per_task = "".join(
+            f" {task.split('/')[-1]} {value:.1f}"
+            for task, value in self.task_return_means().items()
+        )
         return (
             f"steps {self.steps:>10,d} | {sps:>8,.0f} steps/s | eta {eta} | return {ret} "
-            f"({self.episodes} episodes) | loss {m.get('loss', math.nan):.4g} | "
-            f"lag {m.get('policy_lag', math.nan):.1f} | updates {self.updates}"
+            f"({self.episodes} episodes{';' + per_task if per_task else ''}) | "
+            f"loss {m.get('loss', math.nan):.4g} | lag {m.get('policy_lag', math.nan):.1f} | "
+            f"updates {self.updates}"
         )
 
     def result(self) -> RunResult:
@@ -215,6 +237,7 @@ class Tracker:
             last_metrics=self.last_metrics,
             run_dir=str(self.run_dir) if self.run_dir else None,
             stop_reason=self.stop_reason or "step budget",
+            task_returns=self.task_return_means(),
         )
 
     def close(self) -> None:

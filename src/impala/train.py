@@ -449,6 +449,8 @@ def rewrite_config(cfg: Config, run_dir: Path, record: dict) -> None:
 
 def summary_line(result: RunResult, run_dir: Path | None) -> str:
     ret = "-" if result.return_mean is None else f"{result.return_mean:.2f}"
+    if result.task_returns:  # a multi-task run: each task's too
+        ret += " (" + ", ".join(f"{t} {v:.2f}" for t, v in result.task_returns.items()) + ")"
     where = f"; model and logs in {run_dir}" if run_dir is not None else ""
     return (
         f"{'done' if result.signal is None else 'stopped'} ({result.stop_reason}): "

@@ -9,7 +9,8 @@ Batches handed to the learner:
 - V-trace: time-major sequences, `obs [T+1, B, *obs]`, `action [T, B, *action_shape]`,
   `behaviour_logits [T, B, P]` (mu's policy parameters, see `impala.distributions`), other fields
   `[T, B]`; with a recurrent core also the core's inputs `prev_action`, `prev_reward`, `first`
-  (`[T+1, B, ...]`) and its state at the unroll's start `core_h`, `core_c [B, H]`;
+  (`[T+1, B, ...]`) and its state at the unroll's start `core_h`, `core_c [B, H]`; in a
+  multi-task run each sequence's task, `task [B]`;
 - REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
 """
 
@@ -33,6 +34,8 @@ def rollout_spec(
     action_shape, action_dtype = env.action.action_shape, env.action.action_dtype
     obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
     recurrent: Spec = {}
+    if env.num_tasks > 1:  # a multi-task run: the task each column's sequence belongs to
+        recurrent["task"] = ((E,), torch.int64)
     if core_size is not None:
         recurrent = {
             "prev_action": ((T + 1, E, *action_shape), action_dtype),
@@ -108,7 +111,7 @@ _VTRACE_FIELDS = (
     "policy_version",
 )
 _CORE_INPUTS = ("prev_action", "prev_reward", "first")
-_STATE_FIELDS = ("core_h", "core_c")  # no time axis
+_STATE_FIELDS = ("core_h", "core_c", "task")  # no time axis
 
 
 def _vtrace_fields(fields) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ class UnrollInfo:
     episode_returns: list[float]
     episode_lengths: list[int]
     policy_version: int
+    task: int = 0  # a multi-task run's task of this explorer
 
 
 @dataclasses.dataclass
@@ -81,8 +82,10 @@ class Explorer:
         episodic_life: bool = False,
         greedy: bool = False,
         record_actions: bool = False,
+        task: int | None = None,
     ) -> None:
         self.index = index
+        self.task = task  # its task in a multi-task run (the network has a value per task)
         self.vec_env = vec_env
         self.model = model
         self.store = store
@@ -164,11 +167,15 @@ class Explorer:
     def _values(self, obs: np.ndarray, envs: np.ndarray, actions, rewards) -> np.ndarray:
         """V_mu of the last observations `obs` of the episodes in environments `envs`."""
         if not self.recurrent:
-            return self.model(torch.from_numpy(obs))[1].numpy().astype(np.float64)
-        h, c = self.core_state  # after the step that led to `obs`
-        _, values, _ = self._core_step(
-            obs, actions[envs], rewards[envs], np.zeros(len(envs), dtype=bool), (h[envs], c[envs])
-        )
+            values = self.model(torch.from_numpy(obs))[1]
+        else:
+            h, c = self.core_state  # after the step that led to `obs`
+            first = np.zeros(len(envs), dtype=bool)
+            _, values, _ = self._core_step(
+                obs, actions[envs], rewards[envs], first, (h[envs], c[envs])
+            )
+        if self.task is not None:  # a multi-task network: the value of this explorer's task
+            values = values[:, self.task]
         return values.numpy().astype(np.float64)
 
     def _step(self) -> tuple[Any, ...]:
@@ -319,7 +326,7 @@ class Explorer:
             ret, length, _ = self._finished_episodes.popleft()
             returns.append(ret)
             lengths.append(length)
-        return UnrollInfo(self.index, steps, returns, lengths, self.version)
+        return UnrollInfo(self.index, steps, returns, lengths, self.version, self.task or 0)
 
     def _record_core_inputs(self, out: dict[str, np.ndarray], t: int) -> None:
         out["prev_action"][t] = self.prev_action
@@ -327,6 +334,8 @@ class Explorer:
         out["first"][t] = self.first
 
     def _fill_unroll(self, out: dict[str, np.ndarray]) -> int:
+        if "task" in out:
+            out["task"][...] = self.task
         if self.recurrent:
             out["core_h"][...] = self.core_state[0].numpy()
             out["core_c"][...] = self.core_state[1].numpy()

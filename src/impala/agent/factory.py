@@ -58,7 +58,14 @@ def build_explorer(
     (`record_actions`: keeps what its state for a checkpoint needs, see `Explorer.state`)."""
     model = build_model(cfg, env)
     model.requires_grad_(False)
-    vec_env = make_vector_env(cfg.env, cfg.envs_per_explorer, **cfg.env_options)
+    # A multi-task run: explorer `index` plays task index % K, its frames padded to the shape
+    # the network takes.
+    vec_env = make_vector_env(
+        env.task_id(index),
+        cfg.envs_per_explorer,
+        obs_shape=env.obs_shape if env.tasks else None,
+        **cfg.env_options,
+    )
     return Explorer(
         index,
         vec_env,
@@ -73,4 +80,5 @@ def build_explorer(
         reward_clip=cfg.reward_clip,
         episodic_life=cfg.episodic_life,
         record_actions=record_actions,
+        task=index % env.num_tasks if env.tasks else None,
     )

@@ -15,6 +15,7 @@ from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.errors import ConfigError
 from impala.nets.conv import ImageTorso
+from impala.nets.heads import check_value_outputs, task_values
 from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
 from impala.optim import RMSpropTF
@@ -149,6 +150,7 @@ class Learner:
     def restore(self, state: dict) -> None:
         """Takes the learner back to a checkpoint's `state` and publishes its weights under the
         checkpoint's policy version. ConfigError, one line, for weights that do not fit."""
+        check_value_outputs(state["model"], self.model, "the checkpoint")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -189,7 +191,8 @@ class Learner:
         self, batch: dict[str, torch.Tensor], model: nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy parameters `[T+1, B, P]` (logits for discrete actions) and values `[T+1, B]`
-        of pi (or `model`) for a V-trace batch, in float32."""
+        of pi (or `model`) for a V-trace batch, in float32 (a multi-task network's values are
+        those of each sequence's task)."""
         model = self.model if model is None else model
         obs = batch["obs"]  # [T+1, B, *obs]
         T1, B = obs.shape[:2]
@@ -204,7 +207,8 @@ class Learner:
                 )
             else:
                 logits, values = model(obs.flatten(0, 1))
-        return logits.float().view(T1, B, -1), values.float().view(T1, B)
+        values = values.float().reshape(T1, B, -1)  # [T+1, B, K]: one per task
+        return logits.float().view(T1, B, -1), task_values(values, batch.get("task"))
 
     def learn(
         self, batch: dict[str, torch.Tensor], progress: float = 0.0
@@ -263,7 +267,7 @@ class Learner:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         if self.popart is not None and self._targets is not None:
-            self.popart.update(self._targets)  # outputs preserved; published below
+            self.popart.update(self._targets, batch.get("task"))  # outputs preserved; published
         self.updates += 1
         if self.target is not None and self.updates % self.cfg.appo_target_interval == 0:
             self.target.load_state_dict(self.model.state_dict())
@@ -279,7 +283,11 @@ class Learner:
         )
         metrics.update(self._policy_metrics(logits.detach()))
         if self.popart is not None:
-            metrics.update(popart_mu=float(self.popart.mu), popart_sigma=float(self.popart.sigma))
+            mu, sigma = self.popart.mu.tolist(), self.popart.sigma.tolist()
+            if len(mu) == 1:
+                metrics.update(popart_mu=mu[0], popart_sigma=sigma[0])
+            for k, (m, s) in enumerate(zip(mu, sigma, strict=True)) if len(mu) > 1 else ():
+                metrics.update({f"popart_mu_task{k}": m, f"popart_sigma_task{k}": s})
         if self.cfg.max_policy_lag is not None:
             metrics.update(stale_sequences=self.stale_sequences)
         return metrics
@@ -327,7 +335,9 @@ class Learner:
             # PopArt: the baseline loss on normalised values and targets, the advantages scaled
             # by 1/sigma; V-trace itself ran on unnormalised values (see impala.nets.popart).
             self._targets = vs.detach()
-            mu, sigma = self.popart.mu.detach(), self.popart.sigma
+            mu, sigma = self.popart.mu.detach(), self.popart.sigma  # [K]: each sequence's task's
+            if self.popart.num_tasks > 1:
+                mu, sigma = mu[batch["task"].long()], sigma[batch["task"].long()]
             vs, values, advantages = (vs - mu) / sigma, (values - mu) / sigma, advantages / sigma
         costs = dict(
             baseline_cost=self.cfg.baseline_cost,

@@ -45,6 +45,17 @@ class EnvInfo:
     max_episode_steps: int | None
     family: str = "gymnasium"
     """'atari' (the paper's protocol applies), 'minatar' or 'gymnasium'."""
+    tasks: tuple[str, ...] = ()
+    """A multi-task run's ids (`--env A,B,...`; empty for one task): explorer i plays task
+    i % len(tasks), observations padded to one shape (`obs_shape`)."""
+
+    @property
+    def num_tasks(self) -> int:
+        return max(1, len(self.tasks))
+
+    def task_id(self, explorer: int) -> str:
+        """The id explorer `explorer` plays."""
+        return self.tasks[explorer % len(self.tasks)] if self.tasks else self.env_id
 
     @property
     def is_image(self) -> bool:
@@ -214,13 +225,26 @@ def _check_spaces(env_id: str, env: gym.Env) -> None:
         )
 
 
+def task_ids(env_id: str) -> tuple[str, ...]:
+    """The ids of `--env A,B,...` (one for a single task)."""
+    return tuple(part.strip() for part in env_id.split(","))
+
+
 def probe_env(
     env_id: str,
     *,
     max_episode_steps: int | None = None,
     atari_protocol: AtariProtocol | None = None,
 ) -> EnvInfo:
-    """Makes the environment once to read its spaces, then closes it."""
+    """Makes the environment once to read its spaces, then closes it. For several ids
+    (`A,B,...`, a multi-task run) the tasks' spaces are combined (`combine_tasks`)."""
+    ids = task_ids(env_id)
+    if len(ids) > 1:
+        infos = [
+            probe_env(i, max_episode_steps=max_episode_steps, atari_protocol=atari_protocol)
+            for i in ids
+        ]
+        return combine_tasks(env_id, infos)
     env = make_env(env_id, max_episode_steps=max_episode_steps, atari_protocol=atari_protocol)
     try:
         space = env.observation_space
@@ -237,14 +261,66 @@ def probe_env(
         env.close()
 
 
+def combine_tasks(env_id: str, infos: list[EnvInfo]) -> EnvInfo:
+    """One EnvInfo for several tasks that one network plays: the same action space (MinAtar's
+    `-v0` ids have the full set of 6 actions for every game), observations of one rank and type;
+    images may differ in their number of channels (MinAtar's games have 4 to 10), and are padded
+    with empty planes to the largest. ConfigError, one line, otherwise."""
+    first = infos[0]
+    for info in infos[1:]:
+        if info.action != first.action:
+            raise ConfigError(
+                f"the tasks of a multi-task run must share an action space: '{first.env_id}' has "
+                f"{first.action.describe()}, '{info.env_id}' {info.action.describe()} (MinAtar's "
+                "-v0 ids have the full action set)"
+            )
+        same_kind = info.obs_dtype == first.obs_dtype and info.is_image == first.is_image
+        # images may differ in their channels only, vectors not at all
+        fits = info.obs_shape[first.is_image :] == first.obs_shape[first.is_image :]
+        if not (same_kind and fits and len(info.obs_shape) == len(first.obs_shape)):
+            raise ConfigError(
+                f"the tasks of a multi-task run must have observations of one shape (images may "
+                f"differ in channels): '{first.env_id}' has {first.obs_shape} {first.obs_dtype}, "
+                f"'{info.env_id}' {info.obs_shape} {info.obs_dtype}"
+            )
+    channels = max(info.obs_shape[0] for info in infos)
+    steps = [info.max_episode_steps for info in infos]
+    return dataclasses.replace(
+        first,
+        env_id=env_id,
+        obs_shape=(channels, *first.obs_shape[1:]) if first.is_image else first.obs_shape,
+        max_episode_steps=None if None in steps else max(steps),
+        tasks=tuple(info.env_id for info in infos),
+    )
+
+
+class PadChannels(gym.ObservationWrapper):
+    """Image observations `[C, H, W]` padded with empty planes to `channels` (a multi-task run's
+    shared shape)."""
+
+    def __init__(self, env: gym.Env, channels: int) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        self.extra = channels - space.shape[0]
+        low = np.concatenate([space.low, np.zeros((self.extra, *space.shape[1:]), space.dtype)])
+        high = np.concatenate([space.high, np.zeros((self.extra, *space.shape[1:]), space.dtype)])
+        self.observation_space = gym.spaces.Box(low, high, dtype=space.dtype)
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        pad = np.zeros((self.extra, *obs.shape[1:]), obs.dtype)
+        return np.concatenate([obs, pad])
+
+
 def make_vector_env(
     env_id: str,
     num_envs: int,
     *,
     max_episode_steps: int | None = None,
     atari_protocol: AtariProtocol | None = None,
+    obs_shape: tuple[int, ...] | None = None,
 ) -> VectorEnv:
     """`num_envs` copies stepped together, reset in the same step that ends an episode.
+    `obs_shape`: a multi-task run's image shape, to which this task's frames are padded.
 
     Same-step autoreset puts the last observation of a finished episode in
     `infos["final_obs"]`, which the explorer needs to bootstrap a truncated episode. Atari games
@@ -257,7 +333,14 @@ def make_vector_env(
         atari.check_rom(name, game)
         protocol = _with_frame_cap(atari_protocol or AtariProtocol(), max_episode_steps)
         return atari.make_atari_vector_env(game, num_envs, protocol)
+
+    def make() -> gym.Env:
+        env = make_env(env_id, max_episode_steps=max_episode_steps)
+        if obs_shape is not None and tuple(env.observation_space.shape) != tuple(obs_shape):
+            env = PadChannels(env, obs_shape[0])
+        return env
+
     return SyncVectorEnv(
-        [lambda: make_env(env_id, max_episode_steps=max_episode_steps) for _ in range(num_envs)],
+        [make for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )

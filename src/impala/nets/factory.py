@@ -84,6 +84,8 @@ def build_net(
     name = resolve_net(name, env)
     normalise = resolve_obs_norm(obs_norm, name) == "on"
     if name == "seed":
+        if env.num_tasks > 1:
+            raise ConfigError("a multi-task run needs a value output per task; use --net mlp")
         if env.action.kind != "discrete":
             raise ConfigError(
                 f"the seed network has discrete actions only; '{env.env_id}' has "
@@ -104,11 +106,18 @@ def build_net(
                 num_layers=num_layers,
                 popart_beta=popart_beta,
                 obs_norm=normalise,
+                num_tasks=env.num_tasks,
             )
         torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers, obs_norm=normalise)
     else:
         make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
         torso = make(env.obs_shape)
     if core == "lstm":
-        return RecurrentNet(torso, env.action, core_size=core_size, popart_beta=popart_beta)
-    return PolicyValueNet(torso, env.action, popart_beta=popart_beta)
+        return RecurrentNet(
+            torso,
+            env.action,
+            core_size=core_size,
+            popart_beta=popart_beta,
+            num_tasks=env.num_tasks,
+        )
+    return PolicyValueNet(torso, env.action, popart_beta=popart_beta, num_tasks=env.num_tasks)

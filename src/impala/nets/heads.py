@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from impala.distributions import ActionSpec, as_spec
+from impala.errors import ConfigError
 from impala.nets.popart import PopArt
 
 # A Gaussian policy's log standard deviations are kept within these (std 0.007 to 7.4 in
@@ -13,18 +14,55 @@ from impala.nets.popart import PopArt
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
-def value_head(num_features: int, popart_beta: float | None = None) -> nn.Module:
-    """A linear value layer `[N, F] -> [N, 1]`, or PopArt (`[N, F] -> [N]`) if `popart_beta` is
-    given; `values` reads either as `[N]`."""
+def value_head(
+    num_features: int, popart_beta: float | None = None, num_tasks: int = 1
+) -> nn.Module:
+    """A linear value layer `[N, F] -> [N, K]`, or PopArt if `popart_beta` is given; one output
+    per task of a multi-task run (K = `num_tasks`). `values` reads either."""
     if popart_beta is not None:
-        return PopArt(num_features, popart_beta)
-    return nn.Linear(num_features, 1)
+        return PopArt(num_features, popart_beta, num_tasks)
+    return nn.Linear(num_features, num_tasks)
 
 
 def values(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """The values `[N]` of a `value_head`."""
+    """The values of a `value_head`: `[N]` for one task, `[N, K]` for K (see `task_values`)."""
     out = head(features)
-    return out if isinstance(head, PopArt) else out.squeeze(-1)
+    if isinstance(head, PopArt):
+        return out
+    return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+
+def value_outputs(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """How many tasks a network's state dict has value outputs (and PopArt statistics) for, or
+    None if it has no value head of `value_head`'s making."""
+    for key, tensor in state_dict.items():
+        if key.endswith(("value_head.bias", "value.bias", "value_head.mu", "value.mu")):
+            return int(tensor.shape[0])
+    return None
+
+
+def check_value_outputs(state_dict: dict[str, torch.Tensor], model: nn.Module, what: str) -> None:
+    """ConfigError, one line, if `state_dict` (`what`: a checkpoint) has value outputs for another
+    number of tasks than `model`: multi-task PopArt statistics given to a one-task network, or
+    the other way round."""
+    if not isinstance(state_dict, dict):
+        return  # not a state dict at all: the caller's loading says so
+    theirs, ours = value_outputs(state_dict), value_outputs(model.state_dict())
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ConfigError(
+            f"{what} has value outputs (and PopArt statistics, if any) for {theirs} task(s), "
+            f"this network for {ours}: a multi-task checkpoint needs its run's list of {theirs} "
+            "ids in --env, and a one-task checkpoint one id"
+        )
+
+
+def task_values(values: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence's own task's values: `values [T, B, K]` and `task [B]` -> `[T, B]` (K = 1:
+    a single task's, `task` unused)."""
+    if values.shape[-1] == 1:
+        return values.squeeze(-1)
+    index = task.long().view(1, -1, 1).expand(values.shape[0], -1, 1)
+    return values.gather(-1, index).squeeze(-1)
 
 
 class GaussianPolicy(nn.Module):
@@ -65,15 +103,19 @@ class Heads(nn.Module):
     """Policy parameters (logits for discrete actions) and state value from a feature vector."""
 
     def __init__(
-        self, num_features: int, action: int | ActionSpec, popart_beta: float | None = None
+        self,
+        num_features: int,
+        action: int | ActionSpec,
+        popart_beta: float | None = None,
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         self.policy = policy_head(num_features, action)
-        self.value = value_head(num_features, popart_beta)
+        self.value = value_head(num_features, popart_beta, num_tasks)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features `[N, F]` -> policy parameters (logits for discrete actions) `[N, P]`, values
-        `[N]`."""
+        `[N]` (`[N, K]` for K tasks)."""
         return self.policy(features), values(self.value, features)
 
 
@@ -84,12 +126,16 @@ class PolicyValueNet(nn.Module):
     is_recurrent = False
 
     def __init__(
-        self, torso: nn.Module, action: int | ActionSpec, popart_beta: float | None = None
+        self,
+        torso: nn.Module,
+        action: int | ActionSpec,
+        popart_beta: float | None = None,
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         self.action_spec = as_spec(action)
         self.torso = torso
-        self.heads = Heads(torso.num_features, self.action_spec, popart_beta)
+        self.heads = Heads(torso.num_features, self.action_spec, popart_beta, num_tasks)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs `[N, ...]` -> policy parameters `[N, P]` (logits `[N, A]` for discrete actions),

@@ -98,6 +98,7 @@ class MLPNet(nn.Module):
         shared: bool = False,
         popart_beta: float | None = None,
         obs_norm: bool = False,
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         sizes = [obs_dim] + [num_hidden] * num_layers
@@ -107,7 +108,7 @@ class MLPNet(nn.Module):
         self.policy_torso = _tower(sizes, nn.Tanh)
         self.value_torso = None if shared else _tower(sizes, nn.Tanh)
         self.policy_head = policy_head(sizes[-1], self.action_spec)
-        self.value_head = value_head(sizes[-1], popart_beta)
+        self.value_head = value_head(sizes[-1], popart_beta, num_tasks)
         _orthogonal_init(self)
         init_policy_head(self.policy_head)
         linear = self.value_head.linear if popart_beta is not None else self.value_head

@@ -33,13 +33,14 @@ class RecurrentNet(nn.Module):
         action: int | ActionSpec,
         core_size: int = 256,
         popart_beta: float | None = None,
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         self.torso = torso
         self.action_spec = as_spec(action)
         self.core_size = core_size
         self.core = nn.LSTMCell(torso.num_features + self.action_spec.feature_size + 1, core_size)
-        self.heads = Heads(core_size, self.action_spec, popart_beta)
+        self.heads = Heads(core_size, self.action_spec, popart_beta, num_tasks)
 
     def initial_state(self, batch_size: int) -> State:
         """Zeros `(h [B, H], c [B, H])`."""
@@ -74,4 +75,4 @@ class RecurrentNet(nn.Module):
             h, c = self.core(inputs[t], (h * keep[t], c * keep[t]))
             outputs.append(h)
         logits, values = self.heads(torch.stack(outputs).flatten(0, 1))
-        return logits.view(T, B, -1), values.view(T, B), (h, c)
+        return logits.view(T, B, -1), values.view(T, B, *values.shape[1:]), (h, c)
