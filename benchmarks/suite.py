@@ -62,29 +62,22 @@ TASKS = {
 
 
 def run(task: Task, seed: int, out: Path) -> Path:
-    run_dir = out / f"{task.env.replace('/', '_')}-s{seed}"
-    command = [
-        sys.executable,
-        "-m",
-        "impala.cli",
-        "train",
-        "--env",
-        task.env,
-        "--seed",
-        str(seed),
-        "--run-dir",
-        str(run_dir),
-        "--resume",
-        "auto",
-        "--progress",
-        "lines",
-    ]
+    name = f"{task.env.replace('/', '_')}-s{seed}"
+    return train_run(name, ["--env", task.env, "--seed", str(seed)], out)
+
+
+def train_run(name: str, args: list[str], out: Path) -> Path:
+    """`impala train ARGS` in OUT/NAME (resumed if it was stopped, only read if it is done),
+    its output in OUT/NAME.log; exits on a failed run."""
+    run_dir = out / name
+    command = [sys.executable, "-m", "impala.cli", "train", *args, "--run-dir", str(run_dir)]
+    command += ["--resume", "auto", "--progress", "lines"]
     start = time.monotonic()
-    with open(out / f"{run_dir.name}.log", "a") as log:
+    with open(out / f"{name}.log", "a") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
-        raise SystemExit(f"suite: {task.env} seed {seed} failed (exit {code}); see {log.name}")
-    print(f"suite: {task.env} seed {seed}: {time.monotonic() - start:.0f} s", flush=True)
+        raise SystemExit(f"{name} failed (exit {code}); see {log.name}")
+    print(f"{name}: {time.monotonic() - start:.0f} s", flush=True)
     return run_dir
 
 

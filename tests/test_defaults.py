@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import train_cli
 
-from impala.config import FALLBACK, PRESETS, resolve
+from impala.config import FALLBACK, FALLBACK_BOX, PRESETS, resolve
 
 
 @pytest.mark.parametrize("env_id", ["Acrobot-v1", "LunarLander-v3", "mypackage:Anything-v0"])
@@ -17,6 +17,14 @@ def test_ids_without_a_preset_get_the_fallback(env_id):
     for name, value in PRESETS[FALLBACK].items():
         assert getattr(cfg, name) == value, name
     assert cfg.value_norm == "popart" and cfg.buffer == "replay" and cfg.loss == "appo"
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "MountainCarContinuous-v0"])
+def test_ids_with_continuous_actions_get_the_continuous_fallback(env_id):
+    cfg = resolve({"env": env_id})
+    for name, value in PRESETS[FALLBACK_BOX].items():
+        assert getattr(cfg, name) == value, name
+    assert (cfg.buffer, cfg.loss, cfg.appo_passes) == ("fifo", "appo", 4)
 
 
 def test_the_fallbacks_vtrace_extras_yield_to_the_seeds_choices():

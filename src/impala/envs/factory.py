@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import re
 import warnings
@@ -228,6 +229,17 @@ def _check_spaces(env_id: str, env: gym.Env) -> None:
 def task_ids(env_id: str) -> tuple[str, ...]:
     """The ids of `--env A,B,...` (one for a single task)."""
     return tuple(part.strip() for part in env_id.split(","))
+
+
+@functools.lru_cache(maxsize=64)
+def action_kind(env_id: str) -> str | None:
+    """The kind of the action space of `env_id` (the first task's of `A,B,...`): 'discrete',
+    'multi_discrete' or 'box'; None where the environment cannot be made here (the run says why
+    when it makes it)."""
+    try:
+        return probe_env(task_ids(env_id)[0]).action.kind
+    except ConfigError:
+        return None
 
 
 def probe_env(
