@@ -53,6 +53,8 @@ BAD_INPUT = [
     (["train", "--env", "CartPole-v1", "--loss", "appo", "--algo", "reinforce"], "needs --algo"),
     (["train", "--appo-clip", "1.5"], "--appo-clip must be in (0, 1), got 1.5"),
     (["train", "--appo-passes", "0"], "--appo-passes must be a positive integer, got 0"),
+    (["train", "--replay-fraction", "1"], "--replay-fraction must be in [0, 1), got 1.0"),
+    (["train", "--env", "CartPole-v1,Acrobot-v1"], "must share an action space"),
     (["bench", "--env", "CartPole-v1", "--seconds", "0"], "--seconds must be positive, got 0.0"),
     (["bench", "--env", "CartPole-v1", "--warmup", "-1"], "--warmup must be positive, got -1.0"),
     (["bench", "--env", "CartPole-v1", "--run-dir", "/proc/impala-run"], "'/proc/impala-run'"),
