@@ -187,3 +187,20 @@ def test_learns_multi_discrete_and_continuous_tasks(tmp_path, env_id, floor):
     )
     result = train(cfg)
     assert result.return_mean >= floor, result
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "MatchDigits-v0"])
+def test_the_seeds_reinforce_takes_them_too(tmp_path, env_id):
+    cfg = resolve(
+        dict(
+            env=env_id,
+            algo="reinforce",
+            runtime="serial",
+            total_steps=3_000,
+            max_steps_per_episode=50,
+            run_dir=str(tmp_path / "run"),
+            tensorboard=False,
+        )
+    )
+    result = train(cfg)
+    assert result.updates > 0 and math.isfinite(result.last_metrics["loss"])

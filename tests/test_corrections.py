@@ -71,11 +71,20 @@ def test_the_learner_uses_the_chosen_correction(monkeypatch):
         seen.append(correction)
         return real(correction, **kwargs)
 
+    epsilons = []
+    real_loss = losses.actor_critic_loss
+
+    def spy_loss(*args, **kwargs):
+        epsilons.append(kwargs["log_epsilon"])
+        return real_loss(*args, **kwargs)
+
     monkeypatch.setattr(corrections, "off_policy_returns", spy)
+    monkeypatch.setattr(losses, "actor_critic_loss", spy_loss)
     for correction in ("none", "epsilon", "is1", "vtrace"):
         learner = make_learner(loss="impala", correction=correction)
         learner.learn(_batch(np.random.default_rng(0)))
     assert seen == ["none", "epsilon", "is1", "vtrace"]
+    assert epsilons == [None, corrections.EPSILON, None, None]
 
 
 def _batch(rng, B=4, T=5, versions=None, tag=0.0):
@@ -110,6 +119,21 @@ def test_replay_share_of_each_batch_is_as_asked(fraction, fresh, replayed, monke
         earlier = {100.0 * j + b for j in range(k) for b in range(fresh)}
         assert set(tags[fresh:].tolist()) <= earlier
     assert learner.replay.size == 10
+
+
+def test_the_lag_limit_holds_fresh_sequences_before_they_reach_the_replay(monkeypatch):
+    learner = make_learner(loss="impala", replay_fraction=0.5, replay_size=50, max_policy_lag=2)
+    learner.store.assign(10, learner.store.flat.clone())
+    seen = []
+    monkeypatch.setattr(learner, "update", lambda batch, progress=0.0: seen.append(batch) or {})
+    rng = np.random.default_rng(0)
+    learner.learn(_batch(rng, B=4, versions=[10, 9, 3, 2], tag=0.0))  # two stale
+    learner.learn(_batch(rng, B=2, versions=[10, 10], tag=100.0))
+    assert learner.stale_sequences == 2 and learner.replay.size == 4
+    # the replay holds only the fresh ones; what it gives back is not held to the limit again
+    assert sorted(learner.replay.storage["obs"][:4, 0, 0].tolist()) == [0.0, 1.0, 100.0, 101.0]
+    second = seen[1]["obs"][0, :, 0].tolist()
+    assert second[:2] == [100.0, 101.0] and set(second[2:]) <= {0.0, 1.0}
 
 
 def test_sequence_replay_ring_and_checkpoint_state():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from impala import losses
 from impala.agent import rollout_spec
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
 from impala.agent.factory import build_explorer, build_model, settle
@@ -92,7 +93,7 @@ def test_tasks_share_one_network_with_padded_frames_and_a_value_per_task():
     assert model(batch["obs"][0].float())[1].shape == (6, 3)
 
 
-def test_the_learner_normalises_each_sequence_by_its_own_tasks_statistics():
+def test_the_learner_normalises_each_sequence_by_its_own_tasks_statistics(monkeypatch):
     cfg, env = _multitask()
     learner = build_learner(cfg, env)
     popart = learner.popart
@@ -112,7 +113,20 @@ def test_the_learner_normalises_each_sequence_by_its_own_tasks_statistics():
         every = learner.model(batch["obs"].flatten(0, 1))[1].view(7, 6, 3)
     for b, k in enumerate(batch["task"].tolist()):
         torch.testing.assert_close(values[:, b], every[:, b, k])
+    seen = {}
+    real = losses.actor_critic_loss
+
+    def spy(logits, values, actions, targets, **kwargs):
+        seen.update(values=values, vs=targets.vs)
+        return real(logits, values, actions, targets, **kwargs)
+
+    monkeypatch.setattr(losses, "actor_critic_loss", spy)
     learner.update(batch)
+    # The baseline loss saw each sequence normalised by its own task's mu and sigma.
+    mu = torch.tensor([0.0, 100.0, -50.0])[batch["task"]]
+    sigma = torch.tensor([1.0, 20.0, 5.0])[batch["task"]]
+    torch.testing.assert_close(seen["values"], (values[:-1] - mu) / sigma)
+    torch.testing.assert_close(seen["vs"], (learner._targets - mu) / sigma)
     # The statistics moved per task, each towards its own sequences' targets.
     targets = learner._targets
     sigma_before = torch.tensor([1.0, 20.0, 5.0])
@@ -152,6 +166,22 @@ def test_a_multitask_run_reports_returns_per_task(tmp_path):
     assert code == 2
     assert "value outputs (and PopArt statistics, if any) for 3 task(s)" in err.getvalue()
     assert len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_a_multitask_lstm_keeps_each_sequences_task():
+    cfg, env = _multitask(core="lstm", core_size=16)
+    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
+    assert spec["task"] == ((2,), torch.int64) and "core_h" in spec
+    learner = build_learner(cfg, env)
+    storage = allocate(spec, 3)
+    for index in range(3):
+        explorer = build_explorer(cfg, env, index, learner.store)
+        explorer.fill(numpy_views(storage, index))
+        explorer.vec_env.close()
+    batch = slots_to_batch(storage, [0, 1, 2], "vtrace")
+    assert batch["task"].tolist() == [0, 0, 1, 1, 2, 2]
+    metrics = learner.update(batch)
+    assert math.isfinite(metrics["loss"])
 
 
 @pytest.mark.parametrize(

@@ -158,10 +158,12 @@ class Config:
     sequences grows to B / (1 - f). 0: no replay."""
     replay_size: int = 10_000
     """Unroll sequences (one environment's T steps each) the learner keeps for
-    --replay-fraction, the oldest overwritten first."""
+    --replay-fraction, the oldest overwritten first; allocated at the first batch (MinAtar: 84
+    MB for 10,000; Atari frames: about 6 GB)."""
     max_policy_lag: int | None = None
     """Unroll sequences acted by a policy more than this many versions behind the learner's are
-    dropped before learning (counted as stale_sequences in the metrics); none: no limit."""
+    dropped as they arrive, before learning (counted as stale_sequences in the metrics; replayed
+    sequences are not held to it); none: no limit."""
     loss: Literal["impala", "appo"] = "impala"
     """'impala': the paper's policy gradient; 'appo': the clipped surrogate of PPO against a
     target network refreshed every --appo-target-interval updates, V-trace from the target

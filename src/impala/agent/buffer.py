@@ -33,18 +33,18 @@ def rollout_spec(
     T, E, P = unroll_length, num_envs, env.action.params_size
     action_shape, action_dtype = env.action.action_shape, env.action.action_dtype
     obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
-    recurrent: Spec = {}
+    extra: Spec = {}
     if env.num_tasks > 1:  # a multi-task run: the task each column's sequence belongs to
-        recurrent["task"] = ((E,), torch.int64)
+        extra["task"] = ((E,), torch.int64)
     if core_size is not None:
-        recurrent = {
+        extra |= {
             "prev_action": ((T + 1, E, *action_shape), action_dtype),
             "prev_reward": ((T + 1, E), torch.float32),
             "first": ((T + 1, E), torch.bool),
             "core_h": ((E, core_size), torch.float32),
             "core_c": ((E, core_size), torch.float32),
         }
-    return recurrent | {
+    return extra | {
         "obs": ((T + 1, E, *env.obs_shape), obs_dtype),
         "action": ((T, E, *action_shape), action_dtype),
         "behaviour_logits": ((T, E, P), torch.float32),
@@ -356,9 +356,9 @@ class SequenceReplay:
 
     def state(self) -> dict:
         """What a checkpoint keeps: the sequences held, the ring's position, the generator."""
-        held = (
-            None if self.storage is None else {k: v[: self.size] for k, v in self.storage.items()}
-        )
+        held = None  # copies: a view would save the whole ring's storage
+        if self.storage is not None:
+            held = {k: v[: self.size].clone() for k, v in self.storage.items()}
         return {"held": held, "next": self.next, "rng": self.generator.get_state()}
 
     def restore(self, state: dict) -> None:

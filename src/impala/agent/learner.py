@@ -217,15 +217,16 @@ class Learner:
         batch drawn at random from the circular buffer of the last --appo-buffer batches (this
         one included). The metrics of each update, in order.
 
-        Before that, with --replay-fraction the batch is joined by sequences drawn from the
-        replay of earlier ones, and with --max-policy-lag the sequences of too old a policy are
-        dropped (no update if none is left)."""
-        if self.replay is not None:
-            batch = self.replay.mix(batch)
+        Before that, with --max-policy-lag the sequences of too old a policy are dropped (no update
+        if none is left), and with --replay-fraction the batch is joined by sequences drawn from
+        the replay of earlier ones. The lag limit applies to sequences as they arrive: replayed
+        sequences (old by design) and APPO's later passes over batches that passed it are kept."""
         if self.cfg.max_policy_lag is not None:
             batch = self._drop_stale(batch)
             if batch is None:
                 return []
+        if self.replay is not None:
+            batch = self.replay.mix(batch)
         if self.target is None or self.cfg.appo_passes == 1:
             return [self.update(batch, progress)]
         batch = self._to_device(batch)
