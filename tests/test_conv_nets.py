@@ -84,3 +84,17 @@ def test_deep_net_blocks_are_residual():
     torch.nn.init.zeros_(block.conv1.bias)
     x = torch.randn(2, 16, 42, 42)
     torch.testing.assert_close(block(x), x)
+
+
+def test_auto_precision_takes_bf16_only_where_the_device_computes_it_fast(monkeypatch):
+    """On an AVX2-only CPU oneDNN emulates bf16 (a MinAtar update 88 ms against 14 ms in fp32):
+    'auto' keeps conv nets in fp32 there, and never puts an MLP in bf16."""
+    from impala.agent import learner as learner_mod
+    from impala.nets.mlp import MLPNet
+
+    conv = MinAtarNet((4, 10, 10), 3)
+    for fast in (True, False):
+        monkeypatch.setattr(learner_mod, "bf16_is_fast", lambda device, fast=fast: fast)
+        assert learner_mod.uses_bf16("auto", conv) is fast
+        assert learner_mod.uses_bf16("auto", MLPNet(4, 2)) is False
+        assert learner_mod.uses_bf16("bf16", conv) and not learner_mod.uses_bf16("fp32", conv)

@@ -115,8 +115,9 @@ class Config:
     """Where the learner updates: 'cpu', 'cuda' or 'auto' (cuda where there is one). Explorers
     act on CPU."""
     precision: Precision = "auto"
-    """The learner's arithmetic: 'fp32', 'bf16' (autocast) or 'auto' (bf16 for conv nets, where it
-    measured 1.8-4x faster on CPU; fp32 for the rest)."""
+    """The learner's arithmetic: 'fp32', 'bf16' (autocast) or 'auto' (bf16 for conv nets on a GPU
+    or a CPU with native bf16, AVX-512 and up, where it measured 1.8-4x faster; fp32 elsewhere:
+    an AVX2-only CPU emulates bf16, 6x slower)."""
     gamma: float = 0.99
     """Discount (seed -g)."""
     learning_rate: float = 6e-4
