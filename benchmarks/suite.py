@@ -9,9 +9,12 @@ stopped (a finished run is only read). The table goes to OUT/suite.md (and stdou
 OUT/<task>.png.
 
 A task passes when the mean over seeds of the return at the published budget (the mean of the last
-100 episodes, as logged) reaches its target: 90% of the published score, or the task's "solved"
-threshold where that is lower or the published score is negative. It collapses when the mean
-return over the last 10% of a run is more than 10% of the run's return range below its best.
+100 episodes, as logged) reaches its target: 90% of the way from a uniformly random policy's
+return (measured here, 100 episodes) to the published score, so that returns of any sign and
+offset are judged alike (90% of a negative score would be better than the score). The table also
+says whether the task's "solved" threshold (Gymnasium's reward_threshold) was reached. A run
+collapses when the mean return over its last 10% is more than 10% of its return range below its
+best.
 """
 
 from __future__ import annotations
@@ -38,12 +41,41 @@ class Task:
     source: str = ZOO
     note: str = ""
 
-    @property
-    def target(self) -> float:
-        if self.score <= 0:
-            return self.threshold if self.threshold is not None else self.score
-        target = 0.9 * self.score
-        return min(target, self.threshold) if self.threshold is not None else target
+    def target(self, random: float) -> float:
+        """90% of the way from `random` (a random policy's return) to the published score."""
+        return random + 0.9 * (self.score - random)
+
+
+def random_return(env_id: str, episodes: int = 100, seed: int = 0) -> float:
+    """The mean return of `episodes` episodes of uniformly random actions (the environment as
+    `impala train` makes it, time limit included)."""
+    from impala.envs import make_env
+
+    env = make_env(env_id)
+    env.action_space.seed(seed)
+    total = 0.0
+    try:
+        for episode in range(episodes):
+            env.reset(seed=seed + episode)
+            done = False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+                total += float(reward)
+                done = terminated or truncated
+    finally:
+        env.close()
+    return total / episodes
+
+
+def random_returns(envs: list[str], out: Path) -> dict[str, float]:
+    """`random_return` of each env, kept in OUT/random.json (measured once)."""
+    path = out / "random.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    for env in envs:
+        if env not in known:
+            known[env] = random_return(env)
+    path.write_text(json.dumps(known, indent=2) + "\n")
+    return known
 
 
 TASKS = {
@@ -115,14 +147,16 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, list[dict]], random: dict[str, float]) -> str:
     rows = [
-        "| task | published (steps) | target | ours at that budget, mean +- std (seeds) | passes "
-        "| best / last 10% (collapse?) | wall time to the budget | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | published (steps) | random policy | target | ours at that budget, mean +- std "
+        "(seeds) | passes | solved threshold | best / last 10% (collapse?) | wall time to the "
+        "budget | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for env, per_seed in results.items():
         task = TASKS[env]
+        target = task.target(random[env])
         at = [f["at_budget"] for f in per_seed]
         mean = statistics.fmean(at)
         std = statistics.pstdev(at) if len(at) > 1 else 0.0
@@ -131,10 +165,14 @@ def table(results: dict[str, list[dict]]) -> str:
         tail = statistics.fmean(f["tail"] for f in per_seed)
         collapsed = sum(f["collapsed"] for f in per_seed)
         note = f", {task.note}" if task.note else ""
+        solved = "-"
+        if task.threshold is not None:
+            solved = f"{task.threshold:g}: {'yes' if mean >= task.threshold else 'no'}"
         rows.append(
             f"| {env} | {task.algo} {task.score:g} ({task.budget / 1e6:g}M{note}) "
-            f"| {task.target:.3g} | {_fmt(mean)} +- {_fmt(std)} ({', '.join(map(_fmt, at))}) "
-            f"| {'yes' if mean >= task.target else 'no'} | {_fmt(best)} / {_fmt(tail)} "
+            f"| {_fmt(random[env])} | {_fmt(target)} "
+            f"| {_fmt(mean)} +- {_fmt(std)} ({', '.join(map(_fmt, at))}) "
+            f"| {'yes' if mean >= target else 'no'} | {solved} | {_fmt(best)} / {_fmt(tail)} "
             f"({collapsed} of {len(per_seed)}) | {seconds:.0f} s "
             f"| `impala train --env {env} --seed S` |"
         )
@@ -166,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 env,
             ]
         )
-    text = table(results)
+    text = table(results, random_returns(list(results), args.out))
     (args.out / "suite.md").write_text(text + "\n")
     print(text)
     return 0
