@@ -152,6 +152,10 @@ def test_a_read_only_run_folder_is_one_line(tmp_path):
 def test_version_help_and_print_config(tmp_path):
     assert run_cli("--version").stdout.strip() == f"impala {__version__}"
     assert "Exit codes: 0 done, 1 failed" in run_cli("--help").stdout
+    for command in ("train", "bench", "eval", "plot"):  # help texts with a '%' once crashed
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0 and "usage: impala" in proc.stdout, proc.stderr
+    assert "i on task i % K" in " ".join(run_cli("train", "--help").stdout.split())
     proc = run_cli("train", "--env", "CartPole-v1", "--learning-rate", "0.01", "--print-config")
     assert proc.returncode == 0, proc.stderr
     cfg = config.Config(**__import__("json").loads(proc.stdout))

@@ -100,6 +100,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _optional_float
         if default not in (None, False, dataclasses.MISSING):
             kwargs["help"] += f" (default: {default})"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
         parser.add_argument(*flags, **kwargs)
 
 
