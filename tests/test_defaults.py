@@ -19,12 +19,18 @@ def test_ids_without_a_preset_get_the_fallback(env_id):
     assert cfg.value_norm == "popart" and cfg.buffer == "replay" and cfg.loss == "appo"
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "MountainCarContinuous-v0"])
+@pytest.mark.parametrize("env_id", ["MountainCarContinuous-v0", "LunarLanderContinuous-v3"])
 def test_ids_with_continuous_actions_get_the_continuous_fallback(env_id):
     cfg = resolve({"env": env_id})
     for name, value in PRESETS[FALLBACK_BOX].items():
         assert getattr(cfg, name) == value, name
-    assert (cfg.buffer, cfg.loss, cfg.appo_passes) == ("fifo", "appo", 4)
+    assert (cfg.buffer, cfg.loss, cfg.appo_passes, cfg.gamma) == ("fifo", "appo", 4, 0.99)
+
+
+def test_pendulum_is_the_continuous_fallback_with_a_shorter_horizon():
+    cfg = resolve({"env": "Pendulum-v1"})
+    assert (cfg.buffer, cfg.loss, cfg.appo_passes, cfg.gamma) == ("fifo", "appo", 4, 0.95)
+    assert resolve({"env": "Pendulum-v1", "gamma": 0.99}).gamma == 0.99  # yours wins
 
 
 def test_the_fallbacks_vtrace_extras_yield_to_the_seeds_choices():
