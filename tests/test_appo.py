@@ -11,7 +11,7 @@ import torch
 
 from impala import losses, vtrace
 from impala.agent.factory import build_model, settle
-from impala.agent.learner import Learner
+from impala.agent.learner import Learner, appo_target_due
 from impala.agent.params import ParameterStore
 from impala.config import resolve
 from impala.envs import probe_env
@@ -164,6 +164,35 @@ def test_target_network_follows_pi_every_interval_updates():
         assert torch.equal(flat(learner.target), flat(learner.model)) == (update % 3 == 0)
         if refreshed == 0:
             assert torch.equal(flat(learner.target), start)
+
+
+def test_a_growing_interval_refreshes_at_powers_of_two_of_the_updates_fraction():
+    """--appo-target-growth 0.25: refreshed after each of updates 1..8, then every 2 up to 16
+    updates (0.25 u is 2 to 4), every 4 up to 32, ..., never more than the cap apart; against a
+    stepwise loop over the rule as the help text words it."""
+    growth, cap = 0.25, 16
+    due = [u for u in range(1, 200) if appo_target_due(u, cap, growth)]
+    expected = []
+    for u in range(1, 200):
+        interval = 1
+        while interval * 2 <= growth * u:
+            interval *= 2
+        interval = min(interval, cap)
+        if u % interval == 0:
+            expected.append(u)
+    assert due == expected
+    assert due[:9] == [1, 2, 3, 4, 5, 6, 7, 8, 10] and 18 not in due and 20 in due
+    assert max(b - a for a, b in zip(due, due[1:], strict=False)) == cap
+    assert [u for u in range(1, 50) if appo_target_due(u, 7, 0.0)] == [7, 14, 21, 28, 35, 42, 49]
+
+
+def test_learner_refreshes_on_the_growing_schedule():
+    learner = make_learner(appo_target_interval=4, appo_target_growth=0.5)
+    rng = np.random.default_rng(0)
+    for update in range(1, 12):
+        learner.learn(cartpole_batch(rng))
+        same = torch.equal(flat(learner.target), flat(learner.model))
+        assert same == appo_target_due(update, 4, 0.5), update
 
 
 def test_vtrace_and_the_clip_use_the_target_policy(monkeypatch):

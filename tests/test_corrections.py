@@ -172,6 +172,24 @@ def test_policy_lag_limit_drops_exactly_the_stale_sequences(monkeypatch):
     assert learner.updates == updates and learner.stale_sequences == 5
 
 
+def test_an_unroll_wider_than_the_batch_is_learned_from_in_minibatches(monkeypatch):
+    """--batch-size 2 with --envs-per-explorer 6: three updates, on sequences 0-1, 2-3, 4-5 in
+    order, each after the one before (the weights move between them)."""
+    learner = make_learner(loss="impala", batch_size=2, envs_per_explorer=6)
+    seen, real = [], learner.update
+    monkeypatch.setattr(
+        learner,
+        "update",
+        lambda batch, progress=0.0: seen.append((batch, learner.updates)) or real(batch),
+    )
+    metrics = learner.learn(_batch(np.random.default_rng(0), B=6))
+    assert len(metrics) == 3 and learner.updates == 3
+    assert [batch["obs"][0, :, 0].tolist() for batch, _ in seen] == [[0, 1], [2, 3], [4, 5]]
+    assert [updates for _, updates in seen] == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"--batch-size \(4\) must be a multiple or a divisor"):
+        resolve({"env": "CartPole-v1", "batch_size": 4, "envs_per_explorer": 6})
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

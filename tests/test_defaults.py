@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import train_cli
 
-from impala.config import FALLBACK, FALLBACK_BOX, PRESETS, resolve
+from impala.config import FALLBACK, FALLBACK_BOX, MINIGRID, PRESETS, resolve
 
 
 @pytest.mark.parametrize("env_id", ["Acrobot-v1", "LunarLander-v3", "mypackage:Anything-v0"])
@@ -31,6 +31,15 @@ def test_pendulum_is_the_continuous_fallback_with_a_shorter_horizon():
     cfg = resolve({"env": "Pendulum-v1"})
     assert (cfg.buffer, cfg.loss, cfg.appo_passes, cfg.gamma) == ("fifo", "appo", 4, 0.95)
     assert resolve({"env": "Pendulum-v1", "gamma": 0.99}).gamma == 0.99  # yours wins
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-DoorKey-5x5-v0", "BabyAI-GoToLocal-v0"])
+def test_minigrid_ids_get_the_fallback_with_a_growing_target_interval(env_id):
+    cfg = resolve({"env": env_id})
+    for name, value in PRESETS[MINIGRID].items():
+        assert getattr(cfg, name) == value, name
+    assert (cfg.loss, cfg.appo_target_interval, cfg.appo_target_growth) == ("appo", 1000, 0.1)
+    assert resolve({"env": "Acrobot-v1"}).appo_target_growth == 0.0  # the fallback: fixed
 
 
 def test_the_fallbacks_vtrace_extras_yield_to_the_seeds_choices():

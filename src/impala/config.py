@@ -17,6 +17,7 @@ from impala.envs import CORRIDOR_ID
 from impala.envs.atari import AtariProtocol, looks_like_atari
 from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID, action_kind, task_ids
 from impala.envs.minatar import looks_like_minatar
+from impala.envs.minigrid import looks_like_minigrid
 from impala.errors import ConfigError
 
 Algo = Literal["vtrace", "reinforce"]
@@ -97,7 +98,8 @@ class Config:
     """'fifo': a queue of unrolls, each learned from once (paper); 'replay': the seed's
     round-robin global buffer sampled at random."""
     batch_size: int = 32
-    """Unroll sequences per learner update (FIFO buffer)."""
+    """Unroll sequences per learner update (FIFO buffer): whole explorer unrolls, or with fewer
+    than --envs-per-explorer, an unroll split into minibatches of this many, one update each."""
     buffer_size: int = 1000
     """Replay: time steps each explorer owns in the global buffer (seed -b)."""
     learn_batch_size: int = 32
@@ -172,7 +174,12 @@ class Config:
     appo_clip: float = 0.2
     """APPO: the surrogate's clip, ratios pi/pi_target kept within [1 - c, 1 + c]."""
     appo_target_interval: int = 8
-    """APPO: updates between refreshes of the target network (a copy of pi)."""
+    """APPO: updates between refreshes of the target network (a copy of pi); with
+    --appo-target-growth, the most."""
+    appo_target_growth: float = 0.0
+    """APPO: above 0, the interval grows with training: the largest power of two not above this
+    fraction of the updates so far, up to --appo-target-interval (frequent refreshes while the
+    policy is young, a tighter trust region later); 0: a fixed interval."""
     appo_passes: int = 1
     """APPO: updates per batch received; passes after the first learn from batches drawn at
     random from a circular buffer of the last --appo-buffer batches."""
@@ -335,6 +342,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("--loss appo needs --algo vtrace (its targets are V-trace's)")
     if not 0.0 < cfg.appo_clip < 1.0:
         raise ConfigError(f"--appo-clip must be in (0, 1), got {cfg.appo_clip!r}")
+    if not 0.0 <= cfg.appo_target_growth <= 1.0:
+        raise ConfigError(f"--appo-target-growth must be in [0, 1], got {cfg.appo_target_growth!r}")
     if not 0.0 <= cfg.replay_fraction < 1.0:
         raise ConfigError(f"--replay-fraction must be in [0, 1), got {cfg.replay_fraction!r}")
     if cfg.max_policy_lag is not None and (
@@ -397,10 +406,13 @@ def _validate(cfg: Config) -> None:
             "sequence an LSTM state comes from"
         )
     if cfg.buffer == "fifo" and cfg.batch_size % cfg.envs_per_explorer and cfg.batch_size > 1:
-        if cfg.batch_size > cfg.envs_per_explorer:
+        if cfg.batch_size > cfg.envs_per_explorer or (
+            cfg.algo == "vtrace" and cfg.envs_per_explorer % cfg.batch_size
+        ):
             raise ConfigError(
-                f"--batch-size ({cfg.batch_size}) must be a multiple of --envs-per-explorer "
-                f"({cfg.envs_per_explorer}): a batch is made of whole explorer unrolls"
+                f"--batch-size ({cfg.batch_size}) must be a multiple or a divisor of "
+                f"--envs-per-explorer ({cfg.envs_per_explorer}): a batch is made of whole "
+                "explorer unrolls, or an unroll is split into equal minibatches"
             )
 
 
@@ -426,6 +438,7 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "correction": ("algo", ("vtrace",)),
     "appo_clip": ("loss", ("appo",)),
     "appo_target_interval": ("loss", ("appo",)),
+    "appo_target_growth": ("loss", ("appo",)),
     "appo_passes": ("loss", ("appo",)),
     "appo_buffer": ("loss", ("appo",)),
     "rmsprop_alpha": ("optimizer", ("rmsprop", "rmsprop-tf")),
@@ -479,6 +492,7 @@ def batch_note(cfg: Config) -> str | None:
 
 ATARI = "atari"  # the preset of every Atari id
 MINATAR = "minatar"  # the preset of every MinAtar id
+MINIGRID = "minigrid"  # the preset of every MiniGrid and BabyAI id
 FALLBACK = "fallback"  # the preset of every other id: vector observations, discrete actions
 FALLBACK_BOX = "fallback-box"  # ... and of every other id with continuous (Box) actions
 
@@ -646,13 +660,21 @@ PRESETS[FALLBACK_BOX] = PRESETS[FALLBACK] | dict(
     appo_passes=4,
     appo_target_interval=20,
 )
+# MiniGrid (and BabyAI): sparse rewards, the fallback with APPO's target refreshed often while the
+# policy is young (the interval 10% of the updates so far, to the power of two below, up to the
+# fallback's 1,000): MiniGrid-DoorKey-5x5-v0 at 100k steps, seeds 0-2: 0.885, 0.931, 0.912 (a
+# target every 1,000 updates from the start: 0.183, 0.331, 0.267; every 250: 0.756, 0.815,
+# 0.796). LunarLander-v3 with the same schedule learned slower (158, 90, 117 against 235, 124,
+# 234 at 1M steps), so the fallback keeps a fixed interval.
+PRESETS[MINIGRID] = PRESETS[FALLBACK] | dict(appo_target_growth=0.1)
+
 # Pendulum-v1: the continuous fallback with gamma 0.95 (as tuned PPOs use 0.9-0.98 there): every
 # seed of 0-3 past -200 by 208k-249k steps, -141 to -152 at 1M; with 0.99 seed 1 stays near -400.
 PRESETS["Pendulum-v1"] = PRESETS[FALLBACK_BOX] | dict(gamma=0.95)
 
 
 def preset_for(env_id: str) -> dict[str, Any]:
-    """The preset of `env_id`: its own, else its family's (Atari ids, MinAtar ids), else the
+    """The preset of `env_id`: its own, else its family's (Atari, MinAtar, MiniGrid ids), else the
     fallback of its action space (for several ids, the first one's)."""
     env_id = task_ids(env_id)[0]  # a multi-task run: its first task's
     if env_id in PRESETS:
@@ -661,6 +683,8 @@ def preset_for(env_id: str) -> dict[str, Any]:
         return dict(PRESETS[ATARI])
     if looks_like_minatar(env_id):
         return dict(PRESETS[MINATAR])
+    if looks_like_minigrid(env_id):
+        return dict(PRESETS[MINIGRID])
     if action_kind(env_id) == "box":
         return dict(PRESETS[FALLBACK_BOX])
     return dict(PRESETS[FALLBACK])

@@ -57,6 +57,24 @@ def bf16_is_fast(device: torch.device) -> bool:
         return False
 
 
+def appo_target_interval(updates: int, interval: int, growth: float) -> int:
+    """APPO's target-refresh interval after `updates` updates: `interval`, or with `growth` > 0
+    the largest power of two not above growth * updates (at least 1), capped at `interval`. A
+    target refreshed often while the policy is young lets it move quickly (sparse rewards' first
+    successes), a target held longer later bounds its drift (a trust region that tightens as
+    learning goes on). A function of the update count alone, so a resumed run refreshes where an
+    uninterrupted one would."""
+    if growth <= 0:
+        return interval
+    grown = max(1.0, growth * updates)
+    return min(interval, 1 << (int(grown).bit_length() - 1))
+
+
+def appo_target_due(updates: int, interval: int, growth: float) -> bool:
+    """Whether the target is refreshed after update number `updates` (counted from 1)."""
+    return updates % appo_target_interval(updates, interval, growth) == 0
+
+
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.optimizer` with the config's settings.
 
@@ -229,7 +247,9 @@ class Learner:
     ) -> list[dict[str, float]]:
         """Learns from a batch received: one update, and with APPO's --appo-passes more, each on a
         batch drawn at random from the circular buffer of the last --appo-buffer batches (this
-        one included). The metrics of each update, in order.
+        one included). The metrics of each update, in order. A FIFO batch wider than
+        --batch-size (one explorer's unroll of more envs) is learned from in minibatches of that
+        many sequences, each as above.
 
         Before that, with --max-policy-lag the sequences of too old a policy are dropped (no update
         if none is left), and with --replay-fraction the batch is joined by sequences drawn from
@@ -239,6 +259,22 @@ class Learner:
             batch = self._drop_stale(batch)
             if batch is None:
                 return []
+        size = self.cfg.batch_size
+        if self.cfg.buffer == "fifo" and self.cfg.algo == "vtrace" and num_sequences(batch) > size:
+            # --batch-size under --envs-per-explorer: an explorer's unroll in minibatches, one
+            # update each (in order: V-trace corrects the later ones' extra lag)
+            return [
+                metrics
+                for start in range(0, num_sequences(batch), size)
+                for metrics in self._learn_batch(
+                    select_sequences(batch, torch.arange(start, start + size)), progress
+                )
+            ]
+        return self._learn_batch(batch, progress)
+
+    def _learn_batch(
+        self, batch: dict[str, torch.Tensor], progress: float
+    ) -> list[dict[str, float]]:
         if self.replay is not None:
             batch = self.replay.mix(batch)
         if self.target is None or self.cfg.appo_passes == 1:
@@ -284,7 +320,9 @@ class Learner:
         if self.popart is not None and self._targets is not None:
             self.popart.update(self._targets, batch.get("task"))  # outputs preserved; published
         self.updates += 1
-        if self.target is not None and self.updates % self.cfg.appo_target_interval == 0:
+        if self.target is not None and appo_target_due(
+            self.updates, self.cfg.appo_target_interval, self.cfg.appo_target_growth
+        ):
             self.target.load_state_dict(self.model.state_dict())
         behaviour_version = batch["policy_version"].double().mean().item()
         policy_lag = self.store.version - behaviour_version
