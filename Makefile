@@ -30,7 +30,7 @@ chaos: setup
 	$(BIN)/python benchmarks/chaos.py $(ARGS)
 
 suite: setup
-	$(BIN)/python benchmarks/suite.py $(ARGS)
+	$(BIN)/python benchmarks/suite.py --stop-at-budget $(ARGS)
 
 lint: setup
 	$(BIN)/pip install -q ruff

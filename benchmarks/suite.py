@@ -102,7 +102,8 @@ def run(
     task: Task, seed: int, out: Path, stop_at_budget: bool = False, extra: list[str] = ()
 ) -> Path:
     name = f"{task.env.replace('/', '_')}-s{seed}"
-    args = ["--env", task.env, "--seed", str(seed), *extra]
+    # a metrics record every second (logging only): CartPole passes 0.5M steps in seconds
+    args = ["--env", task.env, "--seed", str(seed), "--log-interval", "1", *extra]
     return train_run(name, args, out, stop_at=task.budget if stop_at_budget else None)
 
 
