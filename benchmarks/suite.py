@@ -241,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
+    extra = shlex.split(args.args)
     for env in args.tasks:
         task = TASKS[env]
-        extra = shlex.split(args.args)
         dirs = [run(task, seed, args.out, args.stop_at_budget, extra) for seed in args.seeds]
         results[env] = [figures(task, d) for d in dirs]
         subprocess.call(
