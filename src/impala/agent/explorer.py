@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
@@ -124,6 +125,8 @@ class Explorer:
             self.prev_action = self._no_actions(self.num_envs)
             self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
             self.first = np.ones(self.num_envs, dtype=bool)
+        # Feed-forward networks that can act in numpy do (see MLPNet.numpy_policy).
+        self._numpy_policy = None if self.recurrent else _numpy_policy(model)
         self.refresh()
 
     def refresh(self) -> None:
@@ -158,6 +161,8 @@ class Explorer:
                 obs, self.prev_action, self.prev_reward, self.first, self.core_state
             )
             logits = logits.numpy()
+        elif self._numpy_policy is not None:
+            logits = self._numpy_policy(obs)
         else:
             logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
         if self.greedy:
@@ -390,3 +395,14 @@ class Explorer:
             ret = step.reward + self.gamma * ret
             returns.append(ret)
         self._finished_steps.extend(zip(episode, reversed(returns), strict=False))
+
+
+def _numpy_policy(model: nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`model`'s numpy policy, if it has one. numpy's BLAS is then held to one thread in this
+    process: explorers already take a core each, and OpenBLAS would otherwise start a thread per
+    core for the larger products (64 environments x 64 units and up)."""
+    make = getattr(model, "numpy_policy", None)
+    policy = make() if make is not None else None
+    if policy is not None:
+        threadpoolctl.threadpool_limits(1, user_api="blas")
+    return policy

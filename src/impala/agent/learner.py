@@ -75,6 +75,56 @@ def appo_target_due(updates: int, interval: int, growth: float) -> bool:
     return updates % appo_target_interval(updates, interval, growth) == 0
 
 
+class FlatGradients:
+    """The gradients of a model's trained parameters as views of one flat buffer, so that zeroing
+    them and clipping their global norm are one operation each instead of a loop over the
+    parameters (zero_grad and clip_grad_norm_ took 9% of a CartPole update's time).
+
+    Autograd adds into an existing gradient in place, so after `zero()` a backward pass fills the
+    buffer. A gradient that something replaced (a hook that assigns `p.grad`) is copied back into
+    the buffer before the norm is taken. Every trained parameter gets a gradient at each update
+    (zero where the loss does not reach it), where zero_grad(set_to_none=True) would have left
+    such a parameter without one and the optimizer would have skipped it; every parameter of this
+    project's networks is reached by every update's loss.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        total = sum(p.numel() for p in params)
+        self.flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+        self.views = list(torch.split(self.flat, [p.numel() for p in params]))
+        self.views = [v.view_as(p) for v, p in zip(self.views, params, strict=True)]
+        self.zero()
+
+    @classmethod
+    def of(cls, params) -> FlatGradients | None:
+        """Flat gradients of the parameters that take gradient, or None if they are not all of
+        one dtype and device (or there are none)."""
+        trained = [p for p in params if p.requires_grad]
+        if not trained or len({(p.dtype, p.device) for p in trained}) > 1:
+            return None
+        return cls(trained)
+
+    def zero(self) -> None:
+        """Zeroes every gradient (and attaches any that was detached from the buffer)."""
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:
+                p.grad = view
+        self.flat.zero_()
+
+    def clip_norm(self, max_norm: float) -> torch.Tensor:
+        """As `nn.utils.clip_grad_norm_`: scales the gradients so that their global L2 norm is at
+        most `max_norm` and returns the norm before scaling."""
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:  # replaced since `zero` (e.g. by a gradient hook)
+                view.copy_(p.grad if p.grad is not None else torch.zeros_like(view))
+                p.grad = view
+        norm = torch.linalg.vector_norm(self.flat)
+        if max_norm != float("inf"):
+            self.flat.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.optimizer` with the config's settings.
 
@@ -154,6 +204,7 @@ class Learner:
             generator = torch.Generator().manual_seed(cfg.seed + 1)
             self.replay = SequenceReplay(cfg.replay_size, cfg.replay_fraction, generator)
         self.stale_sequences = 0  # dropped by --max-policy-lag so far
+        self.grads = FlatGradients.of(self.model.parameters())
 
     @property
     def version(self) -> int:
@@ -310,12 +361,18 @@ class Learner:
             terms, logits = self._reinforce_loss(batch)
         else:
             terms, logits = self._vtrace_loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.grads is not None:
+            self.grads.zero()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.grad_sync is not None:
             self.grad_sync(self.model)
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.grads is not None:
+            grad_norm = self.grads.clip_norm(clip)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         if self.popart is not None and self._targets is not None:
             self.popart.update(self._targets, batch.get("task"))  # outputs preserved; published

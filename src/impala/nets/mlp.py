@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from impala.distributions import ActionSpec, as_spec
 from impala.nets.heads import init_policy_head, policy_head, value_head, values
-from impala.nets.obsnorm import ObsNorm
+from impala.nets.obsnorm import EPS, ObsNorm
 
 
 class SeedNet(nn.Module):
@@ -36,6 +38,40 @@ class SeedNet(nn.Module):
     def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
         """obs `[N, obs_dim]` -> logits `[N, A]` (what acting needs)."""
         return self.forward(obs)[0]
+
+
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) computed as 2 sigmoid(2x) - 1, with tanh's own backward from the output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = _sigmoid_tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad_y, y)
+
+
+def _sigmoid_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+
+class Tanh(nn.Module):
+    """tanh, computed on the CPU as 2 sigmoid(2x) - 1 (within 2e-7 of torch.tanh: float32
+    rounding). PyTorch's CPU tanh kernel is several times slower than its sigmoid on these
+    machines (a 672 x 64 batch, one thread: 113 us against 33 us for the whole sigmoid form, on
+    AVX2 and AVX-512 alike), and the tanh layers were the largest single cost of a CartPole
+    update. The backward is tanh's own, 1 - y^2 from the output. On other devices, torch.tanh."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return torch.tanh(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SigmoidTanh.apply(x)
+        return _sigmoid_tanh(x)
 
 
 def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
@@ -65,7 +101,7 @@ class MLPTorso(nn.Module):
     ) -> None:
         super().__init__()
         self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
-        self.tower = _tower([obs_dim] + [num_hidden] * num_layers, nn.Tanh)
+        self.tower = _tower([obs_dim] + [num_hidden] * num_layers, Tanh)
         self.num_features = num_hidden
         _orthogonal_init(self)
 
@@ -105,8 +141,8 @@ class MLPNet(nn.Module):
         self.action_spec = as_spec(action)
         self.shared = shared
         self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
-        self.policy_torso = _tower(sizes, nn.Tanh)
-        self.value_torso = None if shared else _tower(sizes, nn.Tanh)
+        self.policy_torso = _tower(sizes, Tanh)
+        self.value_torso = None if shared else _tower(sizes, Tanh)
         self.policy_head = policy_head(sizes[-1], self.action_spec)
         self.value_head = value_head(sizes[-1], popart_beta, num_tasks)
         _orthogonal_init(self)
@@ -126,3 +162,35 @@ class MLPNet(nn.Module):
         """obs `[N, obs_dim]` -> policy parameters `[N, P]`, without the value tower (acting needs
         none)."""
         return self.policy_head(self.policy_torso(_inputs(self.obs_norm, obs)))
+
+    def numpy_policy(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """`policy_logits` in numpy, over views of this network's parameters: obs `[N, obs_dim]`
+        -> float32 `[N, P]`. The views follow the weights as long as they are copied in place
+        (the parameter store and `load_state_dict` do). Acting on a few dozen environments,
+        torch's per-operation overhead is most of the cost of so small a network (CartPole's,
+        32 environments: 38 us per step in torch, 15 us in numpy). None where it does not apply
+        (weights off the CPU or not float32, a Gaussian policy head)."""
+        params = list(self.parameters())
+        if not isinstance(self.policy_head, nn.Linear) or any(
+            p.device.type != "cpu" or p.dtype != torch.float32 for p in params
+        ):
+            return None
+
+        def arrays(linear: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+            return linear.weight.detach().numpy().T, linear.bias.detach().numpy()
+
+        layers = [arrays(m) for m in self.policy_torso if isinstance(m, nn.Linear)]
+        head_w, head_b = arrays(self.policy_head)
+        norm = self.obs_norm
+        if norm is not None:
+            mean, var = norm.mean.detach().numpy(), norm.var.detach().numpy()
+
+        def policy(obs: np.ndarray) -> np.ndarray:
+            x = np.asarray(obs, dtype=np.float32)
+            if norm is not None:
+                x = np.clip((x - mean) / np.sqrt(var + np.float32(EPS)), -norm.clip, norm.clip)
+            for weight_t, bias in layers:
+                x = np.tanh(x @ weight_t + bias)
+            return x @ head_w + head_b
+
+        return policy

@@ -108,7 +108,11 @@ class LearnerGroup:
         offset = 0
         for p, g in zip(model.parameters(), grads, strict=True):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            average = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = average.clone()
+            else:  # in place: the learner's gradients are views of one flat buffer
+                p.grad.copy_(average)
             offset += n
 
     def decide(self, stop: bool, have_batch: bool, steps: int) -> Decision:

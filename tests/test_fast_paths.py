@@ -1,0 +1,146 @@
+"""The CPU fast paths against the computations they replace: the sigmoid-form tanh against
+float64 tanh, the explorers' numpy policy against the torch network, the learner's flat gradients
+against zero_grad + clip_grad_norm_."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import threadpoolctl
+import torch
+
+from impala.agent import Explorer, ParameterStore, rollout_spec
+from impala.agent.buffer import allocate, numpy_views, slots_to_batch
+from impala.agent.learner import FlatGradients
+from impala.config import resolve
+from impala.distributions import ActionSpec
+from impala.envs import make_vector_env, probe_env
+from impala.nets import MLPNet
+from impala.nets.mlp import Tanh
+from impala.runtime.common import build_learner
+
+
+def test_tanh_and_its_gradient_against_float64_tanh():
+    x = torch.cat([torch.randn(20000) * 4, torch.linspace(-30, 30, 6001), torch.tensor([0.0])])
+    exact = torch.tanh(x.double())
+    x = x.requires_grad_()
+    y = Tanh()(x)
+    assert y.dtype == torch.float32
+    assert (y.double() - exact).abs().max() < 2.5e-7
+    upstream = torch.rand(len(x)) + 0.5
+    (y * upstream).sum().backward()
+    # 1 - y^2 from a float32 y: within a few float32 steps of the exact derivative
+    assert (x.grad.double() - (1 - exact**2) * upstream.double()).abs().max() < 1e-6
+    with torch.no_grad():  # the inference path computes the same
+        assert torch.equal(Tanh()(x), y.detach())
+    assert torch.autograd.gradcheck(Tanh(), torch.randn(30, dtype=torch.float64).requires_grad_())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(obs_norm=True),
+        dict(shared=True, num_layers=3),
+        dict(action=ActionSpec("multi_discrete", (3, 2))),
+    ],
+    ids=["mlp", "obs-norm", "shared-3-layers", "multi-discrete"],
+)
+def test_numpy_policy_equals_the_network_and_follows_its_weights(options):
+    torch.manual_seed(0)
+    options = dict(options)
+    action = options.pop("action", 2)
+    model = MLPNet(6, action, num_hidden=32, **options)
+    if model.obs_norm is not None:
+        model.obs_norm.update(torch.randn(500, 6, dtype=torch.float64) * 7 + 3)
+    policy = model.numpy_policy()
+    assert policy is not None
+    obs = np.random.default_rng(0).normal(size=(16, 6)) * 5  # float64, as some envs give
+    with torch.no_grad():
+        want = model.policy_logits(torch.from_numpy(obs)).numpy()
+    got = policy(obs)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # New weights copied in place, as explorers receive them, are what the views see.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    store = ParameterStore(*ParameterStore.allocate(other))
+    store.publish(other)
+    store.load_into(model, have_version=0)
+    with torch.no_grad():
+        want = other.policy_logits(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(policy(obs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_numpy_policy_for_a_gaussian_head_or_weights_off_float32():
+    assert MLPNet(3, ActionSpec("box", low=(-1.0,), high=(1.0,))).numpy_policy() is None
+    assert MLPNet(3, 2).double().numpy_policy() is None
+
+
+def test_explorer_acts_with_the_numpy_policy_on_one_blas_thread():
+    torch.manual_seed(1)
+    threadpoolctl.threadpool_limits(2, user_api="blas")  # as a new process has it
+    model = MLPNet(4, 2, num_hidden=16)
+    store = ParameterStore(*ParameterStore.allocate(model))
+    vec = make_vector_env("CartPole-v1", 4)
+    explorer = Explorer(0, vec, model, store, unroll_length=6, gamma=0.99, seed=2)
+    assert explorer._numpy_policy is not None
+    blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
+    storage = allocate(rollout_spec(probe_env("CartPole-v1"), 6, 4), 1)
+    out = numpy_views(storage, 0)
+    explorer.fill(out)
+    vec.close()
+    with torch.no_grad():  # the learner's view of the same unroll: the torch network
+        logits = model.policy_logits(torch.from_numpy(out["obs"][:6].reshape(24, 4)))
+    np.testing.assert_allclose(out["behaviour_logits"].reshape(24, 2), logits.numpy(), atol=1e-6)
+
+
+def _cartpole_learner_and_batch(**settings):
+    cfg = resolve({"env": "CartPole-v1", "envs_per_explorer": 8, "batch_size": 8, **settings})
+    env = probe_env(cfg.env)
+    learner = build_learner(cfg, env)
+    model = copy.deepcopy(learner.model)
+    vec = make_vector_env(cfg.env, 8)
+    explorer = Explorer(0, vec, model, learner.store, unroll_length=cfg.unroll_length, gamma=0.99)
+    storage = allocate(rollout_spec(env, cfg.unroll_length, 8), 1)
+    explorer.fill(numpy_views(storage, 0))
+    vec.close()
+    return cfg, env, learner, slots_to_batch(storage, [0], cfg.algo)
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 1e6, None])
+def test_flat_gradients_update_as_zero_grad_and_clip_grad_norm_do(grad_clip):
+    torch.manual_seed(0)
+    cfg, env, flat, batch = _cartpole_learner_and_batch(grad_clip=grad_clip)
+    reference = build_learner(cfg, env)
+    reference.model.load_state_dict(flat.model.state_dict())
+    reference.grads = None  # the per-parameter path: zero_grad(set_to_none) + clip_grad_norm_
+    assert flat.grads is not None
+    for _ in range(3):
+        got, want = flat.update(batch), reference.update(batch)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    for a, b in zip(flat.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if grad_clip == 0.05:  # the clip did bind (1e6 does not: no scaling up)
+        assert want["grad_norm"] > grad_clip
+
+
+def test_flat_gradients_take_back_gradients_a_hook_replaced():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    grads = FlatGradients.of(params)
+    assert grads is not None
+    (params[0].sum() * 2 + (params[1] ** 2).sum()).backward()
+    params[1].grad = params[1].grad.clone() * 10  # a hook that assigns new gradients
+    want = torch.cat([torch.full((6,), 2.0), params[1].detach() * 20])
+    norm = grads.clip_norm(float("inf"))
+    assert float(norm) == pytest.approx(float(want.norm()), rel=1e-6)
+    torch.testing.assert_close(grads.flat, want)
+    assert params[1].grad.data_ptr() == grads.views[1].data_ptr()
+    norm = grads.clip_norm(1.0)
+    assert float(grads.flat.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert FlatGradients.of([torch.nn.Parameter(torch.zeros(1), requires_grad=False)]) is None
