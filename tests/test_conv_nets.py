@@ -98,3 +98,20 @@ def test_auto_precision_takes_bf16_only_where_the_device_computes_it_fast(monkey
         assert learner_mod.uses_bf16("auto", conv) is fast
         assert learner_mod.uses_bf16("auto", MLPNet(4, 2)) is False
         assert learner_mod.uses_bf16("bf16", conv) and not learner_mod.uses_bf16("fp32", conv)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_inputs_are_the_scaled_frames_in_the_compute_dtype(bf16, channels_last):
+    torso = shallow_torso((4, 36, 36), channels_last=channels_last)
+    frames = (torch.arange(3 * 4 * 36 * 36) % 256).to(torch.uint8).reshape(3, 4, 36, 36)
+    # What the convolutions used to receive: float32 frames times the scale, cast by autocast.
+    want = frames.float() * (1 / 255)
+    want = want.bfloat16() if bf16 else want
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = torso.inputs(frames)
+    assert got.dtype == want.dtype and torch.equal(got, want)  # every uint8 value, to the bit
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    floats = frames.float()  # float frames: scaled into a new tensor, the caller's untouched
+    got = torso.inputs(floats)
+    assert torch.equal(floats, frames.float()) and torch.equal(got, frames.float() * (1 / 255))

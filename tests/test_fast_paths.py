@@ -45,24 +45,37 @@ def test_tanh_and_its_gradient_against_float64_tanh():
         dict(obs_norm=True),
         dict(shared=True, num_layers=3),
         dict(action=ActionSpec("multi_discrete", (3, 2))),
+        dict(popart_beta=0.1),
+        dict(popart_beta=0.1, num_tasks=3),
     ],
-    ids=["mlp", "obs-norm", "shared-3-layers", "multi-discrete"],
+    ids=["mlp", "obs-norm", "shared-3-layers", "multi-discrete", "popart", "popart-3-tasks"],
 )
-def test_numpy_policy_equals_the_network_and_follows_its_weights(options):
+def test_numpy_net_equals_the_network_and_follows_its_weights(options):
     torch.manual_seed(0)
     options = dict(options)
     action = options.pop("action", 2)
     model = MLPNet(6, action, num_hidden=32, **options)
     if model.obs_norm is not None:
         model.obs_norm.update(torch.randn(500, 6, dtype=torch.float64) * 7 + 3)
-    policy = model.numpy_policy()
-    assert policy is not None
+    if options.get("popart_beta"):
+        for _ in range(3):  # statistics away from (0, 1)
+            model.value_head.update(
+                torch.randn(20, 3) * 40 + 25, torch.arange(3) % model.value_head.num_tasks
+            )
+    net = model.numpy_net()
+    assert net is not None
     obs = np.random.default_rng(0).normal(size=(16, 6)) * 5  # float64, as some envs give
-    with torch.no_grad():
-        want = model.policy_logits(torch.from_numpy(obs)).numpy()
-    got = policy(obs)
-    assert got.dtype == np.float32 and got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def check(reference):
+        with torch.no_grad():
+            logits, values = reference(torch.from_numpy(obs))
+        got_logits, got_values = net.policy_logits(obs), net.values(obs)
+        assert got_logits.dtype == np.float32 and got_logits.shape == logits.shape
+        assert got_values.shape == values.shape
+        np.testing.assert_allclose(got_logits, logits.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_values, values.numpy(), rtol=1e-5, atol=1e-5)
+
+    check(model)
     # New weights copied in place, as explorers receive them, are what the views see.
     other = copy.deepcopy(model)
     with torch.no_grad():
@@ -71,14 +84,12 @@ def test_numpy_policy_equals_the_network_and_follows_its_weights(options):
     store = ParameterStore(*ParameterStore.allocate(other))
     store.publish(other)
     store.load_into(model, have_version=0)
-    with torch.no_grad():
-        want = other.policy_logits(torch.from_numpy(obs)).numpy()
-    np.testing.assert_allclose(policy(obs), want, rtol=1e-5, atol=1e-6)
+    check(other)
 
 
-def test_no_numpy_policy_for_a_gaussian_head_or_weights_off_float32():
-    assert MLPNet(3, ActionSpec("box", low=(-1.0,), high=(1.0,))).numpy_policy() is None
-    assert MLPNet(3, 2).double().numpy_policy() is None
+def test_no_numpy_net_for_a_gaussian_head_or_weights_off_float32():
+    assert MLPNet(3, ActionSpec("box", low=(-1.0,), high=(1.0,))).numpy_net() is None
+    assert MLPNet(3, 2).double().numpy_net() is None
 
 
 def test_explorer_acts_with_the_numpy_policy_on_one_blas_thread():
@@ -88,7 +99,7 @@ def test_explorer_acts_with_the_numpy_policy_on_one_blas_thread():
     store = ParameterStore(*ParameterStore.allocate(model))
     vec = make_vector_env("CartPole-v1", 4)
     explorer = Explorer(0, vec, model, store, unroll_length=6, gamma=0.99, seed=2)
-    assert explorer._numpy_policy is not None
+    assert explorer._numpy is not None
     blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     assert blas and all(i["num_threads"] == 1 for i in blas)
     storage = allocate(rollout_spec(probe_env("CartPole-v1"), 6, 4), 1)

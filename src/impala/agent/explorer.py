@@ -125,8 +125,8 @@ class Explorer:
             self.prev_action = self._no_actions(self.num_envs)
             self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
             self.first = np.ones(self.num_envs, dtype=bool)
-        # Feed-forward networks that can act in numpy do (see MLPNet.numpy_policy).
-        self._numpy_policy = None if self.recurrent else _numpy_policy(model)
+        # Feed-forward networks that can act in numpy do (see impala.nets.mlp.NumpyMLP).
+        self._numpy = None if self.recurrent else _numpy_net(model)
         self.refresh()
 
     def refresh(self) -> None:
@@ -161,8 +161,8 @@ class Explorer:
                 obs, self.prev_action, self.prev_reward, self.first, self.core_state
             )
             logits = logits.numpy()
-        elif self._numpy_policy is not None:
-            logits = self._numpy_policy(obs)
+        elif self._numpy is not None:
+            logits = self._numpy.policy_logits(obs)
         else:
             logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
         if self.greedy:
@@ -171,17 +171,20 @@ class Explorer:
 
     def _values(self, obs: np.ndarray, envs: np.ndarray, actions, rewards) -> np.ndarray:
         """V_mu of the last observations `obs` of the episodes in environments `envs`."""
-        if not self.recurrent:
-            values = self.model(torch.from_numpy(obs))[1]
+        if self._numpy is not None:
+            values = self._numpy.values(obs)
+        elif not self.recurrent:
+            values = self.model(torch.from_numpy(obs))[1].numpy()
         else:
             h, c = self.core_state  # after the step that led to `obs`
             first = np.zeros(len(envs), dtype=bool)
             _, values, _ = self._core_step(
                 obs, actions[envs], rewards[envs], first, (h[envs], c[envs])
             )
+            values = values.numpy()
         if self.task is not None:  # a multi-task network: the value of this explorer's task
             values = values[:, self.task]
-        return values.numpy().astype(np.float64)
+        return values.astype(np.float64)
 
     def _step(self) -> tuple[Any, ...]:
         """One step of every environment; returns what an unroll records about it: the learning
@@ -221,13 +224,13 @@ class Explorer:
             self._print_steps(actions, next_obs, done, infos)
         self.episode_return += rewards
         self.episode_length += 1
-        finished = [
-            (float(self.episode_return[i]), int(self.episode_length[i]), int(i))
-            for i in np.flatnonzero(done)
-        ]
-        self.episode_return[done] = 0.0
-        self.episode_length[done] = 0
-        self._finished_episodes.extend(finished)
+        if done.any():
+            for i in np.flatnonzero(done).tolist():
+                self._finished_episodes.append(
+                    (float(self.episode_return[i]), int(self.episode_length[i]), i)
+                )
+            self.episode_return[done] = 0.0
+            self.episode_length[done] = 0
         self.obs = next_obs
         return obs, actions, logits, learn_rewards, learn_terminated, learn_done, truncation_value
 
@@ -397,12 +400,12 @@ class Explorer:
         self._finished_steps.extend(zip(episode, reversed(returns), strict=False))
 
 
-def _numpy_policy(model: nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
-    """`model`'s numpy policy, if it has one. numpy's BLAS is then held to one thread in this
-    process: explorers already take a core each, and OpenBLAS would otherwise start a thread per
-    core for the larger products (64 environments x 64 units and up)."""
-    make = getattr(model, "numpy_policy", None)
-    policy = make() if make is not None else None
-    if policy is not None:
+def _numpy_net(model: nn.Module) -> Any:
+    """`model`'s numpy forward pass, if it has one. numpy's BLAS is then held to one thread in
+    this process: explorers already take a core each, and OpenBLAS would otherwise start a thread
+    per core for the larger products (64 environments x 64 units and up)."""
+    make = getattr(model, "numpy_net", None)
+    net = make() if make is not None else None
+    if net is not None:
         threadpoolctl.threadpool_limits(1, user_api="blas")
-    return policy
+    return net
