@@ -115,3 +115,33 @@ def test_conv_inputs_are_the_scaled_frames_in_the_compute_dtype(bf16, channels_l
     floats = frames.float()  # float frames: scaled into a new tensor, the caller's untouched
     got = torso.inputs(floats)
     assert torch.equal(floats, frames.float()) and torch.equal(got, frames.float() * (1 / 255))
+
+
+def test_a_large_batch_goes_through_the_convolutions_in_chunks_with_the_same_result(monkeypatch):
+    import impala.nets.conv as conv
+
+    torch.manual_seed(0)
+    net = AtariShallowNet((4, 84, 84), 6)
+    frames = torch.randint(0, 256, (40, 4, 84, 84), dtype=torch.uint8)
+    assert net.torso.chunk_frames(frames) == 6 * 2**20 // (4 * 84 * 84 * 4)  # 55 float32 frames
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.torso.chunk_frames(frames) == 111  # bf16 frames are half the bytes
+    minatar = MinAtarNet((7, 10, 10), 6)
+    assert minatar.torso.chunk_frames(torch.zeros(672, 7, 10, 10)) >= 672  # a batch: one chunk
+
+    def forward_and_grads():
+        net.zero_grad()
+        logits, values = net(frames)
+        (logits.square().sum() + values.sum()).backward()
+        return logits.detach(), [p.grad.clone() for p in net.parameters()]
+
+    whole = forward_and_grads()
+    calls = []
+    real_inputs = net.torso.inputs
+    monkeypatch.setattr(net.torso, "inputs", lambda x: calls.append(len(x)) or real_inputs(x))
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 16 * 4 * 84 * 84 * 4)  # 16 frames a chunk
+    chunked = forward_and_grads()
+    assert calls == [16, 16, 8]
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(chunked[1], whole[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

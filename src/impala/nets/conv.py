@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 
+CHUNK_BYTES = 6 * 2**20  # the input of one chunk of frames (see ImageTorso.forward)
+MIN_CHUNK_FRAMES = 16
+
+
 class ImageTorso(nn.Module):
     """Common part: input scaling and layout, convolutions, a dense layer with ReLU."""
 
@@ -38,8 +42,28 @@ class ImageTorso(nn.Module):
         self.num_features = num_features
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs `[N, C, H, W]` -> features `[N, F]`."""
-        return self.dense(self.convs(self.inputs(obs)))
+        """obs `[N, C, H, W]` -> features `[N, F]`.
+
+        On the CPU a large batch goes through the convolutions in chunks of about
+        `CHUNK_BYTES` of input each, so that a chunk's frames and activations stay in cache from
+        the conversion through the convolutions (and again in the backward pass) instead of
+        each layer streaming the whole batch through memory: a learner's update of 21 x 32 Pong
+        frames on one thread took 86 -> 72 ms (bf16) and 156 -> 99 ms (fp32) with the shallow
+        network, 663 -> 511 ms with the deep one."""
+        chunk = self.chunk_frames(obs)
+        if chunk >= obs.shape[0]:
+            return self.dense(self.convs(self.inputs(obs)))
+        return self.dense(torch.cat([self.convs(self.inputs(part)) for part in obs.split(chunk)]))
+
+    def chunk_frames(self, obs: torch.Tensor) -> int:
+        """How many frames of `obs` go through the convolutions at once (all of them off the
+        CPU, where nothing is gained)."""
+        if obs.device.type != "cpu":
+            return obs.shape[0]
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else torch.float32
+        frame_bytes = obs[0].numel() * dtype.itemsize
+        return max(MIN_CHUNK_FRAMES, CHUNK_BYTES // max(1, frame_bytes))
 
     def inputs(self, obs: torch.Tensor) -> torch.Tensor:
         """The convolutions' input: `obs` scaled, in their layout and in the dtype they compute
