@@ -167,7 +167,14 @@ def test_signal_stops_train_saves_and_leaves_nothing(tmp_path, signum, code):
     try:
         wait_for_learning(run_dir)
         children = project_children(psutil.Process(proc.pid))
-        assert len(explorer_processes(psutil.Process(proc.pid))) == 2
+        explorers = explorer_processes(psutil.Process(proc.pid))
+        assert len(explorers) == 2
+        # The learner first: explorers run at 5 more niceness (--explorer-nice's default).
+        want = min(19, psutil.Process(proc.pid).nice() + 5)
+        deadline = time.monotonic() + 10  # an explorer still importing has not reniced yet
+        while [p.nice() for p in explorers] != [want, want] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p.nice() for p in explorers] == [want, want]
     finally:
         seconds, out, err = stop_with(proc, signum)
     assert proc.returncode == code, err

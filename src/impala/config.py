@@ -113,6 +113,10 @@ class Config:
     # --- learning ---------------------------------------------------------------------------
     learner_threads: int = 1
     """Torch threads of the learner's update (the explorers need the other cores)."""
+    explorer_nice: int = 5
+    """Niceness (0 to 19) the local runtime's explorer processes add to their own: the learner,
+    which sets the pace, gets the CPU when it has a batch, and the explorers take what is left
+    (CartPole's throughput on 2 cores, alternating 0 and 5 within one run: 3-5% more)."""
     device: Device = "cpu"
     """Where the learner updates: 'cpu', 'cuda' or 'auto' (cuda where there is one). Explorers
     act on CPU."""
@@ -330,6 +334,10 @@ def _validate(cfg: Config) -> None:
             )
     if not 0.0 <= cfg.gamma <= 1.0:
         raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma!r}")
+    if not (isinstance(cfg.explorer_nice, int) and 0 <= cfg.explorer_nice <= 19):
+        raise ConfigError(
+            f"--explorer-nice must be an integer in [0, 19], got {cfg.explorer_nice!r}"
+        )
     if cfg.learning_rate <= 0:
         raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate!r}")
     if not 0.0 < cfg.popart_beta <= 1.0:

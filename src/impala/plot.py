@@ -39,6 +39,7 @@ IGNORED_KEYS = frozenset(
         "print_steps",
         "task_index",
         "learner_threads",
+        "explorer_nice",
         "device",
     }
 )

@@ -246,6 +246,7 @@ RESUME_FREE = frozenset(
         "progress",
         "print_steps",
         "learner_threads",
+        "explorer_nice",
         "device",
         "max_restarts",
         "restart_window",

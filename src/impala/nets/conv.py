@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 CHUNK_BYTES = 6 * 2**20  # the input of one chunk of frames (see ImageTorso.forward)
 MIN_CHUNK_FRAMES = 16
 

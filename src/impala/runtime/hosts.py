@@ -24,6 +24,7 @@ TASK_LOCAL_FIELDS = frozenset(
         "runtime",
         "ray_address",
         "learner_threads",
+        "explorer_nice",
         "max_restarts",
         "restart_window",
     }

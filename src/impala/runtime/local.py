@@ -117,6 +117,7 @@ def _explorer_main(
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when explorers stop
     torch.set_num_threads(1)
+    os.nice(cfg.explorer_nice)  # the learner first: it sets the pace (see Config.explorer_nice)
     board: SlotBoard = shared["board"]
     explorer = None
 
