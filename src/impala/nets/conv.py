@@ -61,7 +61,7 @@ class ImageTorso(nn.Module):
             return obs.shape[0]
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else torch.float32
-        frame_bytes = obs[0].numel() * dtype.itemsize
+        frame_bytes = obs.shape[1:].numel() * dtype.itemsize
         return max(MIN_CHUNK_FRAMES, CHUNK_BYTES // max(1, frame_bytes))
 
     def inputs(self, obs: torch.Tensor) -> torch.Tensor:
