@@ -92,8 +92,8 @@ class FlatGradients:
         self.params = params
         total = sum(p.numel() for p in params)
         self.flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        self.views = list(torch.split(self.flat, [p.numel() for p in params]))
-        self.views = [v.view_as(p) for v, p in zip(self.views, params, strict=True)]
+        chunks = torch.split(self.flat, [p.numel() for p in params])
+        self.views = [v.view_as(p) for v, p in zip(chunks, params, strict=True)]
         self.zero()
 
     @classmethod

@@ -20,6 +20,11 @@ CHUNK_BYTES = 6 * 2**20  # the input of one chunk of frames (see ImageTorso.forw
 MIN_CHUNK_FRAMES = 16
 
 
+def _compute_dtype(device: str) -> torch.dtype:
+    """The dtype convolutions compute in on `device` here: autocast's, else float32."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+
+
 class ImageTorso(nn.Module):
     """Common part: input scaling and layout, convolutions, a dense layer with ReLU."""
 
@@ -59,9 +64,7 @@ class ImageTorso(nn.Module):
         CPU, where nothing is gained)."""
         if obs.device.type != "cpu":
             return obs.shape[0]
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else torch.float32
-        frame_bytes = obs.shape[1:].numel() * dtype.itemsize
+        frame_bytes = obs.shape[1:].numel() * _compute_dtype("cpu").itemsize
         return max(MIN_CHUNK_FRAMES, CHUNK_BYTES // max(1, frame_bytes))
 
     def inputs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -73,9 +76,7 @@ class ImageTorso(nn.Module):
         update, against 21 ms (one thread; the values are the same to the bit, as the product
         is still taken in float32 and rounded once)."""
         x = obs.contiguous(memory_format=torch.channels_last) if self.channels_last else obs
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        x = x.to(torch.get_autocast_dtype(device) if autocast else torch.float32)
+        x = x.to(_compute_dtype(x.device.type))
         if self.scale != 1.0:  # in place on a fresh copy, never on the caller's tensor
             x = x.mul_(self.scale) if x.data_ptr() != obs.data_ptr() else x * self.scale
         return x
