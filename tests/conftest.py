@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,6 +140,12 @@ def ray_processes(marker: str | None = None) -> list[str]:
             if marker is None or marker in cmd:
                 found.append(f"{proc.pid} {cmd[:100]}")
     return found
+
+
+def ray_temp_dirs() -> set[str]:
+    """The temp dirs of Ray nodes the project started (`RayNode`) that still exist."""
+    root = Path(tempfile.gettempdir())
+    return {str(path) for path in root.glob("impala-ray-*")}
 
 
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import metrics, wait_until
+from conftest import metrics, ray_temp_dirs, wait_until
 
 from impala import checkpoint
 
@@ -94,6 +94,7 @@ class Job:
 @pytest.fixture
 def job_factory(tmp_path):
     jobs = []
+    dirs_before = ray_temp_dirs()
 
     def make(n_learners=1, n_explorers=1):
         jobs.append(Job(tmp_path, n_learners, n_explorers))
@@ -103,6 +104,8 @@ def job_factory(tmp_path):
     for job in jobs:
         job.close()
     _assert_no_ray_processes()
+    # nor a Ray node's temp dir, even of a task killed with SIGKILL
+    wait_until(lambda: ray_temp_dirs() <= dirs_before, 10, "the Ray nodes' temp dirs to go")
 
 
 def _assert_no_ray_processes(timeout=20):

@@ -15,6 +15,7 @@ from conftest import (
     metrics,
     project_children,
     ray_processes,
+    ray_temp_dirs,
     start_cli,
     stop_with,
     wait_for_learning,
@@ -171,7 +172,7 @@ def test_ray_runtime_on_an_existing_cluster_with_token_auth(tmp_path, monkeypatc
 
 def test_a_sigkilled_ray_learner_leaves_no_ray_process(tmp_path):
     """The fresh local Ray is a guarded node: Ray's agents and workers go with the learner."""
-    before = set(ray_processes())
+    before, dirs_before = set(ray_processes()), ray_temp_dirs()
     run_dir = tmp_path / "r"
     proc = start_cli("train", "--env", "CartPole-v1", "--runtime", "ray", "--run-dir", str(run_dir))
     try:
@@ -181,3 +182,5 @@ def test_a_sigkilled_ray_learner_leaves_no_ray_process(tmp_path):
         proc.kill()
         proc.communicate()
     wait_until(lambda: set(ray_processes()) <= before, 30, "every Ray process to go")
+    # and the node's temp dir (its sockets and logs), which the killed learner could not remove
+    wait_until(lambda: ray_temp_dirs() <= dirs_before, 10, "the Ray node's temp dir to go")

@@ -127,6 +127,7 @@ class RayNode:
         self.log = tempfile.TemporaryFile()
         # Through a guard that stops the node if this task dies without cleaning up.
         guard = [sys.executable, "-m", "impala.runtime.node_guard", str(os.getpid())]
+        guard += ["--remove-dir", self.temp_dir]
         command = [_ray_executable(), "start", "--block", "--disable-usage-stats"]
         self.proc = subprocess.Popen(
             [
