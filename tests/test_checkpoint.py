@@ -285,6 +285,19 @@ def test_tensorboard_scalars_read_back_and_continue_after_resume(tmp_path):
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records if "loss" in r])
 
 
+def test_the_eta_is_the_nearer_of_the_step_budget_and_the_time_limit():
+    from impala.metrics import Tracker
+
+    def eta(**settings):
+        cfg = resolve({"env": "CartPole-v1", "tensorboard": False, **settings})
+        line = Tracker(cfg, None, out=io.StringIO())._line(sps=1000.0)
+        return line.split("| eta ")[1].split(" |")[0]
+
+    assert eta(total_steps=10**12, max_seconds=120) in ("1m59s", "2m00s")  # impala bench
+    assert eta(total_steps=60_000, max_seconds=3600) == "1m00s"
+    assert eta(total_steps=60_000) == "1m00s"
+
+
 def test_progress_bar_and_plain_lines(tmp_path):
     settings = dict(env="CartPole-v1", runtime="serial", total_steps=3000, tensorboard=False)
     bar = io.StringIO()

@@ -206,6 +206,14 @@ class Tracker:
             f"{self.updates} updates"
         )
 
+    def _eta(self, sps: float) -> str:
+        """The time left: to the step budget at `sps`, or to the time limit if that comes first
+        (`impala bench` runs on a time limit with a step budget no run reaches)."""
+        left = [max(0, self.cfg.steps_total - self.steps) / sps] if sps > 0 else []
+        if self.cfg.max_seconds is not None:
+            left.append(max(0.0, self.cfg.max_seconds - self.session_seconds))
+        return _duration(min(left)) if left else "-"
+
     def _line(self, sps: float) -> str:
         m = self.last_metrics
         if self.cfg.env == CORRIDOR_ID:
@@ -214,8 +222,7 @@ class Tracker:
                 f"avg-right-prob={m.get('prob_action1', math.nan)}"
             )
         ret = "-" if self.return_mean is None else f"{self.return_mean:.1f}"
-        left = max(0, self.cfg.steps_total - self.steps)
-        eta = _duration(left / sps) if sps > 0 else "-"
+        eta = self._eta(sps)
         per_task = "".join(
             f" {task.split('/')[-1]} {value:.1f}"
             for task, value in self.task_return_means().items()
