@@ -1,9 +1,12 @@
 """The paper's networks (Fig. 3): shapes and parameter counts worked out from the figure."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.conv import InputScaledConv2d, deep_torso, minatar_torso, shallow_torso
 from impala.nets.heads import PolicyValueNet
 
 
@@ -102,19 +105,57 @@ def test_auto_precision_takes_bf16_only_where_the_device_computes_it_fast(monkey
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_conv_inputs_are_the_scaled_frames_in_the_compute_dtype(bf16, channels_last):
+def test_conv_inputs_are_the_frames_in_the_compute_dtype(bf16, channels_last):
     torso = shallow_torso((4, 36, 36), channels_last=channels_last)
     frames = (torch.arange(3 * 4 * 36 * 36) % 256).to(torch.uint8).reshape(3, 4, 36, 36)
-    # What the convolutions used to receive: float32 frames times the scale, cast by autocast.
-    want = frames.float() * (1 / 255)
-    want = want.bfloat16() if bf16 else want
+    want = frames.double()  # every uint8 value is exact in float32 and in bf16
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         got = torso.inputs(frames)
-    assert got.dtype == want.dtype and torch.equal(got, want)  # every uint8 value, to the bit
+    assert got.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(got.double(), want)
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
-    floats = frames.float()  # float frames: scaled into a new tensor, the caller's untouched
-    got = torso.inputs(floats)
-    assert torch.equal(floats, frames.float()) and torch.equal(got, frames.float() * (1 / 255))
+    stored = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # frames-last storage
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert torch.equal(torso.inputs(stored).double(), want)
+
+
+def _shallow_reference(torso, frames):
+    """Fig. 3's shallow torso in float64, written out: frames / 255, conv 8x8 /4, ReLU,
+    conv 4x4 /2, ReLU, flattened in (C, H, W) order, dense, ReLU."""
+    conv0, conv1, dense = torso.convs[0], torso.convs[2], torso.dense[0]
+    x = frames.double() / 255
+    x = F.relu(F.conv2d(x, conv0.weight.double(), conv0.bias.double(), stride=4))
+    x = F.relu(F.conv2d(x, conv1.weight.double(), conv1.bias.double(), stride=2))
+    return F.relu(F.linear(x.flatten(1), dense.weight.double(), dense.bias.double()))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "frames-last"])
+def test_the_shallow_torso_computes_the_papers_network(layout):
+    """The scaling folded into the first convolution's weights and the last ReLU taken after
+    the flattening change nothing but speed: the float32 torso matches a float64 oracle."""
+    torch.manual_seed(0)
+    torso = shallow_torso((4, 84, 84))
+    frames = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    if layout == "frames-last":
+        frames = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    want = _shallow_reference(torso, frames)
+    torch.testing.assert_close(torso(frames).double(), want, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: within bf16's precision
+        torch.testing.assert_close(torso(frames).double(), want, rtol=0.05, atol=0.02)
+
+
+def test_the_deep_torso_scales_its_frames_once():
+    """The deep torso against itself in float64 on frames scaled beforehand, with the first
+    convolution's own scaling switched off (and no other convolution scaling)."""
+    torch.manual_seed(0)
+    torso = deep_torso((4, 84, 84))
+    scaled = [m for m in torso.modules() if isinstance(m, InputScaledConv2d)]
+    assert scaled == [torso.convs[0][0]] and scaled[0].input_scale == 1 / 255
+    reference = copy.deepcopy(torso).double()
+    reference.convs[0][0].input_scale = 1.0
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    want = reference.dense(reference.convs(frames.double() / 255))  # past the float32 inputs
+    torch.testing.assert_close(torso(frames).double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_large_batch_goes_through_the_convolutions_in_chunks_with_the_same_result(monkeypatch):
