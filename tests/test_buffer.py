@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 from impala.agent import ReplayBuffer, ReplayRate, ReplayStaging, rollout_spec, slots_to_batch
-from impala.agent.buffer import allocate
+from impala.agent.buffer import allocate, frames_last
 from impala.envs import probe_env
 
 T, E = 5, 3
@@ -34,6 +37,56 @@ def test_slots_to_batch_reinforce_flattens_steps():
     batch = slots_to_batch(storage, [0, 1], "reinforce")
     assert batch["obs"].shape == (2 * T * E, 4)
     assert batch["mc_return"].shape == (2 * T * E,)
+
+
+def _frames(slots, frame_shape=(4, 6, 5)):
+    """Distinct uint8 frames `[slots, T+1, E, C, H, W]` (as the explorer sees them)."""
+    count = slots * (T + 1) * E * int(np.prod(frame_shape))
+    return (torch.arange(count) % 251).to(torch.uint8).view(slots, T + 1, E, *frame_shape)
+
+
+def _image_spec(frame_shape=(4, 6, 5)):
+    env = probe_env("CartPole-v1")
+    return rollout_spec(dataclasses.replace(env, obs_shape=frame_shape, obs_dtype=np.uint8), T, E)
+
+
+@pytest.mark.parametrize("slots", [[1], [2, 0]], ids=["one unroll", "two unrolls"])
+@pytest.mark.parametrize("algo", ["vtrace", "reinforce"])
+def test_images_are_stored_frames_last_and_batched_frames_first(slots, algo):
+    """Frames [C, H, W] sit in the slots as [H, W, C]; a batch gives them back [C, H, W], in the
+    channels-last layout the convolutions take, so the learner need not reorder them."""
+    spec = _image_spec()
+    assert spec["obs"] == ((T + 1, E, 6, 5, 4), torch.uint8)
+    storage = allocate(spec, 3)
+    frames = _frames(3)
+    for slot in range(3):  # what the explorer writes: its frames, frames-last
+        storage["obs"][slot].numpy()[...] = frames_last(frames[slot].numpy())
+    batch = slots_to_batch(storage, slots, algo)
+    if algo == "vtrace":
+        want = torch.cat([frames[s] for s in slots], dim=1)  # [T+1, S * E, C, H, W]
+        assert torch.equal(batch["obs"], want)
+        assert batch["obs"].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    else:
+        want = torch.cat([frames[s][:T].flatten(0, 1) for s in slots])  # [S * T * E, C, H, W]
+        assert torch.equal(batch["obs"], want)
+        assert batch["obs"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_replayed_images_come_back_frames_first():
+    spec = _image_spec()
+    buffer = ReplayBuffer(allocate(spec, 2), torch.tensor([2]), 2)
+    frames = _frames(2)
+    buffer.storage["obs"].numpy()[...] = frames_last(frames.numpy())
+    gen = torch.Generator().manual_seed(0)
+    batch = buffer.sample(2 * T, "vtrace", gen)  # two columns [T+1, 2, C, H, W]
+    assert batch["obs"].shape == (T + 1, 2, 4, 6, 5)
+    columns = {tuple(frames[s, :, e].flatten().tolist()) for s in range(2) for e in range(E)}
+    for b in range(2):
+        assert tuple(batch["obs"][:, b].flatten().tolist()) in columns
+    steps = buffer.sample(8, "reinforce", gen)
+    assert steps["obs"].shape == (8, 4, 6, 5)
+    every = {tuple(f.flatten().tolist()) for f in frames[:, :T].flatten(0, 2)}
+    assert all(tuple(f.flatten().tolist()) in every for f in steps["obs"])
 
 
 def test_replay_upload_every_f_episodes_and_sampling():

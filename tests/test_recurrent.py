@@ -134,6 +134,8 @@ def test_learner_recomputes_the_explorers_behaviour_logits(env_id, overrides, co
         explorer.fill(numpy_views(storage, slot))
     if env.is_image:
         assert storage["obs"].dtype == torch.uint8  # frames stay compact up to the learner
+        # reordered once, in the explorer: it acts on them channels-last and stores them so
+        assert torch.from_numpy(explorer.obs).is_contiguous(memory_format=torch.channels_last)
     batch = slots_to_batch(storage, list(range(num_unrolls)), "vtrace")
     discounts = batch["discount"]
     assert (discounts[1:] == 0).any(), "no episode ended inside an unroll"

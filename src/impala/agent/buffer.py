@@ -12,6 +12,12 @@ Batches handed to the learner:
   (`[T+1, B, ...]`) and its state at the unroll's start `core_h`, `core_c [B, H]`; in a
   multi-task run each sequence's task, `task [B]`;
 - REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
+
+Image observations `[C, H, W]` are stored frames-last, `[H, W, C]` (see `stored_obs_shape`): the
+layout the convolutions take (channels-last), so that the learner reads a batch's frames as they
+are where it used to reorder every frame of every batch, and the explorer, which reorders its
+frames once anyway to act on them, writes them with a plain copy. Batches give them back as
+`[..., C, H, W]` views (`frames_first`).
 """
 
 from __future__ import annotations
@@ -23,13 +29,35 @@ from impala.envs import EnvInfo
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
+IMAGE_RANK = 3  # observations of this rank are images [C, H, W], stored [H, W, C]
+
+
+def stored_obs_shape(obs_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """How an observation of `obs_shape` is laid out in an unroll: images frames-last."""
+    if len(obs_shape) != IMAGE_RANK:
+        return tuple(obs_shape)
+    channels, height, width = obs_shape
+    return (height, width, channels)
+
+
+def frames_last(obs: np.ndarray) -> np.ndarray:
+    """Images `[..., C, H, W]` as stored, `[..., H, W, C]` (a view; a plain copy to write when
+    `obs` is laid out channels-last, see `impala.agent.explorer`)."""
+    return np.moveaxis(obs, -3, -1)
+
+
+def frames_first(stored: torch.Tensor) -> torch.Tensor:
+    """Stored images `[..., H, W, C]` as the networks take them, `[..., C, H, W]` (a view, in
+    the channels-last layout)."""
+    return stored.movedim(-1, -3)
+
 
 def rollout_spec(
     env: EnvInfo, unroll_length: int, num_envs: int, core_size: int | None = None
 ) -> Spec:
     """Field name -> (shape, dtype) of one unroll of `num_envs` environments (`core_size`: the
     LSTM's units, for a recurrent network). Observations keep the environment's type (uint8
-    frames stay uint8 until the learner's forward pass)."""
+    frames stay uint8 until the learner's forward pass); images are stored frames-last."""
     T, E, P = unroll_length, num_envs, env.action.params_size
     action_shape, action_dtype = env.action.action_shape, env.action.action_dtype
     obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
@@ -45,7 +73,7 @@ def rollout_spec(
             "core_c": ((E, core_size), torch.float32),
         }
     return extra | {
-        "obs": ((T + 1, E, *env.obs_shape), obs_dtype),
+        "obs": ((T + 1, E, *stored_obs_shape(env.obs_shape)), obs_dtype),
         "action": ((T, E, *action_shape), action_dtype),
         "behaviour_logits": ((T, E, P), torch.float32),
         "reward": ((T, E), torch.float32),
@@ -92,12 +120,20 @@ def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, t
     if algo == "reinforce":
         # [S, T, E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
         T = stacked["action"].shape[1]
-        return {k: stacked[k][:, :T].flatten(0, 2) for k in _REINFORCE_FIELDS}
+        return _obs_as_taken({k: stacked[k][:, :T].flatten(0, 2) for k in _REINFORCE_FIELDS}, 1)
     # [S, T(+1), E, ...] -> [T(+1), S * E, ...]; a state [S, E, H] -> [S * E, H]
     batch = {k: stacked[k].transpose(0, 1).flatten(1, 2) for k in _vtrace_fields(stacked)}
     for k in _STATE_FIELDS:
         if k in stacked:
             batch[k] = stacked[k].flatten(0, 1)
+    return _obs_as_taken(batch, 2)
+
+
+def _obs_as_taken(batch: dict[str, torch.Tensor], lead: int) -> dict[str, torch.Tensor]:
+    """`batch` with its stored observations as the networks take them (images frames-first);
+    `lead`: the batch dims in front of each observation (V-trace's [T+1, B], REINFORCE's [N])."""
+    if batch["obs"].dim() == lead + IMAGE_RANK:
+        batch["obs"] = frames_first(batch["obs"])
     return batch
 
 
@@ -193,7 +229,7 @@ class ReplayBuffer:
             slot = slots[torch.randint(len(slots), (n,), generator=generator)]
             t = torch.randint(T, (n,), generator=generator)
             e = torch.randint(E, (n,), generator=generator)
-            return {k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}
+            return _obs_as_taken({k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}, 1)
         n = max(1, learn_batch_size // T)
         slot = slots[torch.randint(len(slots), (n,), generator=generator)]
         e = torch.randint(E, (n,), generator=generator)
@@ -204,7 +240,7 @@ class ReplayBuffer:
         for k in _STATE_FIELDS:
             if k in self.storage:
                 batch[k] = self.storage[k][slot, e]
-        return batch
+        return _obs_as_taken(batch, 2)
 
 
 class ReplayRate:
