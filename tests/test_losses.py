@@ -134,6 +134,28 @@ def test_actor_critic_loss_matches_formula(batch, reduction, baseline_cost, entr
     assert got.total.item() == pytest.approx(total, rel=1e-12)
 
 
+def test_without_an_entropy_cost_the_entropy_is_reported_and_left_out_of_the_graph(batch):
+    """entropy_cost 0 (CartPole's preset): the same total and gradient as the formula's, the
+    entropy still reported, and no backward pass through it."""
+    t = tensors(batch, grad=())
+    logits, values = t["logits"].requires_grad_(), t["values"].requires_grad_()
+    got = losses.actor_critic_loss(
+        logits, values, t["actions"], VTraceReturns(t["vs"], t["adv"]), entropy_cost=0.0
+    )
+    lp = np_log_softmax(batch["logits"])
+    assert got.entropy.item() == pytest.approx((np.exp(lp) * lp).sum(), rel=1e-12)
+    assert got.entropy.grad_fn is None
+    got.total.backward()
+    # d total / d logits of policy + 0.5 baseline: -adv (onehot(a) - softmax) per step
+    probs = np.exp(lp)
+    onehot = np.eye(A)[batch["actions"]]
+    want = -(batch["adv"][..., None]) * (onehot - probs)
+    np.testing.assert_allclose(logits.grad.numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        values.grad.numpy(), -0.5 * (batch["vs"] - batch["values"]), rtol=1e-10, atol=1e-12
+    )
+
+
 def test_actor_critic_defaults_are_sum_and_paper_costs(batch):
     t = tensors(batch)
     returns = VTraceReturns(t["vs"], t["adv"])

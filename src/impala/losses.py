@@ -311,13 +311,18 @@ def _combine(
     reduction: str,
     action_spec: ActionSpec | None,
 ) -> ActorCriticLoss:
-    """The baseline and entropy terms beside a policy term, reduced and weighted."""
+    """The baseline and entropy terms beside a policy term, reduced and weighted. Without an
+    entropy cost the entropy is only reported: it is computed outside the graph, which saves its
+    backward pass (and keeps a non-finite entropy gradient, times zero, out of the total's)."""
     baseline = baseline_loss(vtrace_returns.vs, values)
-    entropy = entropy_loss(target_logits, action_spec=action_spec)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_cost != 0):
+        entropy = entropy_loss(target_logits, action_spec=action_spec)
     if reduction == "mean":
         count = values.numel()
         policy, baseline, entropy = policy / count, baseline / count, entropy / count
-    total = policy + baseline_cost * baseline + entropy_cost * entropy
+    total = policy + baseline_cost * baseline
+    if entropy_cost != 0:
+        total = total + entropy_cost * entropy
     return ActorCriticLoss(total=total, policy=policy, baseline=baseline, entropy=entropy)
 
 

@@ -369,7 +369,7 @@ def train(
     thread count are as before when this returns.
     """
     from impala.agent.factory import run_record, settle
-    from impala.runtime.common import build_learner
+    from impala.runtime.common import build_learner, keep_freed_memory
 
     out = out if out is not None else sys.stdout
     point = None
@@ -390,6 +390,7 @@ def train(
         if own_signals:
             stack.enter_context(signals)
         stack.enter_context(torch_threads(cfg.learner_threads))
+        keep_freed_memory()
         resume_counters = point.tracker_state() if point is not None else None
         tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
         learner = build_learner(cfg, env, shared=cfg.runtime == "local")

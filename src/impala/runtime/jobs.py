@@ -32,6 +32,7 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     ConfigError for bad input (one line, exit 2), RunFailed when the job cannot go on (exit 1).
     """
     from impala.agent.factory import run_record, settle
+    from impala.runtime.common import keep_freed_memory
     from impala.runtime.job_explorer import run_explorer_task
     from impala.runtime.job_learner import run_learner_task
     from impala.train import make_run_dir, resume_point, rewrite_config, torch_threads
@@ -86,6 +87,8 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     # One torch thread for an explorer (and the learner's setting for a learner): intra-op
     # threads that spin on cores the other processes need cost far more than they give.
     threads = cfg.learner_threads if spec.job == "learner" else 1
+    if spec.job == "learner":
+        keep_freed_memory()
     cluster = Cluster(spec, peer_timeout, out, token_file=token_file, run_dir=run_dir)
     with torch_threads(threads), cluster:
         signals.install()  # again: Ray's init puts its own SIGTERM handler in place
