@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from impala.agent import ReplayBuffer, ReplayRate, ReplayStaging, rollout_spec, slots_to_batch
-from impala.agent.buffer import allocate, frames_last
+from impala.agent.buffer import allocate, as_stored, frames_first, frames_last
 from impala.envs import probe_env
 
 T, E = 5, 3
@@ -87,6 +87,18 @@ def test_replayed_images_come_back_frames_first():
     assert steps["obs"].shape == (8, 4, 6, 5)
     every = {tuple(f.flatten().tolist()) for f in frames[:, :T].flatten(0, 2)}
     assert all(tuple(f.flatten().tolist()) in every for f in steps["obs"])
+
+
+def test_replay_storage_saved_frames_first_goes_back_frames_last():
+    """A serial run's checkpoint from before frames were stored frames-last resumes."""
+    storage = allocate(_image_spec(), 2)
+    frames = _frames(2)  # [S, T+1, E, C, H, W], as an earlier version stored them
+    restored = as_stored(frames, storage["obs"])
+    assert restored.shape == storage["obs"].shape
+    assert torch.equal(frames_first(restored), frames)
+    saved = storage["obs"].clone()  # saved frames-last, and other fields: as they are
+    assert as_stored(saved, storage["obs"]) is saved
+    assert as_stored(storage["reward"], storage["reward"]) is storage["reward"]
 
 
 def test_replay_upload_every_f_episodes_and_sampling():

@@ -84,6 +84,16 @@ def rollout_spec(
     }
 
 
+def as_stored(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A saved field (a checkpoint's replay storage) in the layout of `like`, the storage it goes
+    back into: images saved frames-first, before they were stored frames-last, are reordered."""
+    if saved.shape != like.shape and saved.dim() == like.dim() >= IMAGE_RANK:
+        reordered = saved.movedim(-3, -1)
+        if reordered.shape == like.shape:
+            return reordered
+    return saved
+
+
 def allocate(spec: Spec, num_slots: int, *, shared: bool = False) -> dict[str, torch.Tensor]:
     """`num_slots` unrolls of `spec`, as tensors `[num_slots, *shape]` (shared memory if asked)."""
     storage = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from impala.agent import Learner, ReplayBuffer, ReplayRate, ReplayStaging, UnrollInfo, rollout_spec
-from impala.agent.buffer import allocate, numpy_views, slots_to_batch
+from impala.agent.buffer import allocate, as_stored, numpy_views, slots_to_batch
 from impala.config import Config
 from impala.envs import EnvInfo
 from impala.loop import Batch
@@ -147,7 +147,7 @@ class SerialSource:
         if "replay" in state:
             r = state["replay"]
             for k, v in self.replay.storage.items():
-                v.copy_(r["storage"][k])
+                v.copy_(as_stored(r["storage"][k], v))
             self.replay.filled.copy_(r["filled"])
             self.replay.seq.copy_(r["seq"])
             self.rate.sampled = int(r["sampled"])
