@@ -99,7 +99,8 @@ def _exact_config(env_id, core, **overrides):
             unroll_length=8,
             envs_per_explorer=3,
             batch_size=3,
-            **{"precision": "fp32", **overrides},
+            precision="fp32",
+            **overrides,
         )
     )
 
@@ -148,40 +149,6 @@ def test_learner_recomputes_the_explorers_behaviour_logits(env_id, overrides, co
         with torch.no_grad():
             wrong, _ = learner._forward(broken)
         assert not torch.allclose(wrong[:-1], batch["behaviour_logits"], atol=1e-4)
-
-
-@pytest.mark.parametrize("core", ["ff", "lstm"])
-def test_with_bf16_the_explorer_acts_in_bf16_and_the_learner_agrees_to_its_precision(core):
-    """`--precision bf16` (what 'auto' picks for conv nets on a CPU with native bf16): the
-    explorer's behaviour logits are its network's under bf16 autocast, and the learner's
-    recomputation (also bf16, over a batch of 5 unrolls in one pass) matches them to bf16's
-    precision."""
-    cfg = _exact_config("MinAtar/Breakout-v1", core, precision="bf16")
-    env = probe_env(cfg.env)
-    torch.manual_seed(0)
-    model = build_model(cfg, env)
-    store = ParameterStore(*ParameterStore.allocate(model))
-    learner = Learner(cfg, model, store)
-    explorer = build_explorer(cfg, env, 0, store)
-    assert explorer.bf16 and learner.bf16
-    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
-    storage = allocate(spec, 5)
-    first = numpy_views(storage, 0)
-    if core == "ff":  # the first step's logits, recomputed in bf16 and in float32
-        obs = torch.from_numpy(explorer.obs)
-        with torch.no_grad():
-            fp32 = explorer.model.policy_logits(obs)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                bf16 = explorer.model.policy_logits(obs).float()
-    for slot in range(5):
-        explorer.fill(numpy_views(storage, slot))
-    if core == "ff":
-        recorded = torch.from_numpy(first["behaviour_logits"][0])
-        assert torch.equal(recorded, bf16) and not torch.equal(recorded, fp32)
-    batch = slots_to_batch(storage, list(range(5)), "vtrace")
-    with torch.no_grad():
-        logits, _ = learner._forward(batch)
-    torch.testing.assert_close(logits[:-1], batch["behaviour_logits"], rtol=0.02, atol=0.02)
 
 
 def test_recurrent_batches_from_the_replay_buffer_keep_the_state_with_its_column():

@@ -123,8 +123,7 @@ class Config:
     precision: Precision = "auto"
     """The learner's arithmetic: 'fp32', 'bf16' (autocast) or 'auto' (bf16 for conv nets on a GPU
     or a CPU with native bf16, AVX-512 and up, where it measured 1.8-4x faster; fp32 elsewhere:
-    an AVX2-only CPU emulates bf16, 6x slower). Explorers with a conv net act in bf16 where this
-    gives bf16 on their CPU (their MLPs act in float32 numpy)."""
+    an AVX2-only CPU emulates bf16, 6x slower)."""
     gamma: float = 0.99
     """Discount (seed -g)."""
     learning_rate: float = 6e-4

@@ -85,7 +85,6 @@ class Explorer:
         greedy: bool = False,
         record_actions: bool = False,
         task: int | None = None,
-        bf16: bool = False,
     ) -> None:
         self.index = index
         self.task = task  # its task in a multi-task run (the network has a value per task)
@@ -129,11 +128,8 @@ class Explorer:
             self.prev_action = self._no_actions(self.num_envs)
             self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
             self.first = np.ones(self.num_envs, dtype=bool)
-        # Feed-forward networks that can act in numpy do (see impala.nets.mlp.NumpyMLP); others
-        # act in torch, under bf16 autocast with `bf16` (conv nets where the CPU has native
-        # bf16: a shallow network's 32 frames 2.07 -> 1.40 ms, a deep one's 28.8 -> 17.7 ms).
+        # Feed-forward networks that can act in numpy do (see impala.nets.mlp.NumpyMLP).
         self._numpy = None if self.recurrent else _numpy_net(model)
-        self.bf16 = bf16 and self._numpy is None
         self.refresh()
 
     def refresh(self) -> None:
@@ -163,21 +159,17 @@ class Explorer:
         dtype = np.float32 if spec.kind == "box" else np.int64
         return np.zeros((*shape, *spec.action_shape), dtype=dtype)
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
-
     def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
         """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
         state."""
-        with self._autocast():
-            logits, values, (h, c) = self.model.unroll(
-                torch.from_numpy(obs)[None],
-                torch.from_numpy(prev_action)[None],
-                torch.from_numpy(prev_reward)[None],
-                torch.from_numpy(first)[None],
-                state,
-            )
-        return logits[0].float(), values[0].float(), (h.float(), c.float())
+        logits, values, state = self.model.unroll(
+            torch.from_numpy(obs)[None],
+            torch.from_numpy(prev_action)[None],
+            torch.from_numpy(prev_reward)[None],
+            torch.from_numpy(first)[None],
+            state,
+        )
+        return logits[0], values[0], state
 
     def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples an action per environment from mu (in numpy, see `impala.distributions`):
@@ -190,8 +182,7 @@ class Explorer:
         elif self._numpy is not None:
             logits = self._numpy.policy_logits(obs)
         else:
-            with self._autocast():
-                logits = self.model.policy_logits(torch.from_numpy(obs)).float().numpy()
+            logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
         if self.greedy:
             return distributions.mode(self.action_spec, logits), logits
         return distributions.sample(self.action_spec, logits, self.rng), logits
@@ -201,8 +192,7 @@ class Explorer:
         if self._numpy is not None:
             values = self._numpy.values(obs)
         elif not self.recurrent:
-            with self._autocast():
-                values = self.model(torch.from_numpy(obs))[1].float().numpy()
+            values = self.model(torch.from_numpy(obs))[1].numpy()
         else:
             h, c = self.core_state  # after the step that led to `obs`
             first = np.zeros(len(envs), dtype=bool)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
 from impala.agent.explorer import Explorer
-from impala.agent.learner import resolve_device, uses_bf16
+from impala.agent.learner import resolve_device
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, make_vector_env
@@ -82,5 +81,4 @@ def build_explorer(
         episodic_life=cfg.episodic_life,
         record_actions=record_actions,
         task=index % env.num_tasks if env.tasks else None,
-        bf16=uses_bf16(cfg.precision, model, torch.device("cpu")),
     )
