@@ -132,6 +132,7 @@ def test_minatar_planes_come_channel_first_as_uint8():
     obs, _ = env.reset(seed=0)
     raw = env.unwrapped.game.state()
     np.testing.assert_array_equal(obs, np.moveaxis(raw, -1, 0))
+    assert obs.dtype == np.uint8 and obs.flags.c_contiguous
     assert obs.sum() > 0
 
 

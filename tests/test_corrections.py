@@ -13,7 +13,7 @@ from test_appo import make_learner
 
 from impala import corrections, losses
 from impala.agent.buffer import SequenceReplay, join_sequences, select_sequences
-from impala.config import resolve
+from impala.config import batch_note, resolve
 from impala.errors import ConfigError
 
 # T = 2, B = 1: rewards 1, 2; discounts 0.9, 0.9; V(x_0) = 0.5, V(x_1) = 1, V(x_2) = 2;
@@ -186,6 +186,7 @@ def test_an_unroll_wider_than_the_batch_is_learned_from_in_minibatches(monkeypat
     assert len(metrics) == 3 and learner.updates == 3
     assert [batch["obs"][0, :, 0].tolist() for batch, _ in seen] == [[0, 1], [2, 3], [4, 5]]
     assert [updates for _, updates in seen] == [0, 1, 2]
+    assert batch_note(learner.cfg) is None  # no note that the batch is rounded up to the unroll
     with pytest.raises(ConfigError, match=r"--batch-size \(4\) must be a multiple or a divisor"):
         resolve({"env": "CartPole-v1", "batch_size": 4, "envs_per_explorer": 6})
 

@@ -398,3 +398,18 @@ def test_bad_reduction_raises(batch):
 def test_shape_errors_name_the_argument(batch, call, message):
     with pytest.raises(ValueError, match=message):
         call(tensors(batch))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_the_learner_weights_the_entropy_by_its_schedule(schedule):
+    from test_appo import cartpole_batch, make_learner
+
+    cost = 0.1
+    learner = make_learner(loss="impala", entropy_cost=cost, entropy_schedule=schedule)
+    batch = cartpole_batch(np.random.default_rng(0))
+    for progress in (0.0, 0.25, 0.9):
+        m = learner.update(batch, progress)
+        weight = cost * (1 - progress) if schedule == "linear" else cost
+        expected = m["policy_loss"] + 0.5 * m["baseline_loss"] + weight * m["entropy_loss"]
+        assert m["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert m.get("entropy_cost", cost) == pytest.approx(weight)

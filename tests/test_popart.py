@@ -81,7 +81,7 @@ def test_learner_losses_are_normalised_by_the_statistics():
         popart.mu.fill_(5.0)
         popart.nu.fill_(5.0**2 + 3.0**2)  # sigma 3
     batch = _batch(cfg, env, learner, scale=10.0)
-    terms, _ = learner._vtrace_loss(batch)
+    terms, _ = learner._vtrace_loss(batch, learner.cfg.entropy_cost)
     # The oracle, from the unnormalised values the network outputs and the V-trace formula.
     with torch.no_grad():
         logits, values = learner.model(batch["obs"].flatten(0, 1))

@@ -43,7 +43,8 @@ def stored_obs_shape(obs_shape: tuple[int, ...]) -> tuple[int, ...]:
 def frames_last(obs: np.ndarray) -> np.ndarray:
     """Images `[..., C, H, W]` as stored, `[..., H, W, C]` (a view; a plain copy to write when
     `obs` is laid out channels-last, see `impala.agent.explorer`)."""
-    return np.moveaxis(obs, -3, -1)
+    lead = tuple(range(obs.ndim - IMAGE_RANK))
+    return obs.transpose(*lead, obs.ndim - 2, obs.ndim - 1, obs.ndim - 3)
 
 
 def frames_first(stored: torch.Tensor) -> torch.Tensor:

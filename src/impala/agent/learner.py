@@ -265,6 +265,13 @@ class Learner:
             group["lr"] = lr
         return lr
 
+    def _entropy_cost(self, progress: float) -> float:
+        """The entropy bonus's weight at `progress` (--entropy-schedule)."""
+        cost = self.cfg.entropy_cost
+        if self.cfg.entropy_schedule == "linear":
+            cost *= max(0.0, 1.0 - progress)
+        return cost
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
@@ -360,7 +367,8 @@ class Learner:
         if self.cfg.algo == "reinforce":
             terms, logits = self._reinforce_loss(batch)
         else:
-            terms, logits = self._vtrace_loss(batch)
+            entropy_cost = self._entropy_cost(progress)
+            terms, logits = self._vtrace_loss(batch, entropy_cost)
         if self.grads is not None:
             self.grads.zero()
         else:
@@ -400,6 +408,8 @@ class Learner:
                 metrics.update({f"popart_mu_task{k}": m, f"popart_sigma_task{k}": s})
         if self.cfg.max_policy_lag is not None:
             metrics.update(stale_sequences=self.stale_sequences)
+        if self.cfg.algo == "vtrace" and self.cfg.entropy_schedule != "constant":
+            metrics.update(entropy_cost=entropy_cost)
         return metrics
 
     def _policy_metrics(self, params: torch.Tensor) -> dict[str, float]:
@@ -414,7 +424,7 @@ class Learner:
         probs = torch.softmax(params, -1).reshape(-1, params.shape[-1]).mean(0)
         return {f"prob_action{a}": float(p) for a, p in enumerate(probs)}
 
-    def _vtrace_loss(self, batch: dict[str, torch.Tensor]):
+    def _vtrace_loss(self, batch: dict[str, torch.Tensor], entropy_cost: float):
         logits, values = self._forward(batch)
         reference = None  # APPO: pi_target's logits, V-trace's target policy and the clip's
         if self.target is not None:
@@ -451,7 +461,7 @@ class Learner:
             vs, values, advantages = (vs - mu) / sigma, (values - mu) / sigma, advantages / sigma
         costs = dict(
             baseline_cost=self.cfg.baseline_cost,
-            entropy_cost=self.cfg.entropy_cost,
+            entropy_cost=entropy_cost,
             reduction=self.cfg.loss_reduction,
             action_spec=spec,
         )
