@@ -174,17 +174,20 @@ def test_killed_explorer_rejoins_and_learning_goes_on(job_factory):
     (the replay rate limit keeps it from overfitting its buffer meanwhile), reports the rejoin
     and finishes the job."""
     job = job_factory()
-    learner = job.start("learner", 0, "-s", "60000")
-    first = job.start("explorer", 0, "-s", "60000")
+    # A budget the explorer cannot finish before the kill: 60,000 steps once took 3 s in all,
+    # over before the learner's third line (lines come by time, not by steps).
+    learner = job.start("learner", 0, "-s", "400000")
+    first = job.start("explorer", 0, "-s", "400000")
     deadline = time.monotonic() + 90
-    while len(job.seed_lines("learner0")) < 3 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while not job.seed_lines("learner0") and time.monotonic() < deadline:
+        time.sleep(0.2)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    assert "explorer 0 done" not in job.out("explorer0")  # killed in the middle of its budget
     updates_at_kill = int(job.seed_lines("learner0")[-1].split()[3])
     time.sleep(3)
     assert learner.poll() is None  # still up, waiting for its explorer
-    job.start("explorer", 0, "-s", "60000", name="explorer0-again")
+    job.start("explorer", 0, "-s", "400000", name="explorer0-again")
     assert job.wait("explorer0-again", 150) == 0, job.err("explorer0-again")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
     assert "explorer 0 rejoined (rejoins so far: 1)" in job.out("learner0")
