@@ -42,7 +42,7 @@ def is_minatar(spec: gym.envs.registration.EnvSpec) -> bool:
 
 def _to_channels_first(obs: np.ndarray) -> np.ndarray:
     # transpose with explicit axes: np.moveaxis's argument handling was most of this wrapper's
-    # cost (8 Breakout games stepped together: 8.9 -> 6.05 us a game, one core)
+    # cost (8 Breakout games stepped together: 8.0 -> 5.2 us a game, one core)
     return np.ascontiguousarray(obs.transpose(2, 0, 1), dtype=np.uint8)
 
 
