@@ -585,9 +585,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # MinAtar: tuned on Breakout (see the README). Small batches (8 sequences per update, 4x the
     # updates of 32) with Adam at 2e-3 and a strong entropy bonus (3M-step runs, seed 0: 0.03
     # reached 19 at 3M steps, against 14 with 0.01 and 8.5 with 0.003), decaying linearly to 0;
-    # each explorer plays 32 games, its unroll learned from in 4 updates of 8 sequences. Eight
-    # runs of 10M steps: six reach 28 (at 2.6-8.8M steps; their mean at 6.5M), they end at
-    # 22-66 (mean 36.6), at 50-62k steps/s. 8 games and a constant bonus: 28 at 6.7-9.9M in one
+    # each explorer plays 32 games, its unroll learned from in 4 updates of 8 sequences. Eleven
+    # runs of 10M steps: eight reach 28 (at 2.6-8.8M steps; their mean at 6.75M), they end at
+    # 21-66 (mean 34.6), at 50-73k steps/s. 8 games and a constant bonus: 28 at 6.7-9.9M in one
     # set of runs, never (21.8-27.5) in another; 8 games with the decay: 6.75M and never; 32
     # games, constant bonus: 24.9 at 6.6M; 32 games, the decay from 0.02: 9.3M and 8.7M.
     MINATAR: dict(
