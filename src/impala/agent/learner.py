@@ -157,6 +157,12 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.learning_rate, fused=True)
 
 
+def scheduled(value: float, schedule: str, progress: float) -> float:
+    """`value` at the run's `progress` in [0, 1]: as it is ('constant'), or decayed linearly to 0
+    ('linear'; --lr-schedule, --entropy-schedule)."""
+    return value * max(0.0, 1.0 - progress) if schedule == "linear" else value
+
+
 class Learner:
     """Updates pi (`model`) from batches and publishes each new version to `store`.
 
@@ -258,19 +264,10 @@ class Learner:
         self.store.assign(int(state["policy_version"]), flat.to(self.store.flat.device))
 
     def _set_learning_rate(self, progress: float) -> float:
-        lr = self.cfg.learning_rate
-        if self.cfg.lr_schedule == "linear":
-            lr *= max(0.0, 1.0 - progress)
+        lr = scheduled(self.cfg.learning_rate, self.cfg.lr_schedule, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def _entropy_cost(self, progress: float) -> float:
-        """The entropy bonus's weight at `progress` (--entropy-schedule)."""
-        cost = self.cfg.entropy_cost
-        if self.cfg.entropy_schedule == "linear":
-            cost *= max(0.0, 1.0 - progress)
-        return cost
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
@@ -367,7 +364,7 @@ class Learner:
         if self.cfg.algo == "reinforce":
             terms, logits = self._reinforce_loss(batch)
         else:
-            entropy_cost = self._entropy_cost(progress)
+            entropy_cost = scheduled(self.cfg.entropy_cost, self.cfg.entropy_schedule, progress)
             terms, logits = self._vtrace_loss(batch, entropy_cost)
         if self.grads is not None:
             self.grads.zero()
