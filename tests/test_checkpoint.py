@@ -188,8 +188,11 @@ def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"from {path.name}: {done:,} steps" in resumed.stdout
     after = metrics(run_dir)
-    steps = [r["steps"] for r in after]
-    assert steps == sorted(set(steps)), "a step recorded twice"
+    # Nothing recorded twice. A record is keyed by steps and updates together: env steps are
+    # counted from the explorers' unroll reports, which need not come in the turn that brings
+    # their batch, so an interval can make updates without counting steps (as in CI once).
+    marks = [(r["steps"], r["updates"]) for r in after]
+    assert marks == sorted(set(marks)), "a record made twice"
     assert len(before) > sum(r["steps"] <= done for r in after)  # records after the kill went
     later = [r for r in after if r["steps"] > done]
     assert later and later[0]["updates"] > saved["counters"]["updates"]

@@ -22,6 +22,7 @@ from conftest import (
     start_cli,
     stop_with,
     wait_for_learning,
+    wait_until,
 )
 
 from impala import config
@@ -118,24 +119,30 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path):
 
 
 class _Killer(threading.Thread):
-    """SIGKILLs an explorer process `times` times, `every` seconds apart, once learning runs."""
+    """SIGKILLs an explorer process each time the run's env steps pass one of `at_steps`, each
+    kill after the previous victim's replacement has started. Kills tied to steps, not to the
+    clock: on a fast machine a clock-timed kill can land while the run is already shutting down,
+    where no restart is due."""
 
-    def __init__(self, run_dir, find, times=3, every=2.0):
+    def __init__(self, run_dir, find, at_steps):
         super().__init__(daemon=True)
-        self.run_dir, self.find, self.times, self.every = run_dir, find, times, every
+        self.run_dir, self.find, self.at_steps = run_dir, find, at_steps
         self.killed: list[int] = []
         self.error: BaseException | None = None
 
+    def _steps(self) -> int:
+        return max((r["steps"] for r in metrics(self.run_dir)), default=0)
+
     def run(self):
         try:
-            wait_for_learning(self.run_dir)
-            for k in range(self.times):
-                time.sleep(self.every)
-                victims = self.find()
-                if victims:
-                    victim = victims[k % len(victims)]
-                    victim.kill()
-                    self.killed.append(victim.pid)
+            for k, threshold in enumerate(self.at_steps):
+                wait_until(lambda n=threshold: self._steps() >= n, 90, f"{threshold:,} steps")
+                victims = wait_until(self.find, 30, "explorer processes")
+                before = {p.pid for p in victims}
+                victim = victims[k % len(victims)]
+                victim.kill()
+                self.killed.append(victim.pid)
+                wait_until(lambda old=before: {p.pid for p in self.find()} - old, 30, "a restart")
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -144,7 +151,7 @@ def test_explorers_killed_while_waiting_for_a_slot_do_not_freeze_the_run(tmp_pat
     """Explorers SIGKILLed while they wait for a free slot (learner-bound): with a shared
     multiprocessing queue the dead one kept its reader lock and every explorer froze for good."""
     cfg = _cfg(tmp_path / "r", total_steps=60_000, max_seconds=120, **LEARNER_BOUND)
-    killer = _Killer(tmp_path / "r", explorer_processes, times=4, every=1.5)
+    killer = _Killer(tmp_path / "r", explorer_processes, at_steps=(4_000, 8_000, 12_000, 16_000))
     killer.start()
     result = train(cfg)
     killer.join()
