@@ -2,10 +2,12 @@
 explorers killed at any moment, crash loops."""
 
 import json
+import multiprocessing
 import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import psutil
@@ -26,7 +28,10 @@ from conftest import (
 )
 
 from impala import config
+from impala.agent import UnrollInfo
 from impala.errors import RunFailed
+from impala.runtime.local import LocalSource
+from impala.runtime.slots import SlotBoard
 from impala.shutdown import StopSignals
 from impala.train import train
 
@@ -162,6 +167,31 @@ def test_explorers_killed_while_waiting_for_a_slot_do_not_freeze_the_run(tmp_pat
     assert out.count("restarting it") == 4
     assert "killed by SIGKILL" in out
     assert metrics(tmp_path / "r")[-1]["torn_unrolls"] == 0
+
+
+def test_steps_committed_but_never_reported_are_counted(tmp_path):
+    """An explorer killed after committing an unroll (it is learned from, and its replacement goes
+    on from the board's count) but before reporting it: the run still counts those steps. CI saw
+    a run stop on its step budget 80 steps (one unroll) short of it."""
+    cfg = _cfg(tmp_path / "r", env="CartPole-v1", num_explorers=1)
+    source = LocalSource(cfg, None, None, SimpleNamespace(out=None, run_dir=None))
+    source.board = SlotBoard(num_explorers=1, slots_per_explorer=2)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    source.conns[0] = reader
+    source.board.commit(0, slot=0, serial=1, steps=80)
+    writer.send(UnrollInfo(0, 80, [12.0], [12], policy_version=3))
+    source.board.commit(0, slot=1, serial=2, steps=80)  # then SIGKILLed before its report
+    writer.close()
+    infos = source.poll()
+    assert sum(i.steps for i in infos) == 160
+    assert [r for i in infos for r in i.episode_returns] == [12.0]
+    assert source.conns[0] is None
+    source.board.commit(0, slot=0, serial=3, steps=80)  # the replacement reports its unrolls
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    source.conns[0] = reader
+    writer.send(UnrollInfo(0, 80, [], [], policy_version=4))
+    writer.close()
+    assert sum(i.steps for i in source.poll()) == 80  # nothing counted twice
 
 
 @pytest.mark.parametrize("signum, code", SIGNALS)

@@ -171,6 +171,7 @@ class LocalSource:
         self.restarts = RestartBudget(cfg.max_restarts, cfg.restart_window)
         self.counters = {"explorer_restarts": 0, "torn_unrolls": 0}
         self._infos: list[UnrollInfo] = []
+        self._reported = [0] * n  # env steps in the reports read from each explorer (slot)
         self._next_check = 0.0
         self._ctx = mp.get_context("spawn")
         self._generator = torch.Generator().manual_seed(cfg.seed)
@@ -270,9 +271,21 @@ class LocalSource:
                         self.failures[i] = message
                     else:
                         self._infos.append(message)
+                        self._reported[i] += message.steps
             except (EOFError, OSError):  # the explorer is gone; check() decides what next
                 conn.close()
                 self.conns[i] = None
+                self._count_unreported(i)
+
+    def _count_unreported(self, index: int) -> None:
+        """Counts the steps of unrolls an explorer committed but never reported: one killed
+        between its commit and its report (or during the report). Its committed unrolls are
+        learned from, and its replacement goes on from the board's count, so without this the
+        run's step count would fall short of the steps it learned from and its budget."""
+        missing = self.board.made_by(index) - self._reported[index]
+        if missing > 0:
+            self._reported[index] += missing
+            self._infos.append(UnrollInfo(index, missing, [], [], policy_version=-1))
 
     def poll(self) -> list[UnrollInfo]:
         self._read_reports()
