@@ -282,6 +282,8 @@ def test_crash_loop_from_the_command_line(tmp_path):
         "train",
         "--env",
         "envs_for_tests:FailsInExplorers-v0",
+        "--max-restarts",
+        "2",
         "--run-dir",
         str(tmp_path / "r"),
         env=env_with_tests_on_path(),
