@@ -587,7 +587,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # explorer plays 32 games, its unroll learned from in 4 updates of 8 sequences. 10M steps,
     # seeds 0-7: with the bonus from 0.05, 7 of 8 runs reach 28 (at 3.5-7.9M steps; the mean
     # over seeds at 5.75M) and they end at 23-75 (mean 45.1); from 0.03, 5 of 8 (the mean at
-    # 7.75M; ends 21-38, mean 29.7); from 0.02, 28 at 9.3M and 8.7M (seeds 0, 1). 3M-step runs
+    # 7.75M; ends 21-38, mean 29.7); from 0.02, 28 at 9.3M and 8.7M (seeds 0, 1); from 0.07, no
+    # better over seeds 0-11 (all 12 reach 28, at 3.7-9.0M; 0.05 11 of 12). 3M-step runs
     # with a constant bonus, seed 0: 0.03 reached 19, 0.01 14 and 0.003 8.5.
     MINATAR: dict(
         net="minatar",
