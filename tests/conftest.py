@@ -62,6 +62,19 @@ def start_cli(*args, env=None, cwd=None, prefix=()) -> subprocess.Popen:
     )
 
 
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """`impala ARGV` in this process: its exit code (argparse's --help and errors exit through
+    SystemExit) and what it printed."""
+    from impala.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def run_cli(*args, timeout=120, env=None, input=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*PROGRAM, *args], capture_output=True, text=True, timeout=timeout, env=env, input=input

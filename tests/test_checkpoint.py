@@ -20,6 +20,7 @@ from conftest import (
     explorer_processes,
     metrics,
     run_cli,
+    run_main,
     shm_entries,
     start_cli,
     train_cli,
@@ -27,7 +28,6 @@ from conftest import (
 )
 
 from impala import checkpoint
-from impala.cli import main
 from impala.config import resolve
 from impala.errors import ConfigError
 from impala.shutdown import StopSignals
@@ -202,12 +202,6 @@ def test_learner_sigkilled_and_resumed_continues_and_still_learns_cartpole(tmp_p
 
 
 # --- damaged checkpoints, changed settings, resume auto (the command, in this process) -----------
-def _impala(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 CARTPOLE_SERIAL = ("--env", "CartPole-v1", "--runtime", "serial", "--no-tensorboard")
 
 
@@ -216,16 +210,16 @@ def test_resume_auto_falls_back_to_an_older_checkpoint_and_a_named_damaged_one_i
 ):
     run_dir = str(tmp_path / "run")
     common = (*CARTPOLE_SERIAL, "--total-steps", "4000", "--run-dir", run_dir)
-    code, _, err = _impala(capsys, "train", *common, "--checkpoint-interval", "0.0001")
+    code, _, err = run_main(capsys, "train", *common, "--checkpoint-interval", "0.0001")
     assert code == 0, err
     ckpts = checkpoint.listed(run_dir)
     assert len(ckpts) >= 2
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated on purpose
-    code, _, err = _impala(capsys, "train", "--resume", str(newest))
+    code, _, err = run_main(capsys, "train", "--resume", str(newest))
     assert code == 2
     assert err.count("\n") == 1 and "damaged or truncated" in err
-    code, out, err = _impala(capsys, "train", *common, "--resume", "auto")
+    code, out, err = run_main(capsys, "train", *common, "--resume", "auto")
     assert code == 0, err
     assert "trying an older one" in err
     assert f"from {ckpts[-2].name}" in out
@@ -233,17 +227,17 @@ def test_resume_auto_falls_back_to_an_older_checkpoint_and_a_named_damaged_one_i
 
 def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code, _, err = _impala(
+    code, _, err = run_main(
         capsys, "train", *CARTPOLE_SERIAL, "--total-steps", "2000", "--run-dir", str(run_dir)
     )
     assert code == 0, err
-    code, _, err = _impala(capsys, "train", "--resume", str(run_dir), "--learning-rate", "0.1")
+    code, _, err = run_main(capsys, "train", "--resume", str(run_dir), "--learning-rate", "0.1")
     assert code == 2 and err.count("\n") == 1
     assert "--learning-rate 0.1 (was" in err and "--override" in err
     # How long it runs is not a change of what it learns: a longer budget goes on at once.
-    code, _, err = _impala(capsys, "train", "--resume", str(run_dir), "--total-steps", "3000")
+    code, _, err = run_main(capsys, "train", "--resume", str(run_dir), "--total-steps", "3000")
     assert code == 0, err
-    code, _, err = _impala(
+    code, _, err = run_main(
         capsys, "train", "--resume", str(run_dir), "--learning-rate", "0.1", "--override"
     )
     assert code == 0, err
@@ -252,12 +246,12 @@ def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
 
 def test_resume_auto_starts_a_run_then_finds_it_done(tmp_path, capsys):
     args = ("train", *CARTPOLE_SERIAL, "--total-steps", "2000", "--run-dir", str(tmp_path / "r"))
-    code, out, err = _impala(capsys, *args, "--resume", "auto")
+    code, out, err = run_main(capsys, *args, "--resume", "auto")
     assert code == 0 and "resuming" not in out, err
-    code, out, err = _impala(capsys, *args, "--resume", "auto")
+    code, out, err = run_main(capsys, *args, "--resume", "auto")
     assert code == 0, err
     assert "resuming" in out and "reached before this resume" in out
-    code, _, err = _impala(capsys, "train", "--resume", "auto")
+    code, _, err = run_main(capsys, "train", "--resume", "auto")
     assert code == 2 and "--run-dir" in err
 
 

@@ -8,7 +8,7 @@ import sys
 import psutil
 import pytest
 import torch
-from conftest import env_with_tests_on_path, run_cli, shm_entries
+from conftest import env_with_tests_on_path, run_cli, run_main, shm_entries
 
 from impala import __version__, config
 from impala.cli import main
@@ -150,14 +150,10 @@ def test_a_read_only_run_folder_is_one_line(tmp_path):
 
 
 def _main_output(capsys, *argv) -> str:
-    """What `impala ARGV` prints, run in this process (help and version exit through argparse)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    assert code in (0, None), out.err
-    return out.out
+    """What `impala ARGV` prints, run in this process; it must succeed."""
+    code, out, err = run_main(capsys, *argv)
+    assert code == 0, err
+    return out
 
 
 def test_version_help_and_print_config(tmp_path, capsys):
