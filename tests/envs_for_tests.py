@@ -2,6 +2,8 @@
 `impala train --env envs_for_tests:ID` does, with this folder on PYTHONPATH)."""
 
 import multiprocessing
+import os
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -91,7 +93,52 @@ class ReachPoint(gym.Env):
         return self._observe(), reward, False, self.t >= 10, {}
 
 
+class HangsOnce(CartPoleEnv):
+    """CartPole whose step() deadlocks (sleeps for ever) at its `IMPALA_TEST_HANG_AFTER`-th step,
+    once per run: the first environment to create the file `IMPALA_TEST_HANG_MARKER` hangs,
+    every later one (a replacement's) runs normally."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = 0
+        self.after = int(os.environ.get("IMPALA_TEST_HANG_AFTER", "200"))
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.after and _first_to(os.environ.get("IMPALA_TEST_HANG_MARKER")):
+            while True:
+                time.sleep(3600)
+        return super().step(action)
+
+
+class NanRewardAfter(CartPoleEnv):
+    """CartPole whose rewards become NaN after 100 steps of an environment (a broken reward
+    computation): the learner's loss goes NaN, and the run must stop there."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, float("nan") if self.steps > 100 else reward, terminated, truncated, info
+
+
+def _first_to(marker):
+    """Whether this process is the first to claim `marker` (a file created exclusively)."""
+    if not marker:
+        return False
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
 for env_id, entry_point in {
+    "HangsOnce-v0": "envs_for_tests:HangsOnce",
+    "NanRewardAfter-v0": "envs_for_tests:NanRewardAfter",
     "MultiBinaryActions-v0": "envs_for_tests:MultiBinaryActions",
     "MatchDigits-v0": "envs_for_tests:MatchDigits",
     "ReachPoint-v0": "envs_for_tests:ReachPoint",

@@ -234,7 +234,7 @@ def test_passes_draw_from_a_circular_buffer_of_recent_batches():
     batches = [cartpole_batch(rng) for _ in range(4)]
     seen = []
     real_update = learner.update
-    learner.update = lambda batch, progress=0.0: seen.append(batch) or real_update(batch)
+    learner.update = lambda batch, steps=0: seen.append(batch) or real_update(batch)
     for i, batch in enumerate(batches):
         metrics = learner.learn(batch)
         assert len(metrics) == 3 and all("clip_fraction" in m for m in metrics)
@@ -246,7 +246,7 @@ def test_passes_draw_from_a_circular_buffer_of_recent_batches():
     drawn = [(i // 3, next(j for j, b in enumerate(batches) if b is s)) for i, s in enumerate(seen)]
     assert all(j in (new, new - 1) for new, j in drawn)
     assert any(j == new - 1 for new, j in drawn)
-    assert len(learner._reuse) == 2
+    assert len(learner.passes.recent) == 2
 
 
 def test_appo_needs_vtrace_and_a_clip_below_one():

@@ -172,3 +172,63 @@ def test_replay_rate_limits_the_learner_and_the_explorers():
     assert rate.explorers_may_act(299)  # owed 99.5
     assert not rate.explorers_may_act(300)  # a buffer's worth behind: explorers wait
     assert rate.explorers_may_act(300, sampled=60)  # as an explorer process sees it
+
+
+def _uploaded(buffer, explorer, value):
+    local = {
+        k: np.zeros((buffer.slots_per_explorer, *v.shape[1:]), v.numpy().dtype)
+        for k, v in buffer.storage.items()
+    }
+    local["reward"][:] = value
+    buffer.upload(explorer, local, buffer.slots_per_explorer)
+
+
+def test_a_restarted_explorer_reclaims_a_slice_its_predecessor_left_half_uploaded():
+    """An explorer SIGKILLed in the middle of an upload left its slice marked as being written,
+    for ever: the learner skipped it, and with one explorer sampled nothing again while the
+    replacement waited for it at the rate limit (hardening issue, item 1). The replacement
+    claims the slice at start: emptied (it holds a mix of two uploads) and readable again."""
+    buffer = ReplayBuffer.allocate(_spec(), 1, 2)
+    _uploaded(buffer, 0, 1.0)
+    buffer.seq[0] += 1  # SIGKILLed inside the next upload's copy
+    gen = torch.Generator().manual_seed(0)
+    assert buffer.num_slots_filled == 2 and buffer.num_readable() == 0
+    assert buffer.sample(T, "vtrace", gen) is None
+    buffer.claim(0)
+    assert buffer.seq[0] % 2 == 0 and buffer.num_slots_filled == 0
+    _uploaded(buffer, 0, 2.0)  # the replacement's first upload
+    assert set(buffer.sample(T, "vtrace", gen)["reward"].flatten().tolist()) == {2.0}
+    before = buffer.seq.clone()
+    buffer.claim(0)  # a slice left whole keeps what it holds
+    assert torch.equal(buffer.seq, before) and buffer.num_slots_filled == 2
+
+
+def test_a_sample_that_overlapped_an_upload_is_drawn_again(monkeypatch):
+    """The replay's seqlock: a slice an upload began writing while a sample was being drawn
+    (after the sample read the counters) invalidates that draw, which is made again; a sample
+    that only ever overlaps writes is given up (None)."""
+    buffer = ReplayBuffer.allocate(_spec(), 2, 1)
+    _uploaded(buffer, 0, 1.0)
+    _uploaded(buffer, 1, 2.0)
+    real_draw = ReplayBuffer._draw
+    draws = []
+
+    def draw_while_explorer_1_writes(self, slots, *args):
+        batch = real_draw(self, slots, *args)
+        draws.append(slots.tolist())
+        if len(draws) == 1:  # explorer 1 starts an upload while we copy: its slice is torn
+            self.storage["reward"][1] = 3.0
+            self.seq[1] += 1
+        return batch
+
+    monkeypatch.setattr(ReplayBuffer, "_draw", draw_while_explorer_1_writes)
+    batch = buffer.sample(10 * T, "vtrace", torch.Generator().manual_seed(0))
+    assert len(draws) == 2 and draws[0] == [0, 1] and draws[1] == [0]
+    assert set(batch["reward"].flatten().tolist()) == {1.0}  # nothing from the torn slice
+
+    def always_overlapped(self, slots, *args):
+        self.seq[0] += 2  # a whole upload of explorer 0 during every draw
+        return real_draw(self, slots, *args)
+
+    monkeypatch.setattr(ReplayBuffer, "_draw", always_overlapped)
+    assert buffer.sample(T, "vtrace", torch.Generator().manual_seed(0)) is None

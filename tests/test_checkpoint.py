@@ -265,6 +265,10 @@ def test_tensorboard_scalars_read_back_and_continue_after_resume(tmp_path):
     train(
         resolve({**settings, "run_dir": str(run_dir)}), out=_StopAfter(signals, 4), signals=signals
     )
+    # TensorBoard reads a folder's event files in name order: time (whole seconds), host, pid,
+    # then a per-process counter compared as text (10 before 9). Two sessions in one process
+    # within one second could be read in the wrong order: the resumed one starts a second later.
+    time.sleep(1.01 - time.time() % 1)
     train(resolve({}), out=io.StringIO(), resume=str(run_dir))
     records = metrics(run_dir)
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -328,3 +332,53 @@ def test_checkpoints_every_interval_and_at_the_end(tmp_path):
     assert os.path.getsize(run_dir / "metrics.jsonl") == last["metrics_offset"]
     assert not list(checkpoint.folder(run_dir).glob("*.tmp"))
     assert time.time() - ckpts[-1].stat().st_mtime < 120
+
+
+# --- edges found by the expert review: the schedules across a resume -----------------------------
+def _rates(run_dir):
+    """(env steps, learning rate) of each update's record (log interval 0: one per update)."""
+    return [(r["steps"], r["learning_rate"]) for r in metrics(run_dir) if "learning_rate" in r]
+
+
+def test_resuming_with_a_longer_budget_continues_the_decay_instead_of_reheating_it(tmp_path):
+    """--resume RUN --total-steps 2N took the linear decay back up (progress was steps / the new
+    total: from ~half the rate to three quarters of it). The decay now goes on from the rate it
+    had reached, to 0 at the new budget; the resume line says so; a rate stated again with
+    --override restarts the decay there; a run whose decay had ended says how to restart it."""
+    settings = dict(env="CartPole-v1", runtime="serial", total_steps=8000, log_interval=0.0)
+    run_dir = tmp_path / "run"
+    lr0 = resolve(settings).learning_rate
+    signals = StopSignals()
+    train(
+        resolve({**settings, "run_dir": str(run_dir)}), out=_StopAfter(signals, 6), signals=signals
+    )
+    before = _rates(run_dir)
+    stopped_at, last_rate = before[-1]
+    assert 0 < stopped_at < 8000 and last_rate == pytest.approx(lr0 * (1 - stopped_at / 8000))
+    out = io.StringIO()
+    longer = resolve({"total_steps": 16000})
+    train(longer, out=out, resume=str(run_dir), given={"total_steps"})
+    first_line = out.getvalue().splitlines()[0]
+    after = _rates(run_dir)[len(before) :]
+    steps, rate = after[0]  # the first update after the resume
+    continued = (lr0 * (1 - stopped_at / 8000)) * (1 - (steps - stopped_at) / (16000 - stopped_at))
+    assert rate == pytest.approx(continued, rel=1e-9)
+    assert rate < last_rate  # never back up (the old rule gave lr0 * (1 - steps / 16000))
+    assert rate != pytest.approx(lr0 * (1 - steps / 16000), rel=1e-3)
+    assert "falling linearly to 0 at 16,000 steps" in first_line
+    assert after[-1][0] >= 16000 and after[-1][1] == pytest.approx(0.0, abs=lr0 * 0.05)
+    # the decay has ended: going on again keeps it at 0, and says how to restart it
+    out = io.StringIO()
+    train(resolve({"total_steps": 20000}), out=out, resume=str(run_dir), given={"total_steps"})
+    assert "learning rate 0 (its linear decay has ended; --override" in out.getvalue()
+    assert all(rate == 0.0 for _, rate in _rates(run_dir)[-3:])
+    # a rate stated again restarts the decay from there
+    count = len(_rates(run_dir))
+    out = io.StringIO()
+    restated = resolve({"total_steps": 24000, "learning_rate": 1e-3})
+    given = {"total_steps", "learning_rate"}
+    train(restated, out=out, resume=str(run_dir), given=given, override=True)
+    resumed_at = int(out.getvalue().split(": ", 1)[1].split(" steps")[0].replace(",", ""))
+    steps, rate = _rates(run_dir)[count]
+    assert rate == pytest.approx(1e-3 * (1 - (steps - resumed_at) / (24000 - resumed_at)))
+    assert "learning rate 0.001, falling linearly to 0 at 24,000 steps" in out.getvalue()

@@ -170,6 +170,102 @@ def test_version_help_and_print_config(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+JOB = ["-l", "127.0.0.1:1", "-e", "127.0.0.1:2"]  # the job form (never started: see below)
+
+# (command line, the unknown option, the option suggested first). Abbreviations are refused:
+# argparse took --learning-rat for --learning-rate and --lr for --lr-schedule.
+UNKNOWN_OPTIONS = [
+    (["train", "--learning-rat", "0.1"], "--learning-rat", "--learning-rate"),
+    (["train", "--learning-rat=0.1"], "--learning-rat", "--learning-rate"),
+    (["train", "--lr", "3e-4"], "--lr", "--learning-rate"),  # another library's name
+    (["train", "--num_actors", "4"], "--num_actors", "--num-explorers"),
+    (["train", "--batch", "8"], "--batch", "--batch-size"),
+    (["bench", "--num-envs", "4"], "--num-envs", "--envs-per-explorer"),
+    (["bench", "--second", "3"], "--second", "--seconds"),
+    (["eval", "/nonexistent/run", "--episode", "3"], "--episode", "--episodes"),
+    (["eval", "--greed"], "--greed", "--greedy"),  # not "RUN_DIR is required"
+    (["plot", "--outpt", "f.png", "/nonexistent/run"], "--outpt", "--output"),  # not "-o required"
+    ([*JOB, "--learning-rat", "1"], "--learning-rat", "--learning-rate"),
+    ([*JOB, "--learner", "1"], "--learner", "--learner-hosts"),  # was "ambiguous option"
+    (["train", "--zzzz", "1"], "--zzzz", None),  # nothing close: no suggestion
+]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Commands that would train, bench or start a job task fail the test instead (an option
+    that parses by mistake must not start a run in the test process)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command line was accepted")
+
+    for target in ("impala.train.train", "impala.bench.bench", "impala.runtime.jobs.run_from_args"):
+        monkeypatch.setattr(target, refuse)
+
+
+@pytest.mark.parametrize("argv, unknown, suggested", UNKNOWN_OPTIONS, ids=lambda v: str(v)[:40])
+def test_an_unknown_option_is_named_with_the_closest(
+    argv, unknown, suggested, capsys, tmp_path, nothing_runs
+):
+    if argv[0] in ("train", "bench"):
+        argv = [*argv, "--print-config"]
+    if argv[0] not in ("eval", "plot"):
+        argv = [*argv, "--run-dir", str(tmp_path / "run")]
+    code, out, err = run_main(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not out, (code, out, err)
+    line = lines[0]
+    if suggested is None:
+        assert line.endswith(f"error: unknown option '{unknown}'"), line
+    else:  # the first suggestion, then maybe others: "(did you mean A?)", "(did you mean A, B?)"
+        assert f"error: unknown option '{unknown}' (did you mean {suggested}" in line, line
+        assert line.split(f"did you mean {suggested}", 1)[1][:1] in ("?", ","), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, prefix",
+    [
+        (["train", "--learning-rat", "0.1", "--print-config"], "--learning-rat"),
+        (["bench", "--ceiling-sec", "3", "--print-config"], "--ceiling-sec"),
+        (["eval", "/nonexistent/run", "--episode", "3"], "--episode"),
+        (["plot", "/nonexistent/run", "-o", "f.png", "--tit", "x"], "--tit"),
+        ([*JOB, "--peer-time", "5"], "--peer-time"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_argparse_itself_takes_no_prefix(argv, prefix, capsys, monkeypatch, nothing_runs):
+    """Without the early check of unknown options, every parser still refuses a prefix of one
+    of its options (allow_abbrev=False) rather than taking it for that option."""
+    monkeypatch.setattr("impala.cli._unknown_option", lambda parser, argv: None)
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and f"unrecognized arguments: {prefix}" in err, err
+
+
+def test_options_with_their_values_attached_still_parse(capsys, monkeypatch):
+    out = _main_output(
+        capsys, "train", "--env=CartPole-v1", "--learning-rate=0.1", "-s500", "--print-config"
+    )
+    cfg = config.Config(**__import__("json").loads(out))
+    assert (cfg.env, cfg.learning_rate, cfg.steps_per_explorer) == ("CartPole-v1", 0.1, 500)
+    seen = {}
+
+    def fake_job(args, signals):
+        seen.update(args)
+        return 0
+
+    monkeypatch.setattr("impala.runtime.jobs.run_from_args", fake_job)
+    code, _, err = run_main(
+        capsys, "--learner-hosts=127.0.0.1:1", "--explorer-hosts=127.0.0.1:2", "--gamma=0.5"
+    )
+    assert code == 0, err  # the job form is told by its long options with '=' too
+    assert (seen["learner_hosts"], seen["explorer_hosts"], seen["gamma"]) == (
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+        0.5,
+    )
+
+
 def test_flags_that_do_not_apply_get_a_warning(tmp_path):
     proc = run_cli(
         "train",

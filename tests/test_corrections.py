@@ -105,7 +105,7 @@ def _batch(rng, B=4, T=5, versions=None, tag=0.0):
 def test_replay_share_of_each_batch_is_as_asked(fraction, fresh, replayed, monkeypatch):
     learner = make_learner(loss="impala", replay_fraction=fraction, replay_size=10)
     seen = []
-    monkeypatch.setattr(learner, "update", lambda batch, progress=0.0: seen.append(batch) or {})
+    monkeypatch.setattr(learner, "update", lambda batch, steps=0: seen.append(batch) or {})
     rng = np.random.default_rng(0)
     for k in range(5):
         learner.learn(_batch(rng, B=fresh, tag=100.0 * k))
@@ -125,7 +125,7 @@ def test_the_lag_limit_holds_fresh_sequences_before_they_reach_the_replay(monkey
     learner = make_learner(loss="impala", replay_fraction=0.5, replay_size=50, max_policy_lag=2)
     learner.store.assign(10, learner.store.flat.clone())
     seen = []
-    monkeypatch.setattr(learner, "update", lambda batch, progress=0.0: seen.append(batch) or {})
+    monkeypatch.setattr(learner, "update", lambda batch, steps=0: seen.append(batch) or {})
     rng = np.random.default_rng(0)
     learner.learn(_batch(rng, B=4, versions=[10, 9, 3, 2], tag=0.0))  # two stale
     learner.learn(_batch(rng, B=2, versions=[10, 10], tag=100.0))
@@ -157,7 +157,7 @@ def test_policy_lag_limit_drops_exactly_the_stale_sequences(monkeypatch):
     seen = []
     real = learner.update
     monkeypatch.setattr(
-        learner, "update", lambda batch, progress=0.0: seen.append(batch) or real(batch)
+        learner, "update", lambda batch, steps=0: seen.append(batch) or real(batch)
     )
     rng = np.random.default_rng(0)
     batch = _batch(rng, B=6, versions=[10, 7, 6, 9, 2, 8])  # lags 0, 3, 4, 1, 8, 2
@@ -180,7 +180,7 @@ def test_an_unroll_wider_than_the_batch_is_learned_from_in_minibatches(monkeypat
     monkeypatch.setattr(
         learner,
         "update",
-        lambda batch, progress=0.0: seen.append((batch, learner.updates)) or real(batch),
+        lambda batch, steps=0: seen.append((batch, learner.updates)) or real(batch),
     )
     metrics = learner.learn(_batch(np.random.default_rng(0), B=6))
     assert len(metrics) == 3 and learner.updates == 3

@@ -408,7 +408,7 @@ def test_the_learner_weights_the_entropy_by_its_schedule(schedule):
     learner = make_learner(loss="impala", entropy_cost=cost, entropy_schedule=schedule)
     batch = cartpole_batch(np.random.default_rng(0))
     for progress in (0.0, 0.25, 0.9):
-        m = learner.update(batch, progress)
+        m = learner.update(batch, int(progress * learner.total_steps))
         weight = cost * (1 - progress) if schedule == "linear" else cost
         expected = m["policy_loss"] + 0.5 * m["baseline_loss"] + weight * m["entropy_loss"]
         assert m["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -46,10 +46,10 @@ def test_per_task_statistics_follow_their_own_targets_and_preserve_every_output(
             mu[k] = 0.8 * mu[k] + 0.2 * mine.mean()
             nu[k] = 0.8 * nu[k] + 0.2 * (mine**2).mean()
         np.testing.assert_allclose(popart.mu.numpy(), mu, rtol=1e-12)
-        np.testing.assert_allclose(popart.nu.numpy(), nu, rtol=1e-12)
-        np.testing.assert_allclose(popart.sigma.numpy(), np.sqrt(nu - mu**2), rtol=1e-12)
+        np.testing.assert_allclose(popart.var.numpy(), nu - mu**2, rtol=1e-9)
+        np.testing.assert_allclose(popart.sigma.numpy(), np.sqrt(nu - mu**2), rtol=1e-9)
         torch.testing.assert_close(popart(features), before, rtol=1e-12, atol=1e-9)
-    assert (popart.mu[1].item(), popart.nu[1].item()) == (0.0, 1.0)  # untouched
+    assert (popart.mu[1].item(), popart.var[1].item()) == (0.0, 1.0)  # untouched
     with pytest.raises(ValueError, match="need targets"):
         popart.update(torch.zeros(4, 5))
 
@@ -99,7 +99,7 @@ def test_the_learner_normalises_each_sequence_by_its_own_tasks_statistics(monkey
     popart = learner.popart
     with torch.no_grad():
         popart.mu.copy_(torch.tensor([0.0, 100.0, -50.0]))
-        popart.nu.copy_(popart.mu**2 + torch.tensor([1.0, 400.0, 25.0]))  # sigma 1, 20, 5
+        popart.var.copy_(torch.tensor([1.0, 400.0, 25.0]))  # sigma 1, 20, 5
     store = learner.store
     spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer)
     storage = allocate(spec, 3)
@@ -126,9 +126,9 @@ def test_the_learner_normalises_each_sequence_by_its_own_tasks_statistics(monkey
     mu = torch.tensor([0.0, 100.0, -50.0])[batch["task"]]
     sigma = torch.tensor([1.0, 20.0, 5.0])[batch["task"]]
     torch.testing.assert_close(seen["values"], (values[:-1] - mu) / sigma)
-    torch.testing.assert_close(seen["vs"], (learner._targets - mu) / sigma)
+    torch.testing.assert_close(seen["vs"], (learner.value_targets - mu) / sigma)
     # The statistics moved per task, each towards its own sequences' targets.
-    targets = learner._targets
+    targets = learner.value_targets
     sigma_before = torch.tensor([1.0, 20.0, 5.0])
     for k in range(3):
         mine = targets[:, batch["task"] == k]

@@ -178,3 +178,59 @@ def test_auto_network_is_resolved_by_observation_type():
     ]:
         cfg = dataclasses.replace(resolve(dict(env=env_id)), net="auto")
         assert settle(cfg, probe_env(env_id)).net == net
+
+
+def test_a_recurrent_explorer_bootstraps_a_truncation_from_the_episodes_own_state():
+    """Where an episode is truncated, the explorer records V(x_last) of its last observation, and
+    with an LSTM that value must come from the state the episode built up (fed its last action
+    and reward), not from a reset state, which a mutation of the explorer got away with. The
+    oracle replays each truncated episode's column through the network, from the unroll's
+    recorded start state and inputs, then steps once more on the last observation."""
+    cfg = _exact_config("CartPoleNoVelocity-v1", "lstm", max_steps_per_episode=5)
+    env = probe_env(cfg.env, **cfg.env_options)
+    torch.manual_seed(0)
+    model = build_model(cfg, env)
+    store = ParameterStore(*ParameterStore.allocate(model))
+    explorer = build_explorer(cfg, env, 0, store)
+    finals = {}  # (env step of the explorer, environment) -> the observation it ended on
+    real_step = explorer.vec_env.step
+
+    def step(actions):
+        out = real_step(actions)
+        truncated = out[3]
+        for e in map(int, truncated.nonzero()[0]):
+            finals[(explorer.steps_made // cfg.envs_per_explorer, e)] = out[4]["final_obs"][e]
+        return out
+
+    explorer.vec_env.step = step
+    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
+    storage = allocate(spec, 2)
+    checked = 0
+    for slot in range(2):
+        start = explorer.steps_made // cfg.envs_per_explorer
+        explorer.fill(numpy_views(storage, slot))
+        u = {k: v[slot] for k, v in storage.items()}
+        for (step_index, e), final in finals.items():
+            t = step_index - start
+            if not 0 <= t < cfg.unroll_length:
+                continue
+            obs = torch.cat([u["obs"][: t + 1, e], torch.as_tensor(final)[None]])
+            prev_action = torch.cat(
+                [u["prev_action"][: t + 1, e], u["prev_action"][t + 1, e][None]]
+            )
+            prev_reward = torch.cat(
+                [u["prev_reward"][: t + 1, e], u["prev_reward"][t + 1, e][None]]
+            )
+            first = torch.cat([u["first"][: t + 1, e], torch.zeros(1, dtype=torch.bool)])
+            state = (u["core_h"][e][None], u["core_c"][e][None])
+            with torch.no_grad():
+                _, values, _ = model.unroll(
+                    obs[:, None], prev_action[:, None], prev_reward[:, None], first[:, None], state
+                )
+            assert u["discount"][t, e] == 0
+            assert u["truncation_value"][t, e].item() == pytest.approx(
+                values[-1, 0].item(), abs=1e-5
+            )
+            checked += 1
+    explorer.vec_env.close()
+    assert checked >= 3

@@ -29,9 +29,10 @@ from impala.config import Config
 from impala.envs import make_vector_env, probe_env
 from impala.envs.factory import task_ids
 from impala.errors import RunFailed
+from impala.lifecycle import check_run_dir
 from impala.runtime.common import describe_exit
 from impala.shutdown import StopSignals
-from impala.train import check_run_dir, train
+from impala.train import train
 
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:

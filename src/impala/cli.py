@@ -5,14 +5,16 @@
     impala eval RUN_DIR        play whole episodes with a trained policy
     impala plot RUN_DIR ...    draw runs' return curves into an image (-o FILE.png)
 
-Every seed prototype flag keeps its short and long name. Bad input ends with one line naming
-the problem and exit code 2.
+Every seed prototype flag keeps its short and long name. Long options are spelt in full (no
+prefixes); an unknown one is named with the closest real ones. Bad input ends with one line
+naming the problem and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -40,9 +42,86 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+# names other RL libraries give to options of ours that difflib does not find from them (in
+# their hyphen spelling; only names that mean one option of ours)
+_FOREIGN_NAMES: dict[str, str] = {
+    "--lr": "--learning-rate",
+    "--num-envs": "--envs-per-explorer",
+    "--n-envs": "--envs-per-explorer",
+    "--num-workers": "--num-explorers",
+    "--num-actors": "--num-explorers",
+    "--discount": "--gamma",
+    "--discounting": "--gamma",
+    "--ent-coef": "--entropy-cost",
+    "--vf-coef": "--baseline-cost",
+    "--max-grad-norm": "--grad-clip",
+}
+
+
 class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors. Long options are never abbreviated: a prefix
+    such as --learning-rat would silently set the option it starts, and --lr would take
+    --lr-schedule. An option this parser does not have is refused first, by name, with the
+    closest options it has."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # also for the commands' parsers (parser_class)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Before argparse parses: an unknown option's value would otherwise be taken as a
+        # positional, or its absence reported as a missing argument, hiding the typo. A parser
+        # with commands leaves the check to the command's parser (it sees the command's options).
+        if not any(action.nargs == argparse.PARSER for action in self._actions):
+            unknown = _unknown_option(self, list(sys.argv[1:] if args is None else args))
+            if unknown is not None:
+                close = _closest_options(self, unknown)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                self.error(f"unknown option '{unknown}'{hint}")
+        return super().parse_known_args(args, namespace)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for action in parser._actions for name in action.option_strings]
+
+
+def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The first word of `argv` that argparse would read as an option (a leading '-', not a
+    number, no space, before '--') and that is none of `parser`'s, without its '=VALUE'."""
+    known = set(_option_strings(parser))
+    for word in argv:
+        if word == "--":  # what follows is positional
+            return None
+        if len(word) < 2 or word[0] not in parser.prefix_chars or " " in word:
+            continue
+        try:
+            float(word)  # a negative number: a value (or argparse's own error)
+            continue
+        except ValueError:
+            pass
+        name = word.split("=", 1)[0]
+        if name in known:
+            continue
+        if word[1] not in parser.prefix_chars and word[:2] in known:  # -s500: -s with its value
+            continue
+        return name
+    return None
+
+
+def _closest_options(parser: argparse.ArgumentParser, unknown: str) -> list[str]:
+    """Up to 3 of `parser`'s options that `unknown` may have meant: the one another library's
+    name stands for, else the nearest spellings (as for environment ids)."""
+    # -h/--help is never what a misspelt option meant
+    options = [name for name in _option_strings(parser) if name not in ("-h", "--help")]
+    foreign = _FOREIGN_NAMES.get(unknown.replace("_", "-"))
+    if foreign in options:
+        return [foreign]
+    return difflib.get_close_matches(unknown, options, n=3)
 
 
 def _optional_float(text: str) -> float | None:

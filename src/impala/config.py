@@ -81,6 +81,12 @@ class Config:
     the explorer's error (a crash loop), while occasional deaths in a long run are survived."""
     restart_window: float = 60.0
     """The window, in seconds, over which --max-restarts is counted."""
+    explorer_timeout: float | None = 60.0
+    """Seconds an explorer may go without a sign of progress (an environment step, or a turn of a
+    wait for the learner) before it is taken as hung (an environment deadlocked in step()): it
+    is killed and started again within --max-restarts, with a line naming it. Its start-up
+    (imports, building its environments) may take 120 s or this, the longer. none: no check.
+    The job form's explorer tasks apply it to themselves (they exit, to be started again)."""
     num_explorers: int = 2
     """Explorer processes (each owns its environments and a copy mu of the policy)."""
     envs_per_explorer: int = 16
@@ -301,7 +307,13 @@ POSITIVE_INTS = (
     "appo_buffer",
     "replay_size",
 )
-POSITIVE_OPTIONAL = ("total_steps", "max_steps_per_episode", "max_seconds", "checkpoint_interval")
+POSITIVE_OPTIONAL = (
+    "total_steps",
+    "max_steps_per_episode",
+    "max_seconds",
+    "checkpoint_interval",
+    "explorer_timeout",
+)
 CHOICES = {
     "algo": ("vtrace", "reinforce"),
     "runtime": ("local", "serial", "ray"),
@@ -463,6 +475,7 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "core_size": ("core", ("lstm",)),
     "popart_beta": ("value_norm", ("popart",)),
     "restart_window": ("runtime", ("local", "ray")),
+    "explorer_timeout": ("runtime", ("local", "ray")),
 }
 
 
@@ -478,7 +491,28 @@ def inapplicable(cfg: Config, given: set[str]) -> list[str]:
                 )
     if "steps_per_explorer" in given and "total_steps" in given:
         warnings.append("--steps-per-explorer has no effect when --total-steps is given")
+    depth = replay_depth(cfg)
+    if cfg.max_policy_lag is not None and depth is not None and cfg.max_policy_lag < depth:
+        warnings.append(
+            f"--max-policy-lag {cfg.max_policy_lag} with --buffer replay drops most of what the "
+            f"learner samples: the buffer holds about {depth:,} updates' worth of steps "
+            f"(--buffer-size {cfg.buffer_size} per explorer, --replay-ratio {cfg.replay_ratio:g}), "
+            "so its sequences are up to that many versions old by design; the limit is meant for "
+            "--buffer fifo"
+        )
     return warnings
+
+
+def replay_depth(cfg: Config) -> int | None:
+    """With the seed's replay buffer, how many learner updates it takes to sample as many steps
+    as the buffer holds (its oldest sequences are about that many policy versions old); None
+    for the FIFO buffer."""
+    if cfg.buffer != "replay":
+        return None
+    per_update = cfg.learn_batch_size
+    if cfg.algo == "vtrace":  # whole sequences (see batch_note)
+        per_update = max(1, cfg.learn_batch_size // cfg.unroll_length) * cfg.unroll_length
+    return round(cfg.buffer_size * cfg.num_explorers * cfg.replay_ratio / per_update)
 
 
 def batch_note(cfg: Config) -> str | None:

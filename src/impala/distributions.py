@@ -201,8 +201,21 @@ def _sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndar
     torch.multinomial's per-call overhead on small batches."""
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     cdf = probs.cumsum(axis=1)
+    _check_finite(cdf[:, -1])  # NaN if any logit was NaN or infinite
     u = rng.random((len(logits), 1)) * cdf[:, -1:]
     return np.minimum((cdf < u).sum(axis=1), logits.shape[1] - 1)
+
+
+def _check_finite(values: np.ndarray) -> None:
+    """ValueError, naming how many rows, if the policy's outputs were not finite: a sample from
+    them would be meaningless (every comparison with NaN is false: action 0 for every row)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = int(bad.reshape(len(values), -1).any(axis=1).sum())
+        raise ValueError(
+            f"the policy's outputs are not finite (NaN or infinite) for {rows} of {len(values)} "
+            "environments: observations that are not finite, or a network that overflowed"
+        )
 
 
 def sample(spec: ActionSpec, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -213,7 +226,9 @@ def sample(spec: ActionSpec, params: np.ndarray, rng: np.random.Generator) -> np
     if spec.kind == "box":
         mean, log_std = np.split(params, 2, axis=1)
         noise = rng.standard_normal(mean.shape)
-        return (mean + np.exp(log_std) * noise).astype(np.float32)
+        actions = (mean + np.exp(log_std) * noise).astype(np.float32)
+        _check_finite(actions)
+        return actions
     return np.stack([_sample_categorical(p, rng) for p in _columns(spec, params)], axis=1)
 
 

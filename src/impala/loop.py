@@ -53,7 +53,7 @@ class BatchSource(Protocol):
 class Decision:
     stop: bool
     update: bool
-    steps: int  # env steps of the whole run so far (all learners), for the schedule
+    steps: int  # env steps of the whole run so far (all learners), for the schedules
 
 
 class Alone:
@@ -76,7 +76,6 @@ def learn(
     tracker: Tracker,
     consensus: Consensus | None = None,
     *,
-    steps_total: int,
     after_update: Callable[[], None] | None = None,
 ) -> None:
     """Updates `learner` from `source` until the run ends (see the module docstring)."""
@@ -96,7 +95,7 @@ def learn(
         if decision.stop and batch is not None and isinstance(consensus, Alone):
             # The batch in hand is learned from before stopping: nothing collected is lost, and
             # a run stopped and resumed makes the same updates as one that went on.
-            _learn_from(learner, tracker, batch, min(1.0, decision.steps / steps_total))
+            _learn_from(learner, tracker, batch, decision.steps)
             batch = None
         if decision.stop:
             if not tracker.stop_reason:
@@ -105,14 +104,13 @@ def learn(
             return
         if not decision.update:
             continue  # synchronous learners: another one has no batch yet; keep ours
-        progress = min(1.0, decision.steps / steps_total)
-        _learn_from(learner, tracker, batch, progress)
+        _learn_from(learner, tracker, batch, decision.steps)
         batch = None
         tracker.maybe_log()
         if after_update is not None:
             after_update()  # periodic checkpoints: between updates, nothing half-done
 
 
-def _learn_from(learner: Learner, tracker: Tracker, batch: Batch, progress: float) -> None:
-    for metrics in learner.learn(batch, progress):
+def _learn_from(learner: Learner, tracker: Tracker, batch: Batch, steps: int) -> None:
+    for metrics in learner.learn(batch, steps):
         tracker.on_update(metrics)

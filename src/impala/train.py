@@ -1,35 +1,36 @@
-"""Running a training job: probe the environment, make the run folder, run the one learner loop
-over the chosen runtime's batch source, and always end the same way: stop every process, save
-the model and the logs, say why it ended.
+"""`impala train`: probe the environment, make the run folder, and run the learner over the
+chosen single-machine runtime's batch source (serial, local or Ray) through the run's life cycle
+(`impala.lifecycle`: one way of ending, checkpoints, resume).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import os
-import shutil
 import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import torch
-
-from impala import checkpoint
 from impala.config import Config
 from impala.envs import EnvInfo, probe_env
-from impala.errors import ConfigError, RunFailed
-from impala.loop import BatchSource, Consensus, learn
+from impala.errors import RunFailed
+from impala.lifecycle import (
+    Checkpointer,
+    make_run_dir,
+    resume_point,
+    rewrite_config,
+    run_learner,
+    summary_line,
+    torch_threads,
+)
+from impala.loop import BatchSource
 from impala.metrics import RunResult, Tracker
-from impala.shutdown import Interrupted, StopSignals
-
-RUN_FILES = ("config.json", "metrics.jsonl", "model.pt")
+from impala.shutdown import StopSignals
 
 
-def make_source(cfg: Config, env: EnvInfo, learner, tracker: Tracker) -> BatchSource:
+def make_source(
+    cfg: Config, env: EnvInfo, learner, tracker: Tracker, steps_before: int = 0
+) -> BatchSource:
+    """The runtime's batch source (`steps_before`: env steps a resumed run made before)."""
     # Imported on demand: only the chosen runtime's machinery is loaded.
     if cfg.runtime == "serial":
         from impala.runtime.serial import SerialSource
@@ -38,316 +39,10 @@ def make_source(cfg: Config, env: EnvInfo, learner, tracker: Tracker) -> BatchSo
     if cfg.runtime == "ray":
         from impala.runtime.ray_runtime import RaySource
 
-        return RaySource(cfg, env, learner, tracker)
+        return RaySource(cfg, env, learner, tracker, steps_before)
     from impala.runtime.local import LocalSource
 
-    return LocalSource(cfg, env, learner, tracker)
-
-
-def run_dir_path(cfg: Config) -> Path:
-    if cfg.run_dir is not None:
-        return Path(cfg.run_dir)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.env.replace('/', '_').replace(':', '_')}-{stamp}-{os.getpid()}"
-
-
-def check_run_dir(cfg: Config) -> None:
-    """Raises the ConfigError `make_run_dir` would, leaving nothing behind (for commands that
-    do other work before training)."""
-    path = run_dir_path(cfg)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        make_run_dir(cfg, path)  # the same path (a default one is stamped with the time)
-    finally:
-        if path in missing:
-            (path / "config.json").unlink(missing_ok=True)
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-def make_run_dir(
-    cfg: Config, path: Path | None = None, extra: dict | None = None, restart: bool = False
-) -> Path:
-    """Creates the run folder, `path` or `run_dir_path(cfg)`, with its config.json (the config
-    and `extra`). ConfigError, one line, if it cannot be made or already holds a run: nothing
-    already written is overwritten. With `restart` (`--resume auto` finding no checkpoint) a run
-    that left none starts again there; its old metrics.jsonl is kept under another name."""
-    path = run_dir_path(cfg) if path is None else path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if restart and (path / "metrics.jsonl").exists():
-            os.replace(path / "metrics.jsonl", path / f"metrics-before-{int(time.time())}.jsonl")
-        if restart:
-            for name in ("config.json", "model.pt"):
-                (path / name).unlink(missing_ok=True)
-            shutil.rmtree(path / "tensorboard", ignore_errors=True)
-        taken = [name for name in RUN_FILES if (path / name).exists()]
-        if taken:
-            raise ConfigError(
-                f"run folder '{path}' already holds a run ({', '.join(taken)}); "
-                "choose another --run-dir"
-            )
-        (path / "config.json").write_text(cfg.to_json(extra) + "\n")
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run folder '{path}': {exc.strerror}") from None
-    return path
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Torch's intra-op threads set to `n` for a while, then as they were."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    """Written to a temporary name and renamed: a run killed mid-write leaves no torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-
-
-class Checkpointer:
-    """Writes the run's checkpoints (see `impala.checkpoint`): every `cfg.checkpoint_interval`
-    minutes between two updates, and once when the run ends, however it ends."""
-
-    def __init__(
-        self, cfg: Config, run_dir: Path, learner, tracker: Tracker, source, record: dict
-    ) -> None:
-        self.cfg, self.run_dir, self.record = cfg, run_dir, record
-        self.learner, self.tracker, self.source = learner, tracker, source
-        # Synchronous learners: the whole job's env steps (learner 0's tracker counts its own).
-        self.job_steps: Callable[[], int] | None = None
-        self._last = time.monotonic()
-
-    def source_state(self) -> dict:
-        """The runtime's own state, where it keeps one (the serial runtime), else {}."""
-        state_of = getattr(self.source, "state", None)
-        return state_of() if state_of is not None else {}
-
-    def maybe_save(self) -> None:
-        interval = self.cfg.checkpoint_interval
-        if interval is not None and time.monotonic() - self._last >= 60.0 * interval:
-            self.save(self.source_state())
-
-    def save(self, source_state: dict) -> Path | None:
-        learner_state = self.learner.state()
-        tracker_state = self.tracker.state()
-        state = {
-            "config": dataclasses.asdict(self.cfg),
-            "record": self.record,
-            "model": learner_state.pop("model"),
-            "optimizer": learner_state.pop("optimizer"),
-            "counters": {
-                **{
-                    k: v for k, v in tracker_state.items() if k not in ("returns", "metrics_offset")
-                },
-                "job_steps": self.job_steps() if self.job_steps else tracker_state["steps"],
-                "learner_updates": learner_state["updates"],
-                "policy_version": learner_state["policy_version"],
-            },
-            "returns": tracker_state["returns"],
-            "metrics_offset": tracker_state["metrics_offset"],
-            "rng": checkpoint.rng_state(),
-            "source": source_state,
-        }
-        # APPO's target network and circular buffer, the replay of sequences, the stale count
-        state.update({k: learner_state[k] for k in LEARNER_EXTRAS if k in learner_state})
-        try:
-            path = checkpoint.save(state, self.run_dir, self.cfg.keep_checkpoints)
-        except OSError as exc:  # a full disk: say so and go on (the next one may succeed)
-            print(f"impala: warning: cannot write a checkpoint: {exc}", file=sys.stderr, flush=True)
-            return None
-        finally:
-            self._last = time.monotonic()
-        return path
-
-
-# What a checkpoint keeps of a learner beyond its weights, optimizer and counters (see
-# `Learner.state`), each where its run has it.
-LEARNER_EXTRAS = ("appo", "replay", "stale_sequences")
-
-
-def run_learner(
-    cfg: Config,
-    learner,
-    source: BatchSource,
-    tracker: Tracker,
-    signals: StopSignals,
-    run_dir: Path | None,
-    consensus: Consensus | None = None,
-    steps_total: int | None = None,
-    checkpointer: Checkpointer | None = None,
-    source_state: dict | None = None,
-) -> None:
-    """Starts `source` (back at `source_state`, a resumed serial run's), learns until the run
-    ends, then stops everything and saves (checkpoint, model, logs), however it ended (a signal
-    during start-up included). RunFailed and other errors propagate afterwards."""
-    started = False
-    try:
-        source.start()
-        if source_state and not source.restore(source_state):
-            print(
-                "impala: note: the explorers' environments did not come back exactly where they "
-                "were (an environment not deterministic under its seed); the run goes on",
-                file=tracker.out,
-                flush=True,
-            )
-        started = True
-        signals.install()  # again: Ray's init puts its own SIGTERM handler in place
-        signals.defer()
-        learn(
-            learner,
-            source,
-            tracker,
-            consensus,
-            steps_total=steps_total if steps_total is not None else cfg.steps_total,
-            after_update=checkpointer.maybe_save if checkpointer is not None else None,
-        )
-    except Interrupted:
-        pass  # a signal during start-up: stop and save like any other ending
-    finally:
-        signals.defer()  # the clean-up runs to its end; a second signal only hurries it
-        if signals.requested:
-            tracker.stop_reason = signals.reason
-        final_source_state: dict = {}
-        if checkpointer is not None and started:
-            with contextlib.suppress(Exception):  # no exact resume then, but a checkpoint
-                final_source_state = checkpointer.source_state()
-        try:
-            source.close()
-        finally:
-            tracker.maybe_log(force=True)
-            if checkpointer is not None and (started or tracker.updates):
-                checkpointer.save(final_source_state)
-            tracker.close()
-            if run_dir is not None:
-                save_model(learner.model, run_dir / "model.pt")
-
-
-# Settings a resumed run may change without --override: how long it runs and how it is logged
-# and checkpointed, not what it learns.
-RESUME_FREE = frozenset(
-    {
-        "total_steps",
-        "steps_per_explorer",
-        "max_seconds",
-        "target_return",
-        "log_interval",
-        "run_dir",
-        "checkpoint_interval",
-        "keep_checkpoints",
-        "tensorboard",
-        "progress",
-        "print_steps",
-        "learner_threads",
-        "explorer_nice",
-        "device",
-        "max_restarts",
-        "restart_window",
-        "ray_address",
-    }
-)
-
-
-@dataclasses.dataclass
-class ResumePoint:
-    """Where a resumed run starts: its checkpoint and run folder."""
-
-    path: Path
-    run_dir: Path
-    state: dict[str, Any]
-
-    def tracker_state(self) -> dict[str, Any]:
-        """What the run's Tracker goes on from (its `resume`)."""
-        return {
-            **self.state["counters"],
-            "returns": self.state.get("returns", []),
-            "metrics_offset": self.state.get("metrics_offset", 0),
-        }
-
-    def restore(self, learner, cfg: Config, out: IO[str]) -> None:
-        """Takes `learner` and the global random generators back to the checkpoint, and says
-        so."""
-        counters = self.state["counters"]
-        learner.restore(
-            {
-                "model": self.state["model"],
-                "optimizer": self.state["optimizer"],
-                "updates": counters.get("learner_updates", 0),
-                "policy_version": counters.get("policy_version", 0),
-                **{k: self.state[k] for k in LEARNER_EXTRAS if k in self.state},
-            }
-        )
-        checkpoint.set_rng_state(self.state["rng"])
-        print(resume_line(self, cfg), file=out, flush=True)
-
-
-def resume_point(
-    cfg: Config, resume: str, given: set[str], override: bool = False
-) -> tuple[Config, ResumePoint | None]:
-    """The config and checkpoint a run resumed with `--resume` goes on from.
-
-    `resume` is 'auto' (the newest good checkpoint in --run-dir, or a fresh start there if it has
-    none: a scheduler can rerun the same command), a run folder or a checkpoint file. The
-    checkpoint's settings are the run's; `given` names those the user set (the values in `cfg`)
-    and those that differ from the checkpoint's are refused (ConfigError, one line) unless
-    `override`, except how long the run goes on and how it is logged (RESUME_FREE).
-    """
-    if resume == "auto":
-        if cfg.run_dir is None:
-            raise ConfigError(
-                "--resume auto needs --run-dir: the folder to resume from (or to start in)"
-            )
-        run_dir = Path(cfg.run_dir)
-        found = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-        if found is None:
-            return cfg, None
-        path, state = found
-    else:
-        path, state = checkpoint.find(Path(resume))
-        run_dir = Path(resume) if Path(resume).is_dir() else checkpoint.run_dir_of(path)
-        if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
-            raise ConfigError(
-                f"--run-dir '{cfg.run_dir}' is not the folder of the run resumed ('{run_dir}'); "
-                "a resumed run goes on in its own folder"
-            )
-    fields = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: v for k, v in state["config"].items() if k in fields}
-    try:
-        before = Config(**saved)
-        after = Config(**{**saved, **{k: getattr(cfg, k) for k in given}, "run_dir": str(run_dir)})
-    except TypeError as exc:
-        raise ConfigError(
-            f"checkpoint '{path}' holds settings this impala cannot read: {exc}"
-        ) from None
-    changed = [
-        k
-        for k in sorted(given)
-        if k not in RESUME_FREE
-        and getattr(after, k) != getattr(before, k)
-        and not (k == "net" and getattr(after, k) == "auto")
-    ]
-    if changed and not override:
-        what = ", ".join(
-            f"{_flag(k)} {getattr(after, k)!r} (was {getattr(before, k)!r})" for k in changed
-        )
-        raise ConfigError(
-            f"--resume: settings differ from the checkpoint's: {what}; drop them to resume as "
-            "the run was, or add --override to change them"
-        )
-    if "net" in given and after.net == "auto":
-        after = dataclasses.replace(after, net=before.net)
-    return after, ResumePoint(path, run_dir, state)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return LocalSource(cfg, env, learner, tracker, steps_before)
 
 
 def train(
@@ -377,6 +72,10 @@ def train(
         cfg, point = resume_point(cfg, resume, given or set(), override)
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env)
+    if cfg.runtime == "local":
+        from impala.runtime.local import check_machine
+
+        check_machine(cfg, env)
     record = run_record(cfg, env)
     if point is not None:
         run_dir = point.run_dir
@@ -407,7 +106,7 @@ def train(
             tracker.stop_reason = "step budget (reached before this resume)"
             tracker.close()
         else:
-            source = make_source(source_cfg, env, learner, tracker)
+            source = make_source(source_cfg, env, learner, tracker, done_before)
             checkpointer = Checkpointer(cfg, run_dir, learner, tracker, source, record)
             try:
                 run_learner(
@@ -426,37 +125,3 @@ def train(
     result.signal = signals.signum
     print(summary_line(result, run_dir), file=out, flush=True)
     return result
-
-
-def resume_line(point: ResumePoint, cfg: Config) -> str:
-    c = point.state["counters"]
-    return (
-        f"resuming {point.run_dir} from {point.path.name}: "
-        f"{int(c.get('job_steps', c['steps'])):,} steps, "
-        f"{int(c.get('updates', 0)):,} updates, {float(c.get('seconds', 0.0)):.0f} s so far "
-        f"(of {cfg.steps_total:,} steps)"
-    )
-
-
-def rewrite_config(cfg: Config, run_dir: Path, record: dict) -> None:
-    """config.json of a resumed run: its settings now (a longer budget, say), atomically."""
-    path = run_dir / "config.json"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(cfg.to_json(record) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run folder '{run_dir}': {exc.strerror}") from None
-
-
-def summary_line(result: RunResult, run_dir: Path | None) -> str:
-    ret = "-" if result.return_mean is None else f"{result.return_mean:.2f}"
-    if result.task_returns:  # a multi-task run: each task's too
-        ret += " (" + ", ".join(f"{t} {v:.2f}" for t, v in result.task_returns.items()) + ")"
-    where = f"; model and logs in {run_dir}" if run_dir is not None else ""
-    return (
-        f"{'done' if result.signal is None else 'stopped'} ({result.stop_reason}): "
-        f"{result.steps:,} steps, {result.updates:,} updates in {result.seconds:.1f} s "
-        f"({result.steps_per_second:,.0f} steps/s); mean return of the last "
-        f"{min(result.episodes, 100)} episodes {ret}{where}"
-    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from impala import faults
 from impala.envs import EnvInfo
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -193,20 +194,59 @@ class ReplayBuffer:
         self.slots_per_explorer = slots_per_explorer
         self.seq = seq if seq is not None else torch.zeros_like(filled)
 
+    @classmethod
+    def allocate(
+        cls, spec: Spec, num_explorers: int, slots_per_explorer: int, *, shared: bool = False
+    ) -> ReplayBuffer:
+        """An empty buffer of `num_explorers` slices of `slots_per_explorer` unrolls of `spec`
+        (in shared memory if asked)."""
+        storage = allocate(spec, num_explorers * slots_per_explorer, shared=shared)
+        filled = torch.zeros(num_explorers, dtype=torch.int64)
+        seq = torch.zeros(num_explorers, dtype=torch.int64)
+        if shared:
+            filled.share_memory_()
+            seq.share_memory_()
+        return cls(storage, filled, slots_per_explorer, seq)
+
     @property
     def num_slots_filled(self) -> int:
         return int(self.filled.sum())
 
+    def num_readable(self) -> int:
+        """Slots the learner can sample now: those of slices no upload is writing (or left torn)."""
+        seq, filled = self.seq.tolist(), self.filled.tolist()
+        return sum(int(n) for s, n in zip(seq, filled, strict=True) if s % 2 == 0)
+
+    def _begin_write(self, explorer: int) -> int:
+        """Marks `explorer`'s slice as being written (odd, and never seen before); returns the
+        mark, whose successor ends the write."""
+        seq = int(self.seq[explorer])
+        writing = seq + 1 if seq % 2 == 0 else seq + 2
+        self.seq[explorer] = writing
+        return writing
+
     def upload(self, explorer: int, local: dict[str, np.ndarray], count: int) -> None:
         """Copies an explorer's local buffer (`count` valid slots) into its slice."""
         start = explorer * self.slots_per_explorer
-        seq = int(self.seq[explorer])
-        writing = seq + 1 if seq % 2 == 0 else seq + 2  # odd, and never seen before
-        self.seq[explorer] = writing
-        for k, v in self.storage.items():
+        writing = self._begin_write(explorer)
+        for i, (k, v) in enumerate(self.storage.items()):
             # Into the storage's numpy view: `local` may be read-only (arrays Ray delivered).
             v[start : start + count].numpy()[...] = local[k][:count]
+            if i == 0:
+                faults.point("replay-upload")  # tests: killed with the slice half written
         self.filled[explorer] = count
+        self.seq[explorer] = writing + 1
+
+    def claim(self, explorer: int) -> None:
+        """An explorer (re)starting takes over its slice. If its predecessor died in the middle of
+        an upload, the slice is still marked as being written and holds a mix of two uploads: it
+        is emptied and marked readable again, so that the learner, which skips such a slice, is
+        not left waiting for data that no upload will ever complete. A slice left whole keeps
+        what it holds until the new explorer's first upload."""
+        if int(self.seq[explorer]) % 2 == 0:
+            return
+        writing = self._begin_write(explorer)
+        self.filled[explorer] = 0
         self.seq[explorer] = writing + 1
 
     def sample(

@@ -114,6 +114,8 @@ class Explorer:
         self.step_printer = step_printer
         self._states = infos.get("state", self.obs)
         self.steps_made = 0
+        # Called at every environment step: a runtime's sign that this explorer is not hung.
+        self.heartbeat: Callable[[], None] | None = None
         self.episode_return = np.zeros(self.num_envs, dtype=np.float64)
         self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
         self._open_episodes: list[list[_Step]] = [[] for _ in range(self.num_envs)]
@@ -207,6 +209,8 @@ class Explorer:
     def _step(self) -> tuple[Any, ...]:
         """One step of every environment; returns what an unroll records about it: the learning
         reward and ends of episodes (see the module doc)."""
+        if self.heartbeat is not None:
+            self.heartbeat()
         obs = self.obs
         actions, logits = self._act(obs)
         env_actions = self.action_spec.to_env(actions)  # a Box's clipped to its bounds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from impala.agent.explorer import Explorer
@@ -47,15 +48,31 @@ def build_model(cfg: Config, env: EnvInfo) -> nn.Module:
     )
 
 
-def explorer_seed(cfg: Config, index: int) -> int:
-    return cfg.seed * 10_007 + 1_000 * (index + 1)
+def explorer_seed(cfg: Config, index: int, start: tuple[int, int] = (0, 0)) -> int:
+    """The seed of explorer `index`'s environments and action sampling. `start` says which start
+    of that explorer this is: `(env steps the run had made before it was resumed, times this
+    explorer was started again since)`. A run's first explorers keep the run's own seeds (the
+    serial runtime rebuilds its explorers exactly from them); a replacement or a resumed run's
+    explorer gets seeds of its own, so that a run preempted again and again does not replay the
+    same episodes each time."""
+    if start == (0, 0):
+        return cfg.seed * 10_007 + 1_000 * (index + 1)
+    entropy = [cfg.seed, index, *start]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
 
 
 def build_explorer(
-    cfg: Config, env: EnvInfo, index: int, store: ParameterStore, *, record_actions: bool = False
+    cfg: Config,
+    env: EnvInfo,
+    index: int,
+    store: ParameterStore,
+    *,
+    record_actions: bool = False,
+    start: tuple[int, int] = (0, 0),
 ) -> Explorer:
     """Explorer `index` with its own environments and a fresh copy of the network
-    (`record_actions`: keeps what its state for a checkpoint needs, see `Explorer.state`)."""
+    (`record_actions`: keeps what its state for a checkpoint needs, see `Explorer.state`;
+    `start`: which start of the explorer this is, see `explorer_seed`)."""
     model = build_model(cfg, env)
     model.requires_grad_(False)
     # A multi-task run: explorer `index` plays task index % K, its frames padded to the shape
@@ -75,7 +92,7 @@ def build_explorer(
         gamma=cfg.gamma,
         algo=cfg.algo,
         sync=cfg.sync,
-        seed=explorer_seed(cfg, index),
+        seed=explorer_seed(cfg, index, start),
         step_printer=(lambda line: print(line, flush=True)) if cfg.print_steps else None,
         reward_clip=cfg.reward_clip,
         episodic_life=cfg.episodic_life,

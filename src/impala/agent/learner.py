@@ -1,24 +1,40 @@
-"""The learner role: takes batches from the global buffer, updates pi, publishes new weights."""
+"""The learner role: takes batches from the global buffer, updates pi, publishes new weights.
+
+`Learner.learn(batch, steps)` runs a batch received through the batch pipeline
+(`impala.agent.pipeline`: policy-lag filter, minibatch split, replay mixing, APPO's passes) and
+makes one update per batch it yields. `Learner.update` is the paper's step: forward pass,
+targets and loss (`impala.agent.objectives`, one function per algorithm), a gradient step, then
+the normalisers' statistics (PopArt) and publication of the new weights. A loss or gradient that
+is not finite ends the run there (`NonFiniteUpdate`), before the step, so the model it leaves is
+that of the last finite update.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections import deque
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from impala import corrections, losses, vtrace
-from impala.agent.buffer import SequenceReplay, num_sequences, select_sequences
+from impala.agent import objectives, schedules
+from impala.agent.buffer import SequenceReplay
 from impala.agent.params import ParameterStore
+from impala.agent.pipeline import (
+    ExtraPasses,
+    MinibatchSplit,
+    Pipeline,
+    PolicyLagFilter,
+    ReplayMixing,
+)
 from impala.config import Config
-from impala.errors import ConfigError
+from impala.errors import ConfigError, RunFailed
 from impala.nets.conv import ImageTorso
-from impala.nets.heads import check_value_outputs, task_values
+from impala.nets.heads import check_value_outputs, constrain_parameters, task_values
 from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
-from impala.optim import RMSpropTF
+from impala.optim import FlatGradients, make_optimizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,99 +91,16 @@ def appo_target_due(updates: int, interval: int, growth: float) -> bool:
     return updates % appo_target_interval(updates, interval, growth) == 0
 
 
-class FlatGradients:
-    """The gradients of a model's trained parameters as views of one flat buffer, so that zeroing
-    them and clipping their global norm are one operation each instead of a loop over the
-    parameters (zero_grad and clip_grad_norm_ took 9% of a CartPole update's time).
-
-    Autograd adds into an existing gradient in place, so after `zero()` a backward pass fills the
-    buffer. A gradient that something replaced (a hook that assigns `p.grad`) is copied back into
-    the buffer before the norm is taken. Every trained parameter gets a gradient at each update
-    (zero where the loss does not reach it), where zero_grad(set_to_none=True) would have left
-    such a parameter without one and the optimizer would have skipped it; every parameter of this
-    project's networks is reached by every update's loss.
-    """
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        total = sum(p.numel() for p in params)
-        self.flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        chunks = torch.split(self.flat, [p.numel() for p in params])
-        self.views = [v.view_as(p) for v, p in zip(chunks, params, strict=True)]
-        self.zero()
-
-    @classmethod
-    def of(cls, params) -> FlatGradients | None:
-        """Flat gradients of the parameters that take gradient, or None if they are not all of
-        one dtype and device (or there are none)."""
-        trained = [p for p in params if p.requires_grad]
-        if not trained or len({(p.dtype, p.device) for p in trained}) > 1:
-            return None
-        return cls(trained)
-
-    def zero(self) -> None:
-        """Zeroes every gradient (and attaches any that was detached from the buffer)."""
-        for p, view in zip(self.params, self.views, strict=True):
-            if p.grad is not view:
-                p.grad = view
-        self.flat.zero_()
-
-    def clip_norm(self, max_norm: float) -> torch.Tensor:
-        """As `nn.utils.clip_grad_norm_`: scales the gradients so that their global L2 norm is at
-        most `max_norm` and returns the norm before scaling."""
-        for p, view in zip(self.params, self.views, strict=True):
-            if p.grad is not view:  # replaced since `zero` (e.g. by a gradient hook)
-                view.copy_(p.grad if p.grad is not None else torch.zeros_like(view))
-                p.grad = view
-        norm = torch.linalg.vector_norm(self.flat)
-        if max_norm != float("inf"):
-            self.flat.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm
-
-
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.optimizer` with the config's settings.
-
-    Fused (one kernel for all parameters) where PyTorch has it, else the multi-tensor version:
-    on small networks the per-parameter loop of the default costs as much as the gradient
-    (Adam on the CartPole MLP: 79 us fused, 225 us multi-tensor, 334 us default).
-    """
-    params = list(params)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(
-            params,
-            lr=cfg.learning_rate,
-            alpha=cfg.rmsprop_alpha,
-            eps=cfg.optimizer_eps,
-            momentum=cfg.rmsprop_momentum,
-            foreach=True,
-        )
-    if cfg.optimizer == "rmsprop-tf":
-        return RMSpropTF(
-            params,
-            lr=cfg.learning_rate,
-            decay=cfg.rmsprop_alpha,
-            eps=cfg.optimizer_eps,
-            momentum=cfg.rmsprop_momentum,
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps, fused=True)
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.learning_rate, fused=True)
-    return torch.optim.SGD(params, lr=cfg.learning_rate, fused=True)
-
-
-def scheduled(value: float, schedule: str, progress: float) -> float:
-    """`value` at the run's `progress` in [0, 1]: as it is ('constant'), or decayed linearly to 0
-    ('linear'; --lr-schedule, --entropy-schedule)."""
-    return value * max(0.0, 1.0 - progress) if schedule == "linear" else value
+class NonFiniteUpdate(RunFailed):
+    """An update whose loss or gradient is not finite (NaN or infinite): the run ends there."""
 
 
 class Learner:
     """Updates pi (`model`) from batches and publishes each new version to `store`.
 
-    `update(batch, progress)` takes a batch laid out as in `impala.agent.buffer` and the run's
-    progress in [0, 1] (for the linear learning-rate decay) and returns scalar metrics.
+    `learn(batch, steps)` takes a batch laid out as in `impala.agent.buffer` and the run's env
+    steps so far (for the learning-rate and entropy schedules, `impala.agent.schedules`, which end
+    at `total_steps`, default the config's budget) and returns the metrics of each update made.
 
     The model lives on `cfg.device`; a batch is moved there once per update (from pinned memory
     to a GPU), and its uint8 frames become floats only there, inside the network.
@@ -179,6 +112,8 @@ class Learner:
         model: nn.Module,
         store: ParameterStore,
         grad_sync: Callable[[nn.Module], None] | None = None,
+        *,
+        total_steps: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -190,46 +125,75 @@ class Learner:
         # learners (a collective) so that every learner applies the same update.
         self.grad_sync = grad_sync
         self.optimizer = make_optimizer(cfg, model.parameters())
+        self.grads = FlatGradients.of(self.model.parameters())
         self.updates = 0
-        # PopArt's value head, if the network has one: its statistics move after each update.
-        self.popart = next((m for m in self.model.modules() if isinstance(m, PopArt)), None)
-        self._targets: torch.Tensor | None = None
-        # Running statistics of the observations, if the network standardises its inputs.
+        self.total_steps = cfg.steps_total if total_steps is None else total_steps
+        self.lr_schedule = schedules.fresh(cfg.lr_schedule, cfg.learning_rate, self.total_steps)
+        self.entropy_schedule = schedules.fresh(
+            cfg.entropy_schedule, cfg.entropy_cost, self.total_steps
+        )
+        # Normalisers, if the network has them: running statistics of the observations (moved
+        # before each update, from its batch) and PopArt's value head (moved after it, from the
+        # V-trace targets, with the head's outputs preserved).
         self.obs_norm = next((m for m in self.model.modules() if isinstance(m, ObsNorm)), None)
+        self.popart = next((m for m in self.model.modules() if isinstance(m, PopArt)), None)
+        self.value_targets: torch.Tensor | None = None  # the last update's, for PopArt
         # APPO: the target network pi_target (the surrogate's reference and V-trace's target
-        # policy), refreshed from pi every cfg.appo_target_interval updates, and the circular
-        # buffer of recent batches that passes after a batch's first draw from.
+        # policy), refreshed from pi every cfg.appo_target_interval updates.
         self.target: nn.Module | None = None
-        self._reuse: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.appo_buffer)
-        self._reuse_rng = torch.Generator().manual_seed(cfg.seed)
         if cfg.algo == "vtrace" and cfg.loss == "appo":
             self.target = copy.deepcopy(self.model).requires_grad_(False)
-        # The paper's replay experiment: a share of every batch from past sequences.
+        self.lag_filter: PolicyLagFilter | None = None
         self.replay: SequenceReplay | None = None
+        self.passes: ExtraPasses | None = None
+        self.pipeline = Pipeline(self._stages())
+
+    def _stages(self) -> list:
+        """The batch pipeline's stages this run has, in their order (impala.agent.pipeline)."""
+        cfg, stages = self.cfg, []
+        if cfg.max_policy_lag is not None:
+            self.lag_filter = PolicyLagFilter(cfg.max_policy_lag, lambda: self.store.version)
+            stages.append(self.lag_filter)
+        if cfg.buffer == "fifo" and cfg.algo == "vtrace":
+            # --batch-size under --envs-per-explorer: an explorer's unroll in minibatches
+            stages.append(MinibatchSplit(cfg.batch_size))
         if cfg.replay_fraction > 0:
             generator = torch.Generator().manual_seed(cfg.seed + 1)
             self.replay = SequenceReplay(cfg.replay_size, cfg.replay_fraction, generator)
-        self.stale_sequences = 0  # dropped by --max-policy-lag so far
-        self.grads = FlatGradients.of(self.model.parameters())
+            stages.append(ReplayMixing(self.replay))
+        if self.target is not None:
+            self.passes = ExtraPasses(cfg.appo_passes, cfg.appo_buffer, cfg.seed, self._to_device)
+            if cfg.appo_passes > 1:
+                stages.append(self.passes)
+        return stages
 
     @property
     def version(self) -> int:
         return self.store.version
 
+    @property
+    def stale_sequences(self) -> int:
+        """Sequences dropped by --max-policy-lag so far."""
+        return self.lag_filter.dropped if self.lag_filter is not None else 0
+
     def state(self) -> dict:
-        """What a checkpoint keeps of the learner: weights, optimizer state, counters (and
-        APPO's target network and circular buffer)."""
+        """What a checkpoint keeps of the learner: weights, optimizer state, counters, the
+        schedules (and APPO's target network and circular buffer, the replay)."""
         state = {
             "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "updates": self.updates,
             "policy_version": self.store.version,
+            "schedules": {
+                "learning_rate": schedules.to_state(self.lr_schedule),
+                "entropy_cost": schedules.to_state(self.entropy_schedule),
+            },
         }
         if self.target is not None:
             state["appo"] = {
                 "target": _to_cpu(self.target.state_dict()),
-                "reuse": [_to_cpu(batch) for batch in self._reuse],
-                "rng": self._reuse_rng.get_state(),
+                "reuse": [_to_cpu(batch) for batch in self.passes.recent],
+                "rng": self.passes.rng.get_state(),
             }
         if self.replay is not None:
             state["replay"] = self.replay.state()
@@ -237,7 +201,8 @@ class Learner:
         return state
 
     def restore(self, state: dict) -> None:
-        """Takes the learner back to a checkpoint's `state` and publishes its weights under the
+        """Takes the learner back to a checkpoint's `state` (not its schedules: a resumed run
+        decides those, see `impala.agent.schedules.resumed`) and publishes its weights under the
         checkpoint's policy version. ConfigError, one line, for weights that do not fit."""
         check_value_outputs(state["model"], self.model, "the checkpoint")
         try:
@@ -248,7 +213,8 @@ class Learner:
                 f"the checkpoint's weights do not fit this network: {str(exc).splitlines()[0]}"
             ) from None
         self.updates = int(state["updates"])
-        self.stale_sequences = int(state.get("stale_sequences", 0))
+        if self.lag_filter is not None:
+            self.lag_filter.dropped = int(state.get("stale_sequences", 0))
         if self.replay is not None and "replay" in state:
             self.replay.restore(state["replay"])
         if self.target is not None:
@@ -257,22 +223,67 @@ class Learner:
                 self.target.load_state_dict(self.model.state_dict())
             else:
                 self.target.load_state_dict(appo["target"])
-                self._reuse.clear()
-                self._reuse.extend(self._to_device(b) for b in appo["reuse"])
-                self._reuse_rng.set_state(appo["rng"])
+                self.passes.recent.clear()
+                self.passes.recent.extend(self._to_device(b) for b in appo["reuse"])
+                self.passes.rng.set_state(appo["rng"])
         flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
         self.store.assign(int(state["policy_version"]), flat.to(self.store.flat.device))
-
-    def _set_learning_rate(self, progress: float) -> float:
-        lr = scheduled(self.cfg.learning_rate, self.cfg.lr_schedule, progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # --- learning --------------------------------------------------------------------------------
+    def learn(self, batch: dict[str, torch.Tensor], steps: int = 0) -> list[dict[str, float]]:
+        """Learns from a batch received: one update per batch the pipeline makes of it (none if
+        the lag limit drops every sequence), at the run's `steps` env steps so far. The metrics
+        of each update, in order."""
+        return [self.update(b, steps) for b in self.pipeline(batch)]
+
+    def update(self, batch: dict[str, torch.Tensor], steps: int = 0) -> dict[str, float]:
+        """One update of pi from `batch` at the run's `steps` env steps (the paper's step);
+        its metrics."""
+        batch = self._to_device(batch)
+        lr = self._set_learning_rate(steps)
+        entropy_cost = self.entropy_schedule(steps)
+        if self.obs_norm is not None:
+            self.obs_norm.update(batch["obs"])  # published with the weights below
+        out = self._loss(batch, entropy_cost)
+        grad_norm = self._step(out)
+        self.value_targets = out.value_targets
+        if self.popart is not None and out.value_targets is not None:
+            self.popart.update(out.value_targets, batch.get("task"))  # outputs preserved
+        self.updates += 1
+        if self.target is not None and appo_target_due(
+            self.updates, self.cfg.appo_target_interval, self.cfg.appo_target_growth
+        ):
+            self.target.load_state_dict(self.model.state_dict())
+        behaviour_version = batch["policy_version"].double().mean().item()
+        policy_lag = self.store.version - behaviour_version
+        self.store.publish(self.model)
+        return self._metrics(out, batch, grad_norm, lr, policy_lag, entropy_cost)
+
+    def _set_learning_rate(self, steps: int) -> float:
+        lr = self.lr_schedule(steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _loss(self, batch: dict[str, torch.Tensor], entropy_cost: float) -> objectives.LossOut:
+        """The algorithm's loss for `batch` (see impala.agent.objectives)."""
+        cfg, spec = self.cfg, self.action_spec
+        if cfg.algo == "reinforce":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits, values = self.model(batch["obs"])
+            return objectives.reinforce_loss(logits.float(), values.float(), batch, spec=spec)
+        logits, values = self._forward(batch)
+        common = dict(cfg=cfg, spec=spec, entropy_cost=entropy_cost, popart=self.popart)
+        if self.target is None:
+            return objectives.impala_loss(logits, values, batch, **common)
+        with torch.no_grad():
+            reference = self._forward(batch, self.target)[0][:-1]
+        return objectives.appo_loss(logits, values, reference, batch, **common)
 
     def _forward(
         self, batch: dict[str, torch.Tensor], model: nn.Module | None = None
@@ -297,80 +308,15 @@ class Learner:
         values = values.float().reshape(T1, B, -1)  # [T+1, B, K]: one per task
         return logits.float().view(T1, B, -1), task_values(values, batch.get("task"))
 
-    def learn(
-        self, batch: dict[str, torch.Tensor], progress: float = 0.0
-    ) -> list[dict[str, float]]:
-        """Learns from a batch received: one update, and with APPO's --appo-passes more, each on a
-        batch drawn at random from the circular buffer of the last --appo-buffer batches (this
-        one included). The metrics of each update, in order. A FIFO batch wider than
-        --batch-size (one explorer's unroll of more envs) is learned from in minibatches of that
-        many sequences, each as above.
-
-        Before that, with --max-policy-lag the sequences of too old a policy are dropped (no update
-        if none is left), and with --replay-fraction the batch is joined by sequences drawn from
-        the replay of earlier ones. The lag limit applies to sequences as they arrive: replayed
-        sequences (old by design) and APPO's later passes over batches that passed it are kept."""
-        if self.cfg.max_policy_lag is not None:
-            batch = self._drop_stale(batch)
-            if batch is None:
-                return []
-        size = self.cfg.batch_size
-        if self.cfg.buffer == "fifo" and self.cfg.algo == "vtrace" and num_sequences(batch) > size:
-            # --batch-size under --envs-per-explorer: an explorer's unroll in minibatches, one
-            # update each (in order: V-trace corrects the later ones' extra lag)
-            return [
-                metrics
-                for start in range(0, num_sequences(batch), size)
-                for metrics in self._learn_batch(
-                    select_sequences(batch, torch.arange(start, start + size)), progress
-                )
-            ]
-        return self._learn_batch(batch, progress)
-
-    def _learn_batch(
-        self, batch: dict[str, torch.Tensor], progress: float
-    ) -> list[dict[str, float]]:
-        if self.replay is not None:
-            batch = self.replay.mix(batch)
-        if self.target is None or self.cfg.appo_passes == 1:
-            return [self.update(batch, progress)]
-        batch = self._to_device(batch)
-        self._reuse.append(batch)
-        metrics = [self.update(batch, progress)]
-        for _ in range(self.cfg.appo_passes - 1):
-            pick = int(torch.randint(len(self._reuse), (), generator=self._reuse_rng))
-            metrics.append(self.update(self._reuse[pick], progress))
-        return metrics
-
-    def _drop_stale(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """`batch` without the sequences whose oldest step was acted by a policy more than
-        --max-policy-lag versions behind the learner's; None if none is left."""
-        oldest = batch["policy_version"].min(0).values  # [B]
-        fresh = (self.store.version - oldest) <= self.cfg.max_policy_lag
-        dropped = int((~fresh).sum())
-        if dropped == 0:
-            return batch
-        self.stale_sequences += dropped
-        if dropped == num_sequences(batch):
-            return None
-        return select_sequences(batch, torch.nonzero(fresh).squeeze(1))
-
-    def update(self, batch: dict[str, torch.Tensor], progress: float = 0.0) -> dict[str, float]:
-        """One update of pi from `batch`; its metrics."""
-        batch = self._to_device(batch)
-        lr = self._set_learning_rate(progress)
-        if self.obs_norm is not None:
-            self.obs_norm.update(batch["obs"])  # published with the weights below
-        if self.cfg.algo == "reinforce":
-            terms, logits = self._reinforce_loss(batch)
-        else:
-            entropy_cost = scheduled(self.cfg.entropy_cost, self.cfg.entropy_schedule, progress)
-            terms, logits = self._vtrace_loss(batch, entropy_cost)
+    def _step(self, out: objectives.LossOut) -> torch.Tensor:
+        """A gradient step on `out.total` (gradients averaged over synchronous learners, their
+        global norm clipped); NonFiniteUpdate, before the step, if the loss or the gradient is
+        not finite. Returns the gradient's norm before clipping."""
         if self.grads is not None:
             self.grads.zero()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        out.total.backward()
         if self.grad_sync is not None:
             self.grad_sync(self.model)
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
@@ -378,25 +324,45 @@ class Learner:
             grad_norm = self.grads.clip_norm(clip)
         else:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not (math.isfinite(float(out.total.detach())) and math.isfinite(float(grad_norm))):
+            raise NonFiniteUpdate(self._non_finite(out, grad_norm))
         self.optimizer.step()
-        if self.popart is not None and self._targets is not None:
-            self.popart.update(self._targets, batch.get("task"))  # outputs preserved; published
-        self.updates += 1
-        if self.target is not None and appo_target_due(
-            self.updates, self.cfg.appo_target_interval, self.cfg.appo_target_growth
-        ):
-            self.target.load_state_dict(self.model.state_dict())
-        behaviour_version = batch["policy_version"].double().mean().item()
-        policy_lag = self.store.version - behaviour_version
-        self.store.publish(self.model)
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        constrain_parameters(self.model)  # bounds kept by projection: gradients stay alive
+        return grad_norm
+
+    def _non_finite(self, out: objectives.LossOut, grad_norm: torch.Tensor) -> str:
+        """The line that ends a run whose update went non-finite: which update, and what."""
+        bad = [
+            f"{name} {float(value.detach()):g}"
+            for name, value in out.terms.items()
+            if name != "loss" and not math.isfinite(float(value.detach()))
+        ]
+        loss = float(out.total.detach())
+        if not math.isfinite(loss):
+            what = f"the loss is {loss:g}" + (f" ({', '.join(bad)})" if bad else "")
+        else:
+            params = [
+                name
+                for name, p in self.model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            where = f" (in {', '.join(params[:3])}{', ...' if len(params) > 3 else ''})"
+            what = f"the gradient's norm is {float(grad_norm):g}" + (where if params else "")
+        return (
+            f"update {self.updates + 1} went non-finite: {what}; the run stops here, its model "
+            f"that of update {self.updates}, the last finite one (a lower --learning-rate, a "
+            "--grad-clip or --value-norm popart may help)"
+        )
+
+    def _metrics(self, out, batch, grad_norm, lr, policy_lag, entropy_cost) -> dict[str, float]:
+        metrics = {k: float(v.detach()) for k, v in out.terms.items()}
         metrics.update(
             grad_norm=float(grad_norm),
             learning_rate=lr,
             policy_lag=policy_lag,
             batch_steps=int(batch["policy_version"].numel()),
         )
-        metrics.update(self._policy_metrics(logits.detach()))
+        metrics.update(self._policy_metrics(out.policy_params.detach()))
         if self.popart is not None:
             mu, sigma = self.popart.mu.tolist(), self.popart.sigma.tolist()
             if len(mu) == 1:
@@ -420,82 +386,6 @@ class Learner:
             return {}
         probs = torch.softmax(params, -1).reshape(-1, params.shape[-1]).mean(0)
         return {f"prob_action{a}": float(p) for a, p in enumerate(probs)}
-
-    def _vtrace_loss(self, batch: dict[str, torch.Tensor], entropy_cost: float):
-        logits, values = self._forward(batch)
-        reference = None  # APPO: pi_target's logits, V-trace's target policy and the clip's
-        if self.target is not None:
-            with torch.no_grad():
-                reference = self._forward(batch, self.target)[0][:-1]
-        # Truncated episodes: discount is 0 there and the explorer recorded V_mu of the last
-        # observation, so the target is r + gamma * V(x_last), never the next episode's value.
-        rewards = batch["reward"] + self.cfg.gamma * batch["truncation_value"]
-        actions, spec = batch["action"], self.action_spec
-        with torch.no_grad():  # log pi/mu of the actions taken (the joint policy's)
-            target = logits[:-1] if reference is None else reference
-            log_rhos = losses.log_probs(target, actions, spec)
-            log_rhos -= losses.log_probs(batch["behaviour_logits"], actions, spec)
-        returns = corrections.off_policy_returns(
-            self.cfg.correction,
-            log_rhos=log_rhos,
-            discounts=batch["discount"],
-            rewards=rewards,
-            values=values[:-1],
-            bootstrap_value=values[-1],
-            clip_rho_threshold=self.cfg.clip_rho_threshold,
-            clip_c_threshold=self.cfg.clip_c_threshold,
-            clip_pg_rho_threshold=self.cfg.clip_pg_rho_threshold,
-            lambda_=self.cfg.vtrace_lambda,
-        )
-        vs, advantages, values = returns.vs, returns.pg_advantages, values[:-1]
-        if self.popart is not None:
-            # PopArt: the baseline loss on normalised values and targets, the advantages scaled
-            # by 1/sigma; V-trace itself ran on unnormalised values (see impala.nets.popart).
-            self._targets = vs.detach()
-            mu, sigma = self.popart.mu.detach(), self.popart.sigma  # [K]: each sequence's task's
-            if self.popart.num_tasks > 1:
-                mu, sigma = mu[batch["task"].long()], sigma[batch["task"].long()]
-            vs, values, advantages = (vs - mu) / sigma, (values - mu) / sigma, advantages / sigma
-        costs = dict(
-            baseline_cost=self.cfg.baseline_cost,
-            entropy_cost=entropy_cost,
-            reduction=self.cfg.loss_reduction,
-            action_spec=spec,
-        )
-        targets = vtrace.VTraceReturns(vs=vs, pg_advantages=advantages)
-        if reference is None:
-            epsilon = corrections.EPSILON if self.cfg.correction == "epsilon" else None
-            terms = losses.actor_critic_loss(
-                logits[:-1], values, actions, targets, log_epsilon=epsilon, **costs
-            )
-        else:
-            terms = losses.appo_loss(
-                logits[:-1], reference, values, actions, targets, clip=self.cfg.appo_clip, **costs
-            )
-        out = {
-            "loss": terms.total,
-            "policy_loss": terms.policy,
-            "baseline_loss": terms.baseline,
-            "entropy_loss": terms.entropy,
-            "mean_rho": log_rhos.exp().mean(),
-        }
-        if reference is not None:
-            with torch.no_grad():  # the share of steps whose ratio pi/pi_target left the range
-                log_ratio = losses.log_probs(logits[:-1], actions, spec)
-                log_ratio -= losses.log_probs(reference, actions, spec)
-                outside = (log_ratio.exp() - 1).abs() > self.cfg.appo_clip
-                out["clip_fraction"] = outside.float().mean()
-        return out, logits[:-1]
-
-    def _reinforce_loss(self, batch: dict[str, torch.Tensor]):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits, values = self.model(batch["obs"])
-        logits, values = logits.float(), values.float()
-        terms = losses.reinforce_loss(
-            logits, values, batch["action"], batch["mc_return"], action_spec=self.action_spec
-        )
-        out = {"loss": terms.total, "policy_loss": terms.policy, "baseline_loss": terms.baseline}
-        return out, logits
 
 
 def _to_cpu(value):

@@ -32,18 +32,20 @@ class _CapturedUpload:
 
 
 class ExplorerWorker:
-    """`unroll(weights)` -> `(payload, info)`.
+    """`unroll(weights)` -> `(payload, info)`; `start` as in `impala.agent.factory.explorer_seed`.
 
     payload is `{"unroll": arrays}` for the FIFO buffer, `{"count", "local"}` when the seed's
     replay buffer is due an upload, or None.
     """
 
-    def __init__(self, cfg: Config, env: EnvInfo, index: int) -> None:
+    def __init__(
+        self, cfg: Config, env: EnvInfo, index: int, start: tuple[int, int] = (0, 0)
+    ) -> None:
         self.cfg = cfg
         flat, version = ParameterStore.allocate(build_model(cfg, env))
         version[0] = -2  # version -1: nothing received yet, the explorer must not act on these
         self.store = ParameterStore(flat, version)
-        self.explorer = build_explorer(cfg, env, index, self.store)
+        self.explorer = build_explorer(cfg, env, index, self.store, start=start)
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
         if cfg.buffer == "replay":
             self._capture = _CapturedUpload()

@@ -2,7 +2,7 @@
 recurrent ones (`is_recurrent`) unroll over time from a state (`impala.nets.recurrent`)."""
 
 from impala.nets.factory import NET_NAMES, build_net, resolve_net, resolve_obs_norm
-from impala.nets.heads import PolicyValueNet
+from impala.nets.heads import PolicyValueNet, constrain_parameters
 from impala.nets.mlp import MLPNet, SeedNet
 from impala.nets.recurrent import RecurrentNet
 
@@ -13,6 +13,7 @@ __all__ = [
     "RecurrentNet",
     "SeedNet",
     "build_net",
+    "constrain_parameters",
     "resolve_net",
     "resolve_obs_norm",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -10,7 +12,10 @@ from impala.errors import ConfigError
 from impala.nets.popart import PopArt
 
 # A Gaussian policy's log standard deviations are kept within these (std 0.007 to 7.4 in
-# normalised action units): beyond them a step can make a log-probability overflow.
+# normalised action units): beyond them a step can make a log-probability overflow. They bound
+# the parameter itself, projected back after each optimizer step (`constrain_parameters`), not
+# its use in forward: a clamp there has no gradient, and a log_std that one step carried past a
+# bound stayed pinned there for good.
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
@@ -72,13 +77,57 @@ class GaussianPolicy(nn.Module):
 
     def __init__(self, num_features: int, dim: int, log_std_init: float = 0.0) -> None:
         super().__init__()
+        if not LOG_STD_MIN <= log_std_init <= LOG_STD_MAX:
+            raise ValueError(
+                f"log_std_init must be in [{LOG_STD_MIN}, {LOG_STD_MAX}], got {log_std_init}"
+            )
         self.mean = nn.Linear(num_features, dim)
         self.log_std = nn.Parameter(torch.full((dim,), float(log_std_init)))
+        self.register_load_state_dict_pre_hook(_load_log_std_in_bounds)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features `[N, F]` -> means and log standard deviations `[N, 2d]`. The log_std is used
+        as it is (its gradient flows at the bounds too); `constrain_` keeps it within them."""
         mean = self.mean(features)
-        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).to(mean.dtype)
-        return torch.cat([mean, log_std.expand_as(mean)], dim=-1)
+        return torch.cat([mean, self.log_std.to(mean.dtype).expand_as(mean)], dim=-1)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Projects log_std into [LOG_STD_MIN, LOG_STD_MAX], in place."""
+        self.log_std.clamp_(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def _load_log_std_in_bounds(
+    policy: GaussianPolicy, state_dict: dict, prefix: str, *args: object, **kwargs: object
+) -> None:
+    """A load_state_dict pre-hook: loads log_std projected into its bounds (a copy; the caller's
+    tensor is left as it is). A checkpoint written while forward clamped could hold one beyond
+    them: projected, forward gives what it gave then, from the first step on."""
+    key = prefix + "log_std"
+    log_std = state_dict.get(key)
+    if isinstance(log_std, torch.Tensor) and log_std.is_floating_point():
+        state_dict[key] = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+# Per model, the modules with parameter constraints (a `constrain_` method), found once: a model
+# that has none costs a dictionary look-up per call.
+_CONSTRAINED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def constrain_parameters(model: nn.Module) -> None:
+    """Applies the constraints of every module of `model` to its parameters, in place and without
+    gradient (a `GaussianPolicy` projects its log_std into [LOG_STD_MIN, LOG_STD_MAX]). Call it
+    after each optimizer step, before the weights are published, and after loading weights by any
+    means other than `load_state_dict` (which projects as it loads). The constrained modules are
+    looked up on the first call for `model`: modules swapped in later are not seen."""
+    constrained = _CONSTRAINED.get(model)
+    if constrained is None:
+        constrained = tuple(m for m in model.modules() if callable(getattr(m, "constrain_", None)))
+        _CONSTRAINED[model] = constrained
+    for module in constrained:
+        module.constrain_()
 
 
 def policy_head(num_features: int, action: int | ActionSpec) -> nn.Module:

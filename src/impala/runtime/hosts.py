@@ -27,6 +27,7 @@ TASK_LOCAL_FIELDS = frozenset(
         "explorer_nice",
         "max_restarts",
         "restart_window",
+        "explorer_timeout",
     }
 )
 

@@ -37,6 +37,7 @@ class Hub:
         self._finished: set[int] = set()
         self._left: dict[int, str] = {}  # explorer -> why it left before finishing
         self._last_seen: dict[int, float] = {}
+        self._made: dict[int, int] = {}  # env steps in the items each explorer put here
         self._rejoins = 0
         self._events: list[str] = []
         self._rendezvous: str | None = None
@@ -57,6 +58,12 @@ class Hub:
         """Env steps the job made before it was resumed from a checkpoint (explorers make what
         is left of the budget)."""
         return self._steps_before
+
+    def made_by(self, explorer: int) -> int:
+        """Env steps in the items `explorer` put here in this job (an explorer started again
+        after dying makes only what is left of its share)."""
+        with self._cond:
+            return self._made.get(explorer, 0)
 
     def join(self, explorer: int) -> int:
         """Registers an explorer; returns how many times explorers have rejoined."""
@@ -88,6 +95,7 @@ class Hub:
             if self._done:
                 return "done", None
             self._inbox.append(item)
+            self._made[explorer] = self._made.get(explorer, 0) + item[1].steps
             self._last_seen[explorer] = time.monotonic()
             self._cond.notify_all()
             return "ok", self._newer(have_version)

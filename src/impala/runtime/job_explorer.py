@@ -5,18 +5,28 @@ robin), makes an unroll, and puts it: the unroll is serialised once (`ray.put`) 
 holds the put while its inbox is full, so backpressure costs no resends of the data. It stops
 after its share of the job's steps, when the learners say the job is over, or at a signal
 (telling the hubs it left).
+
+An explorer task started again after dying (by hand, or by a scheduler that restarts failed
+tasks) makes only what is left of its share (the hubs count what each explorer put), with seeds
+of its own. It watches itself: with no sign of progress for --explorer-timeout seconds (an
+environment deadlocked in step()) it says so in one line and exits with code 1, to be started
+again; its learners wait for it up to --peer-timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from impala import faults
 from impala.agent.worker import ExplorerWorker
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.errors import ConfigError, RunFailed
+from impala.errors import EXIT_FAILED, ConfigError, RunFailed
 from impala.runtime import common, ray_support
 from impala.runtime.hosts import JobSpec
 from impala.shutdown import StopSignals
@@ -24,12 +34,52 @@ from impala.shutdown import StopSignals
 PRINT_INTERVAL = 5.0
 
 
-def send(put: Callable[[Any], str], item: Any, signals: StopSignals) -> str:
+class Watchdog:
+    """The explorer task's own liveness check: `beat()` at every sign of progress; after
+    `timeout` seconds without one, `on_hang(seconds)` runs (from the watchdog's thread)."""
+
+    def __init__(self, timeout: float | None, on_hang: Callable[[float], None]) -> None:
+        self.timeout, self.on_hang = timeout, on_hang
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def __enter__(self) -> Watchdog:
+        if self.timeout is not None:
+            self.beat()
+            self._thread = threading.Thread(target=self._watch, name="impala-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            silent = time.monotonic() - self.last
+            if silent > self.timeout:
+                self.on_hang(silent)
+                return
+
+
+def send(
+    put: Callable[[Any], str],
+    item: Any,
+    signals: StopSignals,
+    beat: Callable[[], None] | None = None,
+) -> str:
     """Puts `item` (a reference to the serialised unroll) until the hub takes it; each put waits
     in the hub while its inbox is full, so a slow learner costs neither resends of the data nor a
-    busy loop. Returns the hub's last answer ('ok', 'done', or 'full' if a stop was asked)."""
+    busy loop (`beat` after each answer: waiting for the learner is progress). Returns the hub's
+    last answer ('ok', 'done', or 'full' if a stop was asked)."""
     while (status := put(item)) == "full" and not signals.requested:
-        pass
+        if beat is not None:
+            beat()
     return status
 
 
@@ -37,8 +87,10 @@ class _Sender:
     """Sends unrolls to the hubs round robin with one put in flight: the explorer makes its next
     unroll while the last one travels (or waits in a full hub)."""
 
-    def __init__(self, hubs: list, worker: ExplorerWorker, signals: StopSignals) -> None:
-        self.hubs, self.worker, self.signals = hubs, worker, signals
+    def __init__(
+        self, hubs: list, worker: ExplorerWorker, signals: StopSignals, beat: Callable[[], None]
+    ) -> None:
+        self.hubs, self.worker, self.signals, self.beat = hubs, worker, signals, beat
         self.turn = 0
         self.pending: tuple | None = None  # (hub, item, reference to the reply, info)
 
@@ -59,7 +111,7 @@ class _Sender:
         self.pending = None
         status = _answer(reply, self.worker)
         if status == "full":
-            status = send(_HubPut(hub, self.worker), item, self.signals)
+            status = send(_HubPut(hub, self.worker), item, self.signals, self.beat)
         return status, info if status == "ok" else None
 
 
@@ -104,13 +156,16 @@ def run_explorer_task(
         ray_support.wait_for_actor(f"hub-{t}", peer_timeout, f"{me}: learner {t}'s hub")
         for t in range(1, len(spec.learners))
     ]
-    for hub in hubs:
-        ray.get(hub.join.remote(spec.task))
-    worker = ExplorerWorker(cfg, env, spec.task)
-    # A resumed job: what is left of the budget after the steps made before its checkpoint.
+    rejoins = [ray.get(hub.join.remote(spec.task)) for hub in hubs][0]
+    # A resumed job: what is left of the budget after the steps made before its checkpoint; an
+    # explorer started again: what is left of its share after what it put before it died.
     done = ray.get(hub0.steps_before.remote())
-    budget = common.explorer_budget(cfg, len(spec.explorers), done=done)
+    share = common.explorer_budget(cfg, len(spec.explorers), done=done)
+    made_before = sum(ray.get([hub.made_by.remote(spec.task) for hub in hubs]))
+    budget = max(0, share - made_before)
+    worker = ExplorerWorker(cfg, env, spec.task, start=(done, rejoins))
     steps, episodes, returns = 0, 0, []
+    stack = contextlib.ExitStack()
     try:
         deadline = time.monotonic() + peer_timeout
         while (weights := ray.get(hub0.weights.remote(-1))) is None:
@@ -118,17 +173,22 @@ def run_explorer_task(
                 raise RunFailed(f"{me}: learner 0 published no weights within {peer_timeout:.0f} s")
             time.sleep(0.1)
         worker.set_weights(*weights)
+        again = f"; {made_before:,} of its {share:,} steps made before" if made_before else ""
         print(
-            f"{me}: joined {len(hubs)} learner(s); acting in {cfg.envs_per_explorer} x {cfg.env}",
+            f"{me}: joined {len(hubs)} learner(s); acting in {cfg.envs_per_explorer} x {cfg.env}"
+            f"{again}",
             file=out,
             flush=True,
         )
         signals.defer()
         last_print = time.monotonic()
         status, made = "ok", 0
-        sender = _Sender(hubs, worker, signals)
+        watchdog = stack.enter_context(Watchdog(cfg.explorer_timeout, _hung(me, out)))
+        worker.explorer.heartbeat = watchdog.beat
+        sender = _Sender(hubs, worker, signals, watchdog.beat)
         while status == "ok" and not signals.requested:
             if made < budget:
+                faults.point("hang")  # tests: an explorer that hangs
                 payload, info = worker.unroll()
                 made += info.steps
                 # Serialised once, however long a hub is full; sent while the next is made.
@@ -165,5 +225,23 @@ def run_explorer_task(
     except (RayActorError, ConnectionError) as exc:
         raise RunFailed(f"{me}: lost the learners ({type(exc).__name__})") from None
     finally:
+        stack.close()
         worker.close()
     return 0
+
+
+def _hung(me: str, out: IO[str]) -> Callable[[float], None]:
+    """What a hung explorer task does: say so, and exit at once (its environment may be stuck
+    where no clean-up can reach it), with code 1 so that a supervisor starts it again. Its Ray
+    node goes with it (`impala.runtime.node_guard`)."""
+
+    def on_hang(silent: float) -> None:
+        print(
+            f"{me}: no sign of progress for {silent:.0f} s: hung (see --explorer-timeout); "
+            "exiting with code 1 so that it can be started again",
+            file=out,
+            flush=True,
+        )
+        os._exit(EXIT_FAILED)
+
+    return on_hang

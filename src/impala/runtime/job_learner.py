@@ -14,18 +14,12 @@ from typing import IO, Any
 
 import torch
 
-from impala.agent import (
-    Learner,
-    ParameterStore,
-    ReplayBuffer,
-    ReplayRate,
-    UnrollInfo,
-    rollout_spec,
-)
-from impala.agent.buffer import allocate, unrolls_to_batch
+from impala.agent import Learner, ParameterStore, ReplayBuffer, UnrollInfo, rollout_spec
+from impala.agent.experience import Experience, ListQueue
 from impala.config import Config
 from impala.envs import EnvInfo
 from impala.errors import ConfigError, RunFailed, one_line
+from impala.lifecycle import Checkpointer, ResumePoint, run_learner
 from impala.loop import Batch
 from impala.metrics import Tracker
 from impala.runtime import common, ray_support
@@ -33,7 +27,6 @@ from impala.runtime.collective import LearnerGroup
 from impala.runtime.hosts import JobSpec
 from impala.runtime.hub import Hub
 from impala.shutdown import StopSignals
-from impala.train import ResumePoint
 
 PUBLISH_INTERVAL = 0.01  # seconds between weight publications to the hub
 DRAIN_INTERVAL = 0.02  # seconds the learner may learn without looking into its hub
@@ -59,7 +52,6 @@ class HubSource:
         self.peer_timeout = peer_timeout
         self.num_explorers = len(spec.explorers)
         self.counters: dict[str, int] = {}
-        self.pending: list[dict] = []
         self._infos: list[UnrollInfo] = []
         self._status: dict[str, Any] | None = None
         self._next_status = 0.0
@@ -67,22 +59,20 @@ class HubSource:
         self._next_drain = 0.0
         self._publishing = None
         self._published = -1
-        self._generator = torch.Generator().manual_seed(cfg.seed + spec.task)
-        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
         self._made = 0
         self.replay: ReplayBuffer | None = None
+        self.queue: ListQueue | None = None
+        generator = torch.Generator().manual_seed(cfg.seed + spec.task)
         if cfg.buffer == "replay":
             slots = cfg.replay_slots_per_explorer
-            self.replay = ReplayBuffer(
-                allocate(
-                    rollout_spec(
-                        env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
-                    ),
-                    slots * self.num_explorers,
-                ),
-                torch.zeros(self.num_explorers, dtype=torch.int64),
-                slots,
+            spec = rollout_spec(
+                env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
             )
+            self.replay = ReplayBuffer.allocate(spec, self.num_explorers, slots)
+            self.experience = Experience(cfg, replay=self.replay, generator=generator)
+        else:
+            self.queue = ListQueue(cfg.algo)
+            self.experience = Experience(cfg, queue=self.queue, generator=generator)
 
     def start(self) -> None:
         self._publish(force=True)
@@ -118,20 +108,20 @@ class HubSource:
             batch = self._take_batch()
         return batch
 
+    def _take_batch(self) -> Batch | None:
+        return self.experience.next_batch(self._made, self._all_finished())
+
     def _drain(self, timeout: float) -> None:
         """Moves what the hub holds into the learner (waiting up to `timeout` for something),
-        at most every DRAIN_INTERVAL unless waiting, and only while fewer than two batches are
-        pending: beyond that the hub's capacity holds the explorers back (backpressure)."""
+        at most every DRAIN_INTERVAL unless waiting, and only while the experience accepts
+        more: beyond that the hub's capacity holds the explorers back (backpressure)."""
         import ray
 
         now = time.monotonic()
         if timeout <= 0 and now < self._next_drain:
             return
-        if self.replay is None and len(self.pending) >= 2 * self.cfg.slots_per_batch:
+        if not self.experience.accepts(self._made):
             return
-        if self.replay is not None and self.replay.num_slots_filled > 0:
-            if not self.rate.explorers_may_act(self._made):
-                return  # a buffer's worth behind the replay rate: explorers wait at the hub
         self._next_drain = now + DRAIN_INTERVAL
         items, events = ray.get(self.hub.drain.remote(64, timeout))
         for event in events:
@@ -144,22 +134,7 @@ class HubSource:
             if self.replay is not None:
                 self.replay.upload(info.explorer, payload["local"], payload["count"])
             else:
-                self.pending.append(payload["unroll"])
-
-    def _take_batch(self) -> Batch | None:
-        cfg = self.cfg
-        if self.replay is not None:
-            if self._all_finished():
-                return None
-            return self.rate.sample(
-                self.replay, self._made, cfg.learn_batch_size, cfg.algo, self._generator
-            )
-        k = cfg.slots_per_batch
-        if len(self.pending) >= k or (self.pending and self._all_finished()):
-            batch = unrolls_to_batch(self.pending[:k], cfg.algo)
-            del self.pending[:k]
-            return batch
-        return None
+                self.queue.put(payload["unroll"])
 
     def poll(self) -> list[UnrollInfo]:
         # Also while the loop holds a batch (synchronous learners waiting for each other): the
@@ -204,7 +179,7 @@ class HubSource:
                 )
 
     def exhausted(self) -> bool:
-        return self._all_finished() and not self.pending
+        return self.experience.exhausted(self._made, self._all_finished())
 
     def close(self) -> None:
         """Tells the explorers the job is over, and gives them a moment to hear it."""
@@ -244,8 +219,6 @@ def run_learner_task(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from impala.train import Checkpointer, run_learner
-
     job = spec.description(cfg)
     resumed = point is not None and spec.task == 0
     counters = point.state["counters"] if resumed else {}
@@ -263,9 +236,11 @@ def run_learner_task(
             raise ConfigError(f"this task's settings differ from learner 0's: {mismatch}")
     else:
         hub0 = hub
+    budget = common.explorer_budget(cfg, len(spec.explorers))
     common.seed_everything(cfg.seed)
     model = common.build_model(cfg, env)
-    learner = Learner(cfg, model, ParameterStore(*ParameterStore.allocate(model)))
+    store = ParameterStore(*ParameterStore.allocate(model))
+    learner = Learner(cfg, model, store, total_steps=budget * len(spec.explorers))
     if resumed:
         point.restore(learner, cfg, out)
     group = None
@@ -280,7 +255,6 @@ def run_learner_task(
     resume_counters = point.tracker_state() if resumed else None
     tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
     source = HubSource(cfg, spec, env, learner, hub, tracker, peer_timeout)
-    budget = common.explorer_budget(cfg, len(spec.explorers))
     checkpointer = None
     if spec.task == 0:
         checkpointer = Checkpointer(cfg, run_dir, learner, tracker, source, record or {})
@@ -295,7 +269,6 @@ def run_learner_task(
             signals,
             run_dir,
             consensus=group,
-            steps_total=budget * len(spec.explorers),
             checkpointer=checkpointer,
         )
     except BaseException as exc:

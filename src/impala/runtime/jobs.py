@@ -32,10 +32,10 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     ConfigError for bad input (one line, exit 2), RunFailed when the job cannot go on (exit 1).
     """
     from impala.agent.factory import run_record, settle
+    from impala.lifecycle import make_run_dir, resume_point, rewrite_config, torch_threads
     from impala.runtime.common import keep_freed_memory
     from impala.runtime.job_explorer import run_explorer_task
     from impala.runtime.job_learner import run_learner_task
-    from impala.train import make_run_dir, resume_point, rewrite_config, torch_threads
 
     out = out if out is not None else sys.stdout
     config_file = args.pop("config_file", None)

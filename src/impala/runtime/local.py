@@ -16,9 +16,11 @@ no named segment exists that could outlive the run.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import multiprocessing.connection
 import os
+import platform
 import signal
 import sys
 import time
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from impala import faults
 from impala.agent import (
     Learner,
     ParameterStore,
@@ -37,17 +40,19 @@ from impala.agent import (
     ReplayStaging,
     UnrollInfo,
 )
-from impala.agent.buffer import allocate, numpy_views, rollout_spec, slots_to_batch
+from impala.agent.buffer import allocate, numpy_views, rollout_spec
+from impala.agent.experience import Experience
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.errors import one_line
+from impala.errors import ConfigError, one_line
 from impala.loop import Batch
 from impala.runtime import common
 from impala.runtime.restarts import RestartBudget
-from impala.runtime.slots import SlotBoard
+from impala.runtime.slots import SlotBoard, SlotQueue
 
 CHECK_INTERVAL = 0.2  # seconds between looks at the explorer processes
 STOP_GRACE = 2.0  # seconds explorers get to finish their unroll and exit before SIGTERM
+START_GRACE = 120.0  # seconds an explorer's start-up may take at least (see --explorer-timeout)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -71,7 +76,11 @@ class _SlotSink:
         self.serial = (os.getpid() << 24) % (1 << 62)
 
     def next_slot(self, go_on) -> dict | None:
-        slot = self.board.take(self.index, go_on)
+        def waiting() -> bool:
+            self.board.beat(self.index)  # waiting for the learner is progress too
+            return go_on()
+
+        slot = self.board.take(self.index, waiting)
         if slot is None:
             return None
         self.slot = slot
@@ -80,6 +89,10 @@ class _SlotSink:
         return numpy_views(self.storage, slot)
 
     def commit(self, info: UnrollInfo) -> None:
+        if faults.due("slot-torn"):
+            self.board.publish_torn(self.slot)
+            faults.die()
+        faults.point("slot-write")  # tests: killed with the unroll written, not handed on
         self.board.commit(self.index, self.slot, self.serial, info.steps)
 
 
@@ -95,8 +108,9 @@ class _ReplaySink:
     def next_slot(self, go_on) -> dict | None:
         board, replay = self.board, self.staging.buffer
         while not self.rate.explorers_may_act(board.made_in_total(), board.sampled_steps()):
-            if replay.num_slots_filled == 0 or not go_on():
-                break  # nothing to sample yet: the learner cannot catch up without us
+            board.beat(self.index)  # waiting for the learner is progress too
+            if replay.num_readable() == 0 or not go_on():
+                break  # nothing the learner could sample: it cannot catch up without us
             time.sleep(1e-3)
         return self.staging.next_slot() if go_on() else None
 
@@ -110,6 +124,7 @@ def _explorer_main(
     env: EnvInfo,
     index: int,
     budget: int,
+    start: tuple[int, int],
     shared: dict[str, Any],
     conn: multiprocessing.connection.Connection,
     parent: int,
@@ -125,8 +140,13 @@ def _explorer_main(
         return not board.stopping and os.getppid() == parent
 
     try:
-        explorer = common.build_explorer(cfg, env, index, ParameterStore(*shared["params"]))
+        explorer = common.build_explorer(
+            cfg, env, index, ParameterStore(*shared["params"]), start=start
+        )
+        explorer.heartbeat = functools.partial(board.beat, index)
+        board.beat(index)
         if shared["replay"] is not None:
+            shared["replay"].claim(index)  # a predecessor may have died mid-upload
             spec = rollout_spec(
                 env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
             )
@@ -138,6 +158,7 @@ def _explorer_main(
         else:
             sink = _SlotSink(board, shared["storage"], index)
         while board.made_by(index) < budget and go_on():
+            faults.point("hang")  # tests and the chaos check: an explorer that hangs
             out = sink.next_slot(go_on)
             if out is None:
                 break
@@ -157,13 +178,19 @@ def _explorer_main(
 
 
 class LocalSource:
-    """Explorer processes on this machine, as a `BatchSource` (see `impala.loop`)."""
+    """Explorer processes on this machine, as a `BatchSource` (see `impala.loop`): the transport
+    (processes, shared slots, reports, restarts, liveness) around the shared `Experience`.
 
-    def __init__(self, cfg: Config, env: EnvInfo, learner: Learner, tracker) -> None:
+    `steps_before`: env steps a resumed run made before (its explorers get seeds of their own)."""
+
+    def __init__(
+        self, cfg: Config, env: EnvInfo, learner: Learner, tracker, steps_before: int = 0
+    ) -> None:
         self.cfg, self.env, self.learner = cfg, env, learner
         self.out = tracker.out
         self.run_dir: Path | None = tracker.run_dir
         self.budget = common.explorer_budget(cfg)
+        self.steps_before = steps_before
         n = cfg.num_explorers
         self.procs: list[Any] = [None] * n
         self.conns: list[Any] = [None] * n
@@ -172,13 +199,15 @@ class LocalSource:
         self.counters = {"explorer_restarts": 0, "torn_unrolls": 0}
         self._infos: list[UnrollInfo] = []
         self._reported = [0] * n  # env steps in the reports read from each explorer (slot)
+        self._starts = [0] * n  # times each explorer was started again
+        self._started_at = [0] * n  # when each explorer process was started (monotonic ns)
         self._next_check = 0.0
         self._ctx = mp.get_context("spawn")
-        self._generator = torch.Generator().manual_seed(cfg.seed)
         self.board: SlotBoard | None = None
         self.storage: dict[str, torch.Tensor] = {}
         self.replay: ReplayBuffer | None = None
-        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self.queue: SlotQueue | None = None
+        self.experience: Experience | None = None
 
     # --- starting ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,20 +215,28 @@ class LocalSource:
         spec = rollout_spec(
             self.env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size
         )
-        if cfg.buffer == "replay":
-            per_explorer = cfg.replay_slots_per_explorer
-        else:
-            # One slot being written and enough FULL ones for two batches across all explorers:
-            # the learner never waits for a slot to be copied, and lag stays small.
-            per_explorer = 1 + math.ceil(2 * cfg.slots_per_batch / cfg.num_explorers)
-        self.board = SlotBoard(cfg.num_explorers, per_explorer)
-        self.storage = allocate(spec, cfg.num_explorers * per_explorer, shared=True)
-        if cfg.buffer == "replay":
-            filled = torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
-            seq = torch.zeros(cfg.num_explorers, dtype=torch.int64).share_memory_()
-            self.replay = ReplayBuffer(self.storage, filled, per_explorer, seq)
+        per_explorer = slots_per_explorer(cfg)
+        try:
+            self._allocate(spec, per_explorer)
+        except RuntimeError as exc:  # checked at start (check_machine); another process took it
+            if "shared memory" not in str(exc):
+                raise
+            raise ConfigError(shm_message(shared_bytes(cfg, self.env), None)) from None
         for i in range(cfg.num_explorers):
             self._start(i)
+
+    def _allocate(self, spec, per_explorer: int) -> None:
+        cfg = self.cfg
+        self.board = SlotBoard(cfg.num_explorers, per_explorer)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.buffer == "replay":
+            self.replay = ReplayBuffer.allocate(spec, cfg.num_explorers, per_explorer, shared=True)
+            self.storage = self.replay.storage
+            self.experience = Experience(cfg, replay=self.replay, generator=generator)
+        else:
+            self.storage = allocate(spec, cfg.num_explorers * per_explorer, shared=True)
+            self.queue = SlotQueue(self.board, self.storage, cfg.algo)
+            self.experience = Experience(cfg, queue=self.queue, generator=generator)
 
     def _start(self, index: int) -> None:
         reader, writer = self._ctx.Pipe(duplex=False)
@@ -209,9 +246,12 @@ class LocalSource:
             "replay": self.replay,
             "params": self.learner.store.tensors,
         }
+        start = (self.steps_before, self._starts[index])
+        self.board.reset_beat(index)
+        self._started_at[index] = time.monotonic_ns()
         proc = self._ctx.Process(
             target=_explorer_main,
-            args=(self.cfg, self.env, index, self.budget, shared, writer, os.getpid()),
+            args=(self.cfg, self.env, index, self.budget, start, shared, writer, os.getpid()),
             name=f"impala-explorer-{index}",
             daemon=True,
         )
@@ -237,27 +277,11 @@ class LocalSource:
                 time.sleep(min(remaining, 0.01))
 
     def _take_batch(self) -> Batch | None:
-        cfg = self.cfg
+        batch = self.experience.next_batch(self.board.made_in_total(), self._all_made())
         if self.replay is not None:
-            if self._all_made():
-                return None  # the explorers are done: so is sampling
-            made = self.board.made_in_total()
-            batch = self.rate.sample(
-                self.replay, made, cfg.learn_batch_size, cfg.algo, self._generator
-            )
-            self.board.set_sampled_steps(self.rate.sampled)  # explorers read it
-            return batch
-        full = self.board.full()
-        enough = len(full) >= cfg.slots_per_batch
-        if not (enough or (full and self._all_made())):  # the last batch may be partial
-            return None
-        slots = full[: cfg.slots_per_batch]
-        batch = slots_to_batch(self.storage, slots, cfg.algo)
-        whole = self.board.whole(slots)
-        self.board.release(slots)
-        if not all(whole):
-            self.counters["torn_unrolls"] += whole.count(False)
-            return None
+            self.board.set_sampled_steps(self.experience.sampled)  # explorers read it
+        else:
+            self.counters["torn_unrolls"] = self.queue.torn
         return batch
 
     def _read_reports(self) -> None:
@@ -296,18 +320,23 @@ class LocalSource:
         return all(self.board.made_by(i) >= self.budget for i in range(self.cfg.num_explorers))
 
     def exhausted(self) -> bool:
-        if not self._all_made() or any(c is not None for c in self.conns):
-            return False  # a finished explorer's last report is read before its pipe closes
-        return self.replay is not None or not self.board.full()
+        # A finished explorer's last report is read before its pipe closes.
+        done = self._all_made() and all(c is None for c in self.conns)
+        return self.experience.exhausted(self.board.made_in_total(), done)
 
     def check(self) -> None:
-        """Restarts explorers that died before making their steps (within the restart budget)."""
+        """Restarts explorers that died before making their steps, and kills hung ones (no sign
+        of progress for --explorer-timeout seconds) to restart them, within the restart
+        budget."""
         now = time.monotonic()
         if now < self._next_check:
             return
         self._next_check = now + CHECK_INTERVAL
         for i, proc in enumerate(self.procs):
-            if proc is None or proc.exitcode is None:
+            if proc is None:
+                continue
+            if proc.exitcode is None:
+                self._check_alive(i, proc)
                 continue
             if self.conns[i] is not None:
                 continue  # its last reports are still being read
@@ -317,12 +346,30 @@ class LocalSource:
                 continue  # finished (it may have died after its last unroll: nothing is lost)
             failure, self.failures[i] = self.failures[i], None
             why = failure.line if failure else common.describe_exit(proc.exitcode)
-            if failure is not None:
+            if failure is not None and failure.trace:
                 self._keep_trace(i, failure)
             line = self.restarts.take(f"explorer {i}", why)
             self.counters["explorer_restarts"] += 1
             print(line, file=self.out, flush=True)
+            self._starts[i] += 1
             self._start(i)
+
+    def _check_alive(self, index: int, proc: Any) -> None:
+        """Kills explorer `index` if it showed no progress for --explorer-timeout seconds (its
+        start-up: START_GRACE at least); `check` then restarts it like any dead explorer."""
+        timeout = self.cfg.explorer_timeout
+        if timeout is None or self.failures[index] is not None:
+            return
+        beat = self.board.last_beat(index)
+        allowed = timeout if beat else max(timeout, START_GRACE)
+        silent = (time.monotonic_ns() - (beat or self._started_at[index])) / 1e9
+        if silent <= allowed:
+            return
+        what = "no sign of progress" if beat else "not started"
+        self.failures[index] = common.ExplorerFailure(
+            f"{what} for {silent:.0f} s: hung (killed; see --explorer-timeout)", ""
+        )
+        proc.kill()
 
     def _keep_trace(self, index: int, failure: common.ExplorerFailure) -> None:
         if self.run_dir is None:
@@ -353,3 +400,70 @@ class LocalSource:
             if conn is not None:
                 conn.close()
                 self.conns[i] = None
+
+
+def slots_per_explorer(cfg: Config) -> int:
+    """Unroll slots each explorer owns in shared memory: its slice of the seed's replay buffer,
+    or one slot being written and enough FULL ones for two batches across all explorers (the
+    learner never waits for a slot to be copied, and lag stays small)."""
+    if cfg.buffer == "replay":
+        return cfg.replay_slots_per_explorer
+    return 1 + math.ceil(2 * cfg.slots_per_batch / cfg.num_explorers)
+
+
+X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+SHM_PATH = "/dev/shm"
+SHM_MARGIN = 1.1  # headroom over what the slots, weights and words take (allocator rounding)
+
+
+def check_machine(cfg: Config, env: EnvInfo, shm_path: str = SHM_PATH) -> None:
+    """What the local runtime needs of the machine, checked before a run starts; ConfigError, one
+    line, otherwise:
+
+    - x86 memory order. The slot board, the parameter store's seqlock and the replay buffer's
+      sequence counters publish data with plain stores, which x86-64 never reorders with one
+      another (total store order); aarch64 (Graviton, Grace, Apple silicon) does, so a slot could
+      look full before its unroll is visible. There, --runtime ray or serial.
+    - room in /dev/shm for the shared unroll slots and weights: a container's default 64 MB does
+      not hold an Atari run's slots, and a tmpfs that fills up mid-run ends in a bus error."""
+    machine = platform.machine().lower()
+    if machine not in X86:
+        raise ConfigError(
+            f"the local runtime's shared-memory protocols rely on x86-64's memory order, and this "
+            f"CPU is {machine}: use --runtime ray (explorers as Ray actors) or --runtime serial"
+        )
+    need = math.ceil(shared_bytes(cfg, env) * SHM_MARGIN)
+    try:
+        stat = os.statvfs(shm_path)
+    except OSError:
+        return  # no /dev/shm to measure (not Linux): torch finds its own way
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        raise ConfigError(shm_message(need, free, shm_path))
+
+
+def shm_message(need: int, free: int | None, shm_path: str = SHM_PATH) -> str:
+    mib = 2**20
+    have = (
+        f"{shm_path} has {free / mib:,.0f} MiB free" if free is not None else f"{shm_path} is full"
+    )
+    suggest = max(1, math.ceil(2 * need / 2**30))
+    return (
+        f"the local runtime needs {need / mib:,.0f} MiB of shared memory for its unroll slots and "
+        f"weights and {have}: give it more (docker run --shm-size={suggest}g; on Kubernetes a "
+        "memory-backed emptyDir mounted at /dev/shm), or use fewer --num-explorers or "
+        "--envs-per-explorer, or --runtime ray"
+    )
+
+
+def shared_bytes(cfg: Config, env: EnvInfo) -> int:
+    """Bytes of shared memory the local runtime allocates for `cfg`: the unroll slots, the
+    weights (as many as the network has parameters, float32) and the words beside them."""
+    spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
+    per_unroll = sum(
+        math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        for shape, dtype in spec.values()
+    )
+    slots = cfg.num_explorers * slots_per_explorer(cfg)
+    weights = 4 * sum(p.numel() for p in common.build_model(cfg, env).parameters())
+    return slots * per_unroll + weights + 64 * slots + 2**16

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from impala.agent import Learner, ReplayBuffer, ReplayRate, ReplayStaging, UnrollInfo, rollout_spec
-from impala.agent.buffer import allocate, as_stored, numpy_views, slots_to_batch
+from impala.agent import Learner, ReplayBuffer, ReplayStaging, UnrollInfo, rollout_spec
+from impala.agent.buffer import allocate, as_stored
+from impala.agent.experience import Experience, ListQueue
 from impala.config import Config
 from impala.envs import EnvInfo
 from impala.loop import Batch
@@ -17,9 +18,12 @@ from impala.runtime import common
 
 
 class SerialSource:
-    """Explorers in this process, as a `BatchSource` (see `impala.loop`)."""
+    """Explorers in this process, as a `BatchSource` (see `impala.loop`): the explorers are
+    stepped in turn whenever the shared `Experience` has no batch due."""
 
-    def __init__(self, cfg: Config, env: EnvInfo, learner: Learner, tracker) -> None:
+    def __init__(
+        self, cfg: Config, env: EnvInfo, learner: Learner, tracker, steps_before: int = 0
+    ) -> None:
         self.cfg, self.env, self.learner = cfg, env, learner
         self.budget = common.explorer_budget(cfg)
         self.made = [0] * cfg.num_explorers
@@ -27,9 +31,9 @@ class SerialSource:
         self.counters: dict[str, int] = {}
         self._infos: list[UnrollInfo] = []
         self._turn = 0
-        self._filled: list[int] = []
-        self._generator = torch.Generator().manual_seed(cfg.seed)
-        self.rate = ReplayRate(cfg.replay_ratio, cfg.replay_slack)
+        self.queue: ListQueue | None = None
+        self.replay: ReplayBuffer | None = None
+        self.experience: Experience | None = None
 
     def start(self) -> None:
         cfg, env = self.cfg, self.env
@@ -40,65 +44,43 @@ class SerialSource:
                     cfg, env, i, self.learner.store, record_actions=cfg.algo == "vtrace"
                 )
             )
+        generator = torch.Generator().manual_seed(cfg.seed)
         if cfg.buffer == "replay":
             slots = cfg.replay_slots_per_explorer
-            self.replay = ReplayBuffer(
-                allocate(spec, cfg.num_explorers * slots),
-                torch.zeros(cfg.num_explorers, dtype=torch.int64),
-                slots,
-            )
+            self.replay = ReplayBuffer.allocate(spec, cfg.num_explorers, slots)
             self.staging = [
                 ReplayStaging(spec, slots, i, self.replay, cfg.upload_frequency)
                 for i in range(cfg.num_explorers)
             ]
+            self.experience = Experience(cfg, replay=self.replay, generator=generator)
         else:
-            self.storage = allocate(spec, cfg.slots_per_batch)
+            self.scratch = {k: v[0].numpy() for k, v in allocate(spec, 1).items()}
+            self.queue = ListQueue(cfg.algo)
+            self.experience = Experience(cfg, queue=self.queue, generator=generator)
 
     def _active(self) -> list[int]:
         return [i for i in range(self.cfg.num_explorers) if self.made[i] < self.budget]
 
     def next_batch(self, timeout: float) -> Batch | None:
-        """Steps the explorers in turn until a batch is ready (or all have made their steps);
-        with the replay buffer, samples while the rate limit allows before stepping on."""
+        """Steps the explorers in turn until the experience has a batch due (or all have made
+        their steps and nothing more is due)."""
         cfg = self.cfg
-        while self._active():
-            batch = self._sample()
-            if batch is not None:
+        while True:
+            batch = self.experience.next_batch(sum(self.made), not self._active())
+            if batch is not None or not self._active():
                 return batch
             i = self._turn % cfg.num_explorers
             self._turn += 1
             if self.made[i] >= self.budget:
                 continue
-            if cfg.buffer == "replay":
+            if self.replay is not None:
                 info = self.explorers[i].fill(self.staging[i].next_slot())
                 self.staging[i].commit(len(info.episode_returns))
             else:
-                slot = len(self._filled)
-                info = self.explorers[i].fill(numpy_views(self.storage, slot))
-                self._filled.append(slot)
+                info = self.explorers[i].fill(self.scratch)
+                self.queue.put({k: v.copy() for k, v in self.scratch.items()})
             self.made[i] += info.steps
             self._infos.append(info)
-            batch = self._batch(last=not self._active())
-            if batch is not None:
-                return batch
-        return None
-
-    def _sample(self) -> Batch | None:
-        cfg = self.cfg
-        if cfg.buffer != "replay":
-            return None
-        made = sum(self.made)
-        return self.rate.sample(self.replay, made, cfg.learn_batch_size, cfg.algo, self._generator)
-
-    def _batch(self, last: bool) -> Batch | None:
-        cfg = self.cfg
-        if cfg.buffer == "replay":
-            return self._sample()
-        if len(self._filled) == cfg.slots_per_batch or (last and self._filled):
-            batch = slots_to_batch(self.storage, self._filled, cfg.algo)
-            self._filled = []
-            return batch
-        return None
 
     # --- checkpoints: the serial runtime resumes exactly ----------------------------------------
     def state(self) -> dict:
@@ -106,13 +88,14 @@ class SerialSource:
         (see `Explorer.state`), their turn, budgets, the sampling generator and the replay
         buffer with its staging. Empty for REINFORCE (its explorers' collected episodes are
         not kept; a resumed REINFORCE run starts fresh episodes)."""
-        if self.cfg.algo != "vtrace" or not self.explorers or self._filled:
+        unfinished_batch = self.queue is not None and len(self.queue) > 0
+        if self.cfg.algo != "vtrace" or not self.explorers or unfinished_batch:
             return {}
         state = {
             "kind": "serial",
             "made": list(self.made),
             "turn": self._turn,
-            "generator": self._generator.get_state(),
+            "generator": self.experience.generator.get_state(),
             "explorers": [explorer.state() for explorer in self.explorers],
         }
         if self.cfg.buffer == "replay":
@@ -120,7 +103,7 @@ class SerialSource:
                 "storage": {k: v.clone() for k, v in self.replay.storage.items()},
                 "filled": self.replay.filled.clone(),
                 "seq": self.replay.seq.clone(),
-                "sampled": self.rate.sampled,
+                "sampled": self.experience.rate.sampled,
                 "staging": [
                     {
                         "local": {k: torch.from_numpy(v.copy()) for k, v in s.local.items()},
@@ -142,7 +125,7 @@ class SerialSource:
             return False
         self.made = list(state["made"])
         self._turn = int(state["turn"])
-        self._generator.set_state(state["generator"])
+        self.experience.generator.set_state(state["generator"])
         exact = all(e.restore(s) for e, s in zip(self.explorers, state["explorers"], strict=True))
         if "replay" in state:
             r = state["replay"]
@@ -150,7 +133,7 @@ class SerialSource:
                 v.copy_(as_stored(r["storage"][k], v))
             self.replay.filled.copy_(r["filled"])
             self.replay.seq.copy_(r["seq"])
-            self.rate.sampled = int(r["sampled"])
+            self.experience.rate.sampled = int(r["sampled"])
             for staging, s in zip(self.staging, r["staging"], strict=True):
                 for k, v in staging.local.items():
                     v[...] = s["local"][k].numpy()
@@ -167,7 +150,7 @@ class SerialSource:
         pass
 
     def exhausted(self) -> bool:
-        return not self._active() and not self._filled
+        return self.experience.exhausted(sum(self.made), not self._active())
 
     def close(self) -> None:
         for explorer in self.explorers:
