@@ -9,11 +9,25 @@ the step count of the whole job (the learning-rate schedule's progress).
 When a learner fails it records the failure at hub 0 and leaves the group without entering
 another collective; the others' collectives then break, and they stop naming that first failure
 instead of hanging.
+
+What must be trusted. The learners meet through hub 0 (a Ray actor: Ray's token authentication
+guards it), then through torch.distributed's rendezvous store, which learner 0 serves on its own
+address only (never on every interface), and exchange tensors over gloo's connections, which
+listen on each learner's own interface (loopback for a job on loopback). Neither the store nor
+gloo authenticates its peers or encrypts what it carries: whoever can reach those addresses (on
+loopback, any local user) can disturb the rendezvous or feed the learners wrong numbers, so the
+learners' network must be trusted with the training's integrity. Nothing received is run as
+code: only tensors travel, and learner 0's optimizer state and counters go as a `torch.save`
+archive that the others read with PyTorch's restricted unpickler (`weights_only=True`), which
+refuses anything but tensors, numbers, strings and plain containers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import socket
 import time
 
 import torch
@@ -30,21 +44,24 @@ class LearnerGroup:
     def __init__(self, rank: int, world_size: int, hub0, timeout: float) -> None:
         self.rank, self.world_size, self.hub0, self.timeout = rank, world_size, hub0, timeout
         self.joined = False
+        self._store = None  # the rendezvous store (learner 0 serves it, the others connect)
         # A resumed job: learner 0 adds the steps the other learners' explorers made before the
         # checkpoint (its own tracker has only its own), so the schedule goes on where it was.
         self.steps_offset = 0
         self.last_steps = 0
 
     def join(self, head_host: str) -> None:
-        """Rendezvous through hub 0 (learner 0 publishes a free port of its host); every learner
-        waits there, in Python (a signal stops the wait), until all are present, and only then
-        enters torch.distributed's own rendezvous, which then returns at once."""
+        """Rendezvous through hub 0: learner 0 serves torch.distributed's store on its own
+        address (`head_host`) and publishes its port there; every learner waits at hub 0, in
+        Python (a signal stops the wait), until all are present, and only then connects to the
+        store and builds the gloo group, which then returns at once."""
         import ray
         import torch.distributed as dist
 
+        timeout = datetime.timedelta(seconds=self.timeout)
         if self.rank == 0:
-            address = f"tcp://{head_host}:{ray_support.free_port(head_host)}"
-            ray.get(self.hub0.set_rendezvous.remote(address))
+            self._store, port = serve_store(head_host, self.world_size, timeout)
+            ray.get(self.hub0.set_rendezvous.remote(f"{head_host}:{port}"))
         ray.get(self.hub0.arrive.remote(self.rank))
         deadline = time.monotonic() + self.timeout
         while True:
@@ -58,13 +75,22 @@ class LearnerGroup:
                     f"join within {self.timeout:.0f} s (see --peer-timeout)"
                 )
             time.sleep(0.2)
-        dist.init_process_group(
-            "gloo",
-            init_method=address,
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=self.timeout),
-        )
+
+        def connect() -> None:
+            if self._store is None:
+                host, port = address.rsplit(":", 1)
+                self._store = dist.TCPStore(
+                    host, int(port), self.world_size, is_master=False, timeout=timeout
+                )
+            dist.init_process_group(
+                "gloo",
+                store=self._store,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
+            )
+
+        self._collective("rendezvous", connect)
         self.joined = True
 
     def _collective(self, what: str, fn):
@@ -132,22 +158,27 @@ class LearnerGroup:
     def broadcast_learner_state(self, learner) -> None:
         """Learner 0's optimizer state, counters and APPO's target network to every learner (a
         resumed job: learner 0 loaded the checkpoint; the weights go with
-        `broadcast_parameters`)."""
+        `broadcast_parameters`). Sent as bytes in a uint8 tensor, its length first; read back
+        without unpickling (`decode_state`)."""
         import torch.distributed as dist
 
-        payload = [None]
+        length = torch.zeros(1, dtype=torch.int64)
         if self.rank == 0:
-            payload = [
+            payload = encode_state(
                 {
                     "optimizer": learner.optimizer.state_dict(),
                     "updates": learner.updates,
                     "version": learner.store.version,
                     "target": None if learner.target is None else learner.target.state_dict(),
                 }
-            ]
-        self._collective("start", lambda: dist.broadcast_object_list(payload, src=0))
-        state = payload[0]
+            )
+            length[0] = payload.numel()
+        self._collective("start", lambda: dist.broadcast(length, src=0))
         if self.rank != 0:
+            payload = torch.empty(int(length[0]), dtype=torch.uint8)
+        self._collective("start", lambda: dist.broadcast(payload, src=0))
+        if self.rank != 0:
+            state = decode_state(payload, f"learner {self.rank}")
             learner.optimizer.load_state_dict(state["optimizer"])
             learner.updates = state["updates"]
             learner.store.assign(state["version"], learner.store.flat)
@@ -179,3 +210,61 @@ class LearnerGroup:
         if self.joined and dist.is_initialized():
             dist.destroy_process_group()
         self.joined = False
+        self._store = None  # learner 0's: stops listening
+
+
+def serve_store(host: str, world_size: int, timeout: datetime.timedelta):
+    """Learner 0's rendezvous store (a `torch.distributed.TCPStore`) listening on `host` only,
+    on a free port; returns it and the port.
+
+    TCPStore would listen on every interface if it opened its socket itself, so it gets one
+    already bound to `host` (`master_listen_fd`); it owns that descriptor from then on.
+    """
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(world_size)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(
+            host,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,  # the learners wait at hub 0, where a signal can stop them
+            master_listen_fd=sock.fileno(),
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.close()
+        raise
+    sock.detach()
+    return store, port
+
+
+STATE_KEYS = frozenset({"optimizer", "updates", "version", "target"})
+
+
+def encode_state(state: dict) -> torch.Tensor:
+    """`state` (tensors, numbers, strings and containers of them) as a 1-D uint8 tensor: a
+    `torch.save` archive, which `decode_state` reads back without running code."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
+
+
+def decode_state(payload: torch.Tensor, who: str) -> dict:
+    """The learner state `encode_state` made (tensors on the CPU). Read with PyTorch's restricted
+    unpickler (`weights_only=True`): anything but tensors, numbers, strings and containers is
+    refused, so a crafted payload cannot run code here. RunFailed, one line, for a payload that
+    is not such a state."""
+    data = io.BytesIO(payload.numpy().tobytes())
+    try:
+        state = torch.load(data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - refused or malformed (UnpicklingError, ...)
+        raise RunFailed(f"{who}: refused learner 0's state ({one_line(exc)[:200]})") from None
+    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+        raise RunFailed(f"{who}: refused learner 0's state (not a learner state)")
+    return state
