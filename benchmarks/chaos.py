@@ -1,14 +1,24 @@
-"""Chaos check: explorers SIGKILLed at random moments while `impala train` runs.
+"""Chaos check: explorers killed, hung and cut off mid-write while `impala train` runs.
 
-    python benchmarks/chaos.py                       # 5 minutes each: cartpole, learner-bound, ray
-    python benchmarks/chaos.py --minutes 1 --settings learner-bound --out chaos.json
+    python benchmarks/chaos.py                       # 5 minutes each, every setting
+    python benchmarks/chaos.py --minutes 1 --settings hung,slot-write --out chaos.json
 
-For each setting a real `impala train` process runs; every 5-15 s (10 s on average) one of its
-explorers (a local explorer process or a Ray actor's process) is killed with SIGKILL, at whatever
-it is doing; in the learner-bound setting explorers mostly wait for a free slot, and the check
-counts how many were killed while asleep in that wait. Checked, and printed as figures:
+For each setting a real `impala train` process runs, and every 5-15 s (10 s on average) one of
+its explorers is hit, at whatever it is doing:
+- `cartpole`, `learner-bound`, `ray`: SIGKILLed from outside (a local explorer process or a Ray
+  actor's process); in the learner-bound setting explorers mostly wait for a free slot, and the
+  check counts how many were killed while asleep in that wait;
+- `hung`: stopped with SIGSTOP (alive, making no progress: an environment deadlocked in step());
+  the run must notice within --explorer-timeout (5 s here), kill and restart it;
+- `replay-upload`: SIGKILLed in the middle of copying its local buffer into its slice of the
+  seed's replay buffer (an injected fault, `impala.faults`, armed by a trigger file);
+- `slot-write`: SIGKILLed with an unroll written into its slot but not handed on, and every third
+  time a forced torn write first: the slot handed on without its end serial, which the learner
+  must detect (`torn_unrolls`) and not learn from.
+Checked, and printed as figures:
 - env steps and learner updates grow in every 30-s window after the warm-up;
-- every batch the learner took was whole (`torn_unrolls` stays 0 on the local runtime);
+- every hit explorer was restarted (restarts = hits);
+- torn unrolls: none where none was forced, exactly as many as were forced in `slot-write`;
 - the resident memory of all the run's processes stays within 10% of its size after warm-up;
 - afterwards no process of the run and no new shared-memory segment is left.
 Exit code 0 when every check holds, 1 otherwise.
@@ -46,7 +56,28 @@ SETTINGS = {
         "8",
     ],
     "ray": ["--env", "CartPole-v1", "--runtime", "ray"],
+    "hung": ["--env", "CartPole-v1", "--explorer-timeout", "5"],
+    "replay-upload": [
+        "--env",
+        "CartPole-v1",
+        "--buffer",
+        "replay",
+        "--envs-per-explorer",
+        "8",
+        "--upload-frequency",
+        "1",
+        "--replay-ratio",
+        "4",
+        "--learn-batch-size",
+        "160",
+        "--buffer-size",
+        "4000",
+    ],
+    "slot-write": ["--env", "CartPole-v1"],
 }
+# How each setting hits an explorer: from outside (a signal), or through a fault point armed by
+# a trigger file that the next explorer to reach the point consumes.
+HITS = {"hung": "stop", "replay-upload": "replay-upload", "slot-write": "slot-write"}
 WARMUP = 30.0
 WINDOW = 30.0
 
@@ -63,6 +94,20 @@ def _explorers(root: psutil.Process, ray: bool) -> list[psutil.Process]:
     return found
 
 
+def _created(proc: psutil.Process) -> float:
+    try:
+        return proc.create_time()
+    except psutil.Error:
+        return float("inf")
+
+
+def _stopped(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return True
+
+
 def _asleep(proc: psutil.Process) -> bool:
     """Sleeping in a timed wait: an explorer polling for a free slot (the only sleep in its
     loop) rather than stepping its environments or acting."""
@@ -71,6 +116,65 @@ def _asleep(proc: psutil.Process) -> bool:
         return proc.status() == psutil.STATUS_SLEEPING and "nanosleep" in wchan
     except (OSError, psutil.Error):
         return False
+
+
+class _Hitter:
+    """Hits one explorer of the run at a time, as its setting says (see the module doc), and
+    counts the hits that landed: a signal lands at once; a trigger file when an explorer
+    consumes it at its fault point (the next trigger waits until then)."""
+
+    def __init__(self, name: str, root: psutil.Process, folder: Path, rng: random.Random):
+        self.name, self.root, self.folder, self.rng = name, root, folder, rng
+        self.how = HITS.get(name, "kill")
+        self.landed, self.forced_torn, self.asleep = 0, 0, 0
+        self.pending: Path | None = None
+        self.pending_torn = False
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.how == "replay-upload":
+            env["IMPALA_FAULTS"] = f"replay-upload!{self.folder / 'hit'}"
+        elif self.how == "slot-write":
+            env["IMPALA_FAULTS"] = (
+                f"slot-write!{self.folder / 'hit'},slot-torn!{self.folder / 'torn'}"
+            )
+        return env
+
+    def hit(self) -> None:
+        self.settle()
+        if self.pending is not None:
+            return  # the last trigger has not been consumed yet
+        if self.how in ("kill", "stop"):
+            # A stopped (hung) one is being dealt with: never hit twice. Nor, for `hung`, one
+            # still starting: its start-up has a grace of its own (120 s), beyond this run.
+            young = time.time() - (15 if self.how == "stop" else 0)
+            victims = [
+                p
+                for p in _explorers(self.root, self.name == "ray")
+                if not _stopped(p) and _created(p) < young
+            ]
+            if victims:
+                victim = self.rng.choice(victims)
+                self.asleep += _asleep(victim)
+                victim.send_signal(signal.SIGKILL if self.how == "kill" else signal.SIGSTOP)
+                self.landed += 1
+            return
+        # Every third slot-write hit: a torn write forced first (handed on without its end
+        # serial), then the kill.
+        self.pending_torn = self.how == "slot-write" and (self.landed + 1) % 3 == 0
+        self.pending = self.folder / ("torn" if self.pending_torn else "hit")
+        self.pending.write_text("")
+
+    def settle(self) -> None:
+        if self.pending is not None and not self.pending.exists():
+            self.landed += 1
+            self.forced_torn += self.pending_torn
+            self.pending = None
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.unlink(missing_ok=True)
+        self.settle()
 
 
 def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> dict:
@@ -98,29 +202,33 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
     ]
     # The child's output goes to a file: a pipe read only at the end fills up and blocks it.
     log_path = run_dir.parent / f"{name}.out"
+    hitter = _Hitter(name, None, run_dir.parent, rng)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-    root = psutil.Process(proc.pid)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, text=True, env=hitter.environment()
+        )
+    root = hitter.root = psutil.Process(proc.pid)
     descendants: set[psutil.Process] = set()
-    kills, asleep, memory, kill_times = 0, 0, [], []
+    memory, hit_times = [], []
     start = time.monotonic()
-    next_kill = start + WARMUP / 2 + rng.uniform(0.5, 1.5) * every
+    next_hit = start + WARMUP / 2 + rng.uniform(0.5, 1.5) * every
     while proc.poll() is None:
         now = time.monotonic()
         descendants.update(root.children(recursive=True))
         memory.append((now - start, tree_rss_mib(root)))
-        # No kill in the run's last seconds: an explorer killed while the run ends is (rightly)
-        # not restarted, which would read as a missed restart.
-        if now >= next_kill and now - start < seconds - 5:
-            victims = _explorers(root, ray)
-            if victims:
-                victim = rng.choice(victims)
-                asleep += _asleep(victim)
-                victim.kill()
-                kills += 1
-                kill_times.append(round(now - start, 1))
-            next_kill = now + rng.uniform(0.5, 1.5) * every
+        hitter.settle()
+        # No hit in the run's last seconds: an explorer hit while the run ends is (rightly) not
+        # restarted, which would read as a missed restart.
+        if now >= next_hit and now - start < seconds - 15:
+            landed = hitter.landed
+            hitter.hit()
+            if hitter.landed > landed or hitter.pending is not None:
+                hit_times.append(round(now - start, 1))
+            next_hit = now + rng.uniform(0.5, 1.5) * every
+        if now - start >= seconds - 15:
+            hitter.cancel()
         time.sleep(1.0)
+    hitter.cancel()
     output = log_path.read_text()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = []
@@ -138,34 +246,38 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
     after = [m for t_, m in memory if t_ >= WARMUP]
     time.sleep(2)
     left = [p.pid for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    torn = records[-1].get("torn_unrolls")
     figures = {
         "setting": name,
         "seconds": round(records[-1]["time"], 1),
         "exit_code": proc.returncode,
-        "kills": kills,
-        "killed_while_waiting": asleep,
+        "hits": hitter.landed,
+        "killed_while_waiting": hitter.asleep,
         "restarts": output.count("restarting it"),
+        "hung_detected": output.count(": hung (see --explorer-timeout)"),
+        "forced_torn": hitter.forced_torn,
         "steps": records[-1]["steps"],
         "updates": records[-1]["updates"],
         "min_steps_per_window": min((w["steps"] for w in windows), default=0),
         "min_updates_per_window": min((w["updates"] for w in windows), default=0),
         "windows": len(windows),
-        "torn_unrolls": records[-1].get("torn_unrolls"),
+        "torn_unrolls": torn,
         "memory_mib_after_warmup": round(after[0], 1) if after else None,
         "memory_mib_max_after_warmup": round(max(after), 1) if after else None,
         "memory_growth": round(max(after) / after[0] - 1, 4) if after else None,
         "processes_left": left,
         "shm_left": sorted(set(os.listdir("/dev/shm")) - shm_before),
-        "kill_times": kill_times,
+        "hit_times": hit_times,
     }
     figures["ok"] = bool(
         proc.returncode == 0
-        and kills > 0
-        and figures["restarts"] == kills
+        and hitter.landed > 0
+        and figures["restarts"] == hitter.landed
+        and (name != "hung" or figures["hung_detected"] == hitter.landed)
         and figures["windows"] > 0
         and figures["min_steps_per_window"] > 0
         and figures["min_updates_per_window"] > 0
-        and (ray or figures["torn_unrolls"] == 0)
+        and (ray or torn == hitter.forced_torn)
         and figures["memory_growth"] is not None
         and figures["memory_growth"] <= 0.10
         and not left
@@ -177,7 +289,7 @@ def run_setting(name: str, seconds: float, every: float, rng: random.Random) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="per setting (default: 5)")
-    parser.add_argument("--every", type=float, default=10.0, help="mean seconds between kills")
+    parser.add_argument("--every", type=float, default=10.0, help="mean seconds between hits")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
@@ -189,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown setting '{name}' (choose from {', '.join(SETTINGS)})")
     for name in args.settings.split(","):
         print(
-            f"{name}: {args.minutes:g} min, an explorer killed every ~{args.every:g} s ...",
+            f"{name}: {args.minutes:g} min, an explorer hit every ~{args.every:g} s ...",
             flush=True,
         )
         figures = run_setting(name, args.minutes * 60 + WARMUP, args.every, rng)
@@ -197,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in figures.items()}), flush=True)
     print()
     print(
-        f"{'setting':<14} {'ok':<3} {'kills':>5} {'waiting':>7} {'min steps/30s':>13} "
-        f"{'min upd/30s':>11} {'torn':>4} {'mem MiB':>8} {'growth':>7}"
+        f"{'setting':<14} {'ok':<3} {'hits':>5} {'waiting':>7} {'min steps/30s':>13} "
+        f"{'min upd/30s':>11} {'torn':>9} {'mem MiB':>8} {'growth':>7}"
     )
     for f in results:
+        torn = f"{f['torn_unrolls']}/{f['forced_torn']}"
         print(
-            f"{f['setting']:<14} {'yes' if f['ok'] else 'NO':<3} {f['kills']:>5} "
+            f"{f['setting']:<14} {'yes' if f['ok'] else 'NO':<3} {f['hits']:>5} "
             f"{f['killed_while_waiting']:>7} {f['min_steps_per_window']:>13,} "
-            f"{f['min_updates_per_window']:>11,} {str(f['torn_unrolls']):>4} "
+            f"{f['min_updates_per_window']:>11,} {torn:>9} "
             f"{f['memory_mib_after_warmup']:>8} {f['memory_growth']:>+7.1%}"
         )
     if args.out:

@@ -502,3 +502,30 @@ def test_a_run_whose_shared_memory_does_not_fit_ends_at_start_with_one_line(tmp_
     fits = ["train", "--env", "CartPole-v1", "--total-steps", "3000", "--run-dir"]
     proc = _small_shm(*PROGRAM, *fits, str(tmp_path / "cartpole"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_replacements_and_resumed_runs_start_explorers_with_seeds_of_their_own(monkeypatch):
+    """Each start of an explorer process says which start it is (the run's steps before a
+    resume, the times that explorer was started again), from which its seeds are made
+    (`explorer_seed`): a run preempted every 10 minutes replayed the same episodes each time."""
+    cfg = _cfg("unused", env="CartPole-v1", num_explorers=2)
+    learner = SimpleNamespace(store=SimpleNamespace(tensors=None))
+    source = LocalSource(cfg, None, learner, SimpleNamespace(out=None, run_dir=None), 5000)
+    source.board = SlotBoard(num_explorers=2, slots_per_explorer=2)
+    starts = []
+
+    class NotStarted:
+        def __init__(self, target, args, name, daemon):
+            starts.append((args[2], args[4]))  # explorer index, which start
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(source._ctx, "Process", NotStarted)
+    source._start(0)
+    source._start(1)
+    source._starts[1] += 1  # as check() does before a restart
+    source._start(1)
+    assert starts == [(0, (5000, 0)), (1, (5000, 0)), (1, (5000, 1))]
+    for conn in source.conns:
+        conn.close()

@@ -7,12 +7,15 @@ environment variable IMPALA_FAULTS asks for a fault there:
 
     IMPALA_FAULTS="replay-upload@20"        the 20th time this process reaches the point
     IMPALA_FAULTS="slot-write%0.05"         each time with probability 0.05
+    IMPALA_FAULTS="slot-write!/tmp/kill"    the next time, once the file /tmp/kill exists
     IMPALA_FAULTS="hang@3,replay-upload@9"  several points
 
-A fault SIGKILLs the process (as the OOM killer or a preemption would), except at `hang`, where
-the process sleeps for ever instead (an environment that deadlocks in `step()`). With
-IMPALA_FAULTS_ONCE=PATH set, a fault fires only if PATH can be created (exclusively): once per
-run across all its processes, however many replacements reach the point again.
+A file trigger (for the chaos check, which decides when) is consumed by the one process that
+removes it first. A fault SIGKILLs the process (as the OOM killer or a preemption would),
+except at `hang`, where the process sleeps for ever instead (an environment that deadlocks in
+`step()`). With IMPALA_FAULTS_ONCE=PATH set, a fault fires only if PATH can be created
+(exclusively): once per run across all its processes, however many replacements reach the
+point again.
 
 Points: `replay-upload` (ReplayBuffer.upload, after the first field is copied), `slot-write`
 (the local runtime, an unroll written into its slot but not yet handed on), `slot-torn` (the
@@ -33,11 +36,11 @@ import time
 ENV = "IMPALA_FAULTS"
 ONCE_ENV = "IMPALA_FAULTS_ONCE"
 
-_plan: dict[str, tuple[str, float]] | None = None
+_plan: dict[str, tuple[str, float | str]] | None = None
 _counts: dict[str, int] = {}
 
 
-def _parse(text: str) -> dict[str, tuple[str, float]]:
+def _parse(text: str) -> dict[str, tuple[str, float | str]]:
     plan = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "@" in item:
@@ -46,8 +49,11 @@ def _parse(text: str) -> dict[str, tuple[str, float]]:
         elif "%" in item:
             name, p = item.split("%", 1)
             plan[name] = ("probability", float(p))
+        elif "!" in item:
+            name, path = item.split("!", 1)
+            plan[name] = ("file", path)
         else:
-            raise ValueError(f"{ENV}: '{item}' is not NAME@N or NAME%P")
+            raise ValueError(f"{ENV}: '{item}' is not NAME@N, NAME%P or NAME!PATH")
     return plan
 
 
@@ -67,9 +73,20 @@ def due(name: str) -> bool:
     _counts[name] = _counts.get(name, 0) + 1
     if kind == "at":
         fires = _counts[name] == int(value)
+    elif kind == "file":
+        fires = _consume(value)
     else:
         fires = random.random() < value
     return fires and _claim_once()
+
+
+def _consume(path: str) -> bool:
+    """Whether this process removed the trigger file `path` (only one can)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _claim_once() -> bool:

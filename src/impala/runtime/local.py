@@ -367,7 +367,7 @@ class LocalSource:
             return
         what = "no sign of progress" if beat else "not started"
         self.failures[index] = common.ExplorerFailure(
-            f"{what} for {silent:.0f} s: hung (killed; see --explorer-timeout)", ""
+            f"{what} for {silent:.0f} s: hung (see --explorer-timeout)", ""
         )
         proc.kill()
 
