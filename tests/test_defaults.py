@@ -4,9 +4,10 @@ two tasks of the defaults' benchmark (benchmarks/suite.py) with nothing but `--e
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
-from conftest import train_cli
+from conftest import hang_guard, train_cli
 
 from impala.config import FALLBACK, FALLBACK_BOX, MINIGRID, PRESETS, resolve
 
@@ -60,12 +61,15 @@ def test_presets_of_their_own_stay():
 @pytest.mark.parametrize(
     "env_id, steps", [("Acrobot-v1", 24000), ("MiniGrid-Empty-Random-5x5-v0", 12000)]
 )
-def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id, steps):
+def test_the_fallback_trains_on_suite_tasks(tmp_path, env_id, steps, record_property):
     if env_id.startswith("MiniGrid"):
         pytest.importorskip("minigrid")
+    start = time.monotonic()
     _, _, _, records = train_cli(
         tmp_path, "--env", env_id, "--total-steps", str(steps), "--log-interval", "0.2"
     )
+    # A step budget: only train_cli's subprocess timeout (240 s) is a time limit.
+    hang_guard(time.monotonic() - start, 240, "training seconds", record_property)
     last = records[-1]
     # Acrobot's first episodes last 500 steps: uploads (every episode) start after that.
     assert last["updates"] > 10 and last["steps"] >= steps and last["return_mean"] is not None

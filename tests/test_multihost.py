@@ -67,11 +67,14 @@ def hosts():
         yield h
 
 
+@pytest.mark.timeout(700)  # the waits' guards: 60 + 2 x 240 + 60 s
 def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
     job = Job(hosts, tmp_path, learners=[0], explorers=[1, 2])
     token = tmp_path / "token"
     steps = ("-s", "250000", "--auth-token-file", str(token))
-    job.start("learner", 0, *steps)
+    # A learner line per update (--log-interval, the learner's own): counted by updates, not
+    # by seconds.
+    job.start("learner", 0, *steps, "--log-interval", "0")
     job.wait_for("learner0", "Ray token authentication is on", 60)  # learner 0 made the token
     assert token.stat().st_mode & 0o777 == 0o600
     for t in range(2):
@@ -87,6 +90,7 @@ def test_one_learner_two_explorers_on_three_hosts(hosts, tmp_path):
     assert "done (step budget): 500," in job.out("learner0")
 
 
+@pytest.mark.timeout(1200)  # the waits' guards: 60 + 3 + 120 + 4 x 240 s
 def test_two_learners_on_two_hosts_stay_identical(hosts, tmp_path):
     """Learners on hosts 0 and 1; explorer 1 shares host 1 with learner 1 (two Ray nodes on one
     host); explorer 0 starts first, on a host of its own; a task with the wrong token is refused
@@ -100,7 +104,8 @@ def test_two_learners_on_two_hosts_stay_identical(hosts, tmp_path):
     job.start("explorer", 0, *common, "--auth-token-file", str(token))
     job.wait_for("explorer0", "waiting for learner 0", 60)
     time.sleep(3)
-    job.start("learner", 0, *common, "--auth-token-file", str(token))
+    # A learner line per update, as above.
+    job.start("learner", 0, *common, "--auth-token-file", str(token), "--log-interval", "0")
     refused = job.start("learner", 1, *common, "--auth-token-file", str(wrong), name="wrong")
     assert refused.wait(timeout=120) == 2, job.err("wrong")
     lines = [line for line in job.err("wrong").splitlines() if line.startswith("impala")]

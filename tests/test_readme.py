@@ -50,3 +50,15 @@ def test_a_readme_example_resolves_without_warnings(line):
         args.pop(key, None)
     cfg = config.resolve(args)
     assert config.inapplicable(cfg, set(args)) == [], line
+
+
+def test_a_lag_limit_on_the_replay_buffer_is_warned_about():
+    """The README's old example: APPO's lag limit on the fallback's replay buffer, whose
+    sequences are ~1,000 updates old by design: it threw away 87% of what the learner sampled
+    (1,290 updates of 36 steps instead of 2,500 of 160). One warning line now says so."""
+    cfg = config.resolve({"env": "LunarLander-v3", "loss": "appo", "max_policy_lag": 50})
+    (warning,) = config.inapplicable(cfg, {"env", "loss", "max_policy_lag"})
+    assert warning.startswith("--max-policy-lag 50 with --buffer replay drops most of what")
+    assert "about 1,000 updates' worth" in warning and "--buffer fifo" in warning
+    deep_enough = config.resolve({"env": "LunarLander-v3", "max_policy_lag": 5000})
+    assert config.inapplicable(deep_enough, {"env", "max_policy_lag"}) == []

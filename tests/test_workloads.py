@@ -5,10 +5,11 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import train_cli
+from conftest import hang_guard, train_cli
 
 from impala.agent import Learner, ParameterStore
 from impala.agent.factory import build_model
@@ -22,8 +23,9 @@ def _train(tmp_path, *args):
     return run_dir, records
 
 
-def test_a_few_hundred_updates_on_pong_with_finite_losses(tmp_path):
+def test_a_few_hundred_updates_on_pong_with_finite_losses(tmp_path, record_property):
     """Small batches (4 sequences of 5 steps) so that 300 updates take seconds on 2 cores."""
+    start = time.monotonic()
     run_dir, records = _train(
         tmp_path,
         "--env", "PongNoFrameskip-v4",
@@ -34,6 +36,8 @@ def test_a_few_hundred_updates_on_pong_with_finite_losses(tmp_path):
         "--total-steps", "6000",
         "--log-interval", "1",
     )  # fmt: skip
+    # A step budget: only train_cli's subprocess timeout (240 s) is a time limit.
+    hang_guard(time.monotonic() - start, 240, "training seconds", record_property)
     last = records[-1]
     assert last["updates"] >= 290, last
     for record in records:
@@ -48,7 +52,8 @@ def test_a_few_hundred_updates_on_pong_with_finite_losses(tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["local"])
-def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime):
+def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime, record_property):
+    start = time.monotonic()
     run_dir, records = _train(
         tmp_path,
         "--env", "CartPoleNoVelocity-v1",
@@ -57,13 +62,17 @@ def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime):
         "--total-steps", "20000",
         "--log-interval", "1",
     )  # fmt: skip
+    # Step and episode budgets: only the subprocess timeouts (240 s, 120 s) are time limits.
+    hang_guard(time.monotonic() - start, 240, "training seconds", record_property)
     assert records[-1]["updates"] >= 20 and math.isfinite(records[-1]["loss"])
+    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "impala.cli", "eval", str(run_dir), "--episodes", "5"],
         capture_output=True,
         text=True,
         timeout=120,
     )
+    hang_guard(time.monotonic() - start, 120, "eval seconds", record_property)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith("5 episodes of CartPoleNoVelocity-v1 (actions sampled from pi)"), line

@@ -201,7 +201,8 @@ def _sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndar
     torch.multinomial's per-call overhead on small batches."""
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     cdf = probs.cumsum(axis=1)
-    _check_finite(cdf[:, -1])  # NaN if any logit was NaN or infinite
+    if not math.isfinite(cdf[:, -1].sum()):  # NaN if any logit was NaN or infinite
+        _check_finite(cdf[:, -1])
     u = rng.random((len(logits), 1)) * cdf[:, -1:]
     return np.minimum((cdf < u).sum(axis=1), logits.shape[1] - 1)
 
