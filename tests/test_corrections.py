@@ -156,9 +156,7 @@ def test_policy_lag_limit_drops_exactly_the_stale_sequences(monkeypatch):
     learner.store.assign(10, learner.store.flat.clone())  # the learner's policy is version 10
     seen = []
     real = learner.update
-    monkeypatch.setattr(
-        learner, "update", lambda batch, steps=0: seen.append(batch) or real(batch)
-    )
+    monkeypatch.setattr(learner, "update", lambda batch, steps=0: seen.append(batch) or real(batch))
     rng = np.random.default_rng(0)
     batch = _batch(rng, B=6, versions=[10, 7, 6, 9, 2, 8])  # lags 0, 3, 4, 1, 8, 2
     batch["policy_version"][0, 1] = 6  # column 1 began with version 6: lag 4 at its oldest
