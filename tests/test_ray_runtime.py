@@ -82,10 +82,16 @@ def test_a_killed_explorer_actor_is_replaced_and_training_goes_on(tmp_path):
     steps_at_restart = []
     errors: list[BaseException] = []
 
+    def own_explorer_actors():
+        """This run's explorer actors: its fresh Ray node's workers descend from this process
+        (another run's on the same machine do not, and killing one starts no restart here)."""
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        return [p for p in _explorer_actors() if p.pid in ours]
+
     def kill_then_stop():
         try:
             wait_for_learning(tmp_path / "r", timeout=120)
-            victim = wait_until(_explorer_actors, 30, "explorer actors")[0]
+            victim = wait_until(own_explorer_actors, 30, "explorer actors")[0]
             victim.kill()
             wait_until(
                 lambda: any("restarting it" in s for s in out.lines), 120, "the restart line"
