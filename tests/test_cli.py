@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
-import psutil
 import pytest
 import torch
-from conftest import env_with_tests_on_path, run_cli, run_main, shm_entries
+from conftest import project_children, run_cli, run_main, shm_entries
 
 from impala import __version__, config
 from impala.cli import main
@@ -98,18 +97,10 @@ if not torch.cuda.is_available():
     BAD_INPUT.append((["train", "--device", "cuda"], "--device cuda: no CUDA device here"))
 
 
-def _ours() -> set[int]:
-    """Processes of this project's (commands and Ray), to see that a row leaves none behind."""
-    pids = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "impala.cli" in cmd or "multiprocessing.spawn" in cmd or "impala-ray-" in cmd:
-            pids.add(proc.pid)
-    return pids
-
-
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=lambda v: " ".join(v)[:60])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    """In this process (`main`, as the program runs it; a real program start is checked in
+    test_main_module_runs and the crash-loop tests): a subprocess per row cost a minute."""
     file = tmp_path / "a-file"
     file.write_text("x")
     held = tmp_path / "held"
@@ -123,15 +114,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
         args += ["--run-dir", str(run)]
     if args and args[0].startswith("-") and "--run-dir" not in args and "-l" in args:
         args += ["--run-dir", str(run)]
-    shm, procs = shm_entries(), _ours()
-    proc = run_cli(*args, env=env_with_tests_on_path(), timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    shm = shm_entries()
+    code, out, err = run_main(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err + out
+    assert len(lines) == 1 and message in lines[0], err
     assert not run.exists()  # nothing half-written
     assert (held / "model.pt").read_bytes() == b"earlier results"
-    assert shm_entries() == shm and _ours() <= procs  # nothing left running
+    assert shm_entries() == shm and project_children() == []  # nothing left running
 
 
 def test_a_read_only_run_folder_is_one_line(tmp_path):
