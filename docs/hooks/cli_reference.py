@@ -80,8 +80,8 @@ def _type(action: argparse.Action) -> str:
         return "flag"
     if action.choices:
         return " \\| ".join(f"`{choice}`" for choice in action.choices)
-    if action.type is None and action.metavar:
-        return f"`{_escape(action.metavar)}`"
+    if action.type is None and action.metavar:  # e.g. auto|RUN_DIR|CHECKPOINT
+        return " \\| ".join(f"`{part}`" for part in action.metavar.split("|"))
     kind = getattr(action.type, "__name__", None) or "text"
     kind = {"_optional_int": "int or `none`", "_optional_float": "float or `none`"}.get(kind, kind)
     if kind == "str":
@@ -201,6 +201,8 @@ def render() -> str:
     out = [
         "# Command-line reference",
         "",
+        '<div class="cli-reference" markdown>',
+        "",
         "<!-- Generated at build time by docs/hooks/cli_reference.py from the parsers of "
         "impala.cli; edit the help texts in src/impala/config.py (Config's field docstrings) "
         "or src/impala/cli.py, not here. -->",
@@ -259,6 +261,7 @@ def render() -> str:
     out += _command(
         "The job form", job, "impala -l ... -e ...", sections, defaults, settings, "#impala-train"
     )
+    out += ["", "</div>"]
     return "\n".join(out).rstrip() + "\n"
 
 
