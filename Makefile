@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-slow bench chaos suite lint clean
+.PHONY: setup train test test-slow docs bench chaos suite lint clean
 
 $(BIN)/impala: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,docs]'
 	touch $@
 
 setup: $(BIN)/impala
@@ -22,6 +22,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/, warnings as errors; CI builds it too.
+# NO_MKDOCS_2_WARNING: Material's notice about MkDocs' future, printed on every build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site $(ARGS)
 
 bench: setup
 	$(BIN)/impala bench --env CartPole-v1 $(ARGS)
@@ -38,4 +43,4 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

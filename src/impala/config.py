@@ -545,8 +545,8 @@ MINIGRID = "minigrid"  # the preset of every MiniGrid and BabyAI id
 FALLBACK = "fallback"  # the preset of every other id: vector observations, discrete actions
 FALLBACK_BOX = "fallback-box"  # ... and of every other id with continuous (Box) actions
 
-# Presets: what a user gets for an environment unless they say otherwise. The corridor's are the
-# seed prototype's own defaults.
+# Presets: what a user gets for an environment unless they say otherwise. Why each is what it is
+# (the measurements behind every value): docs/reference/presets.md.
 PRESETS: dict[str, dict[str, Any]] = {
     CORRIDOR_ID: dict(
         net="seed",
@@ -567,11 +567,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         loss_reduction="mean",
         grad_clip=None,
     ),
-    # CartPole: no entropy bonus (as A2C's and PPO's tuned CartPole settings): the mean return at
-    # 0.5M env steps over seeds went from 129 (230, 108, 48) with a cost of 0.01 to 437 over
-    # eight runs (498, 483, 495, 448, 355, 500, 121, 500), none falling back by 2M; 0.001 and
-    # 0.003 gave 401 and 359 (five seeds each). Learning rate 3e-3 or Adam's epsilon 1e-5 (with
-    # no bonus) let one seed in five settle on one action (returns 9-18).
     "CartPole-v1": dict(
         net="mlp",
         num_hidden=64,
@@ -589,9 +584,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         grad_clip=0.5,
         baseline_cost=0.5,
     ),
-    # The paper's Atari settings (Espeholt et al. 2018, appendix D and Table G.1), for every id
-    # by ale-py: its protocol (see impala.envs.atari), the shallow network, RMSProp as TensorFlow
-    # has it, 200M frames (50M agent steps).
+    # The paper's Atari settings (Espeholt et al. 2018, appendix D and Table G.1).
     ATARI: dict(
         net="shallow",
         reward_clip=1.0,
@@ -610,20 +603,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         unroll_length=20,
         batch_size=32,
         num_explorers=2,
-        # 32 games per explorer: one inference call for 32 frames costs 124 us a frame against
-        # 174-225 us for 16 (shallow net, one thread), and training went from 30-34% to 36-37%
-        # of the random-policy ceiling (a batch is one explorer's unroll).
         envs_per_explorer=32,
         total_steps=50_000_000,
     ),
-    # MinAtar: tuned on Breakout (see the README). Small batches (8 sequences per update, 4x the
-    # updates of 32) with Adam at 2e-3 and a strong entropy bonus decaying linearly to 0; each
-    # explorer plays 32 games, its unroll learned from in 4 updates of 8 sequences. 10M steps,
-    # seeds 0-7: with the bonus from 0.05, 7 of 8 runs reach 28 (at 3.5-7.9M steps; the mean
-    # over seeds at 5.75M) and they end at 23-75 (mean 45.1); from 0.03, 5 of 8 (the mean at
-    # 7.75M; ends 21-38, mean 29.7); from 0.02, 28 at 9.3M and 8.7M (seeds 0, 1); from 0.07, no
-    # better over seeds 0-11 (all 12 reach 28, at 3.7-9.0M; 0.05 11 of 12). 3M-step runs
-    # with a constant bonus, seed 0: 0.03 reached 19, 0.01 14 and 0.003 8.5.
+    # MinAtar: tuned on Breakout.
     MINATAR: dict(
         net="minatar",
         gamma=0.99,
@@ -645,33 +628,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The memory task (CartPole observing positions only): CartPole's settings with small batches
-# (8 sequences, 4x the updates), which the LSTM core needs (1M steps: 369 against 35 with 32).
-# Its entropy bonus stays at the 0.01 it was measured with (CartPole's own went to 0 later).
+# The memory task (CartPole observing positions only): CartPole's with small batches.
 PRESETS[CARTPOLE_NO_VELOCITY_ID] = PRESETS["CartPole-v1"] | dict(
     envs_per_explorer=8, batch_size=8, total_steps=1_000_000, entropy_cost=0.01
 )
 
 
-# The fallback, for every id without a preset of its own or of its family; chosen by measurement
-# on LunarLander-v3 and the suite of benchmarks/suite.py (see the README): replay (each env step
-# learned from 4 times on average, V-trace correcting for the lag) in many small updates (8
-# sequences), the mean loss, a clipped gradient, Adam, gamma 0.999 and PopArt, so that rewards of
-# any scale learn alike. On LunarLander at 1M steps: FIFO batches of 32 sequences peaked near 80
-# and fell back; FIFO batches of 8 reached 45-63; this replay 201 (147 without PopArt) and 144,
-# -5, 104 over seeds 0-2; batches of 16 sequences instead: 83, 96, 107 and 35, 19, 7 in two sets
-# of seeds 0-2 (the local runtime is not deterministic, and the spread between runs is large).
-# Observation normalisation ('auto': vector observations) at 1M steps, seeds 0-2: MountainCar
-# -200 x3 (never at the flag) -> -133, -128, -134; MiniGrid DoorKey-5x5 seed 0 0.05 -> 0.17 at
-# 100k steps and 0.92 at 157k (0.4 without); Acrobot -85 -> -83; LunarLander 144, -5, 104 ->
-# -74, 5, -68 (both far from 200). Without PopArt (observations normalised): Acrobot -239,
-# MountainCar -145 and -200, LunarLander 101, 117, -44: PopArt stays. Replay ratio 4 (each env
-# step learned from 4 times; twice the learner's work per step): DoorKey-5x5 0.86 at 100k steps
-# (0.17 at ratio 2), MountainCar -128, Acrobot -86, LunarLander seed 2 230 (-68 at ratio 2).
-# APPO's clipped surrogate against a target network refreshed every 1,000 updates (about the
-# replay's policy lag): LunarLander seeds 0, 1 at 1M steps 241, 213 with no fall from the best,
-# where the plain policy gradient drifted into hovering (-19, 25, -107); a target refreshed every
-# 8 updates never binds the clip (-177, 163, -138), every 250: 72, 135; every 500: 157, 190.
+# The fallback, for every id without a preset of its own or of its family.
 PRESETS[FALLBACK] = dict(
     net="auto",
     num_hidden=64,
@@ -702,14 +665,7 @@ PRESETS[FALLBACK] = dict(
 )
 
 
-# The fallback for continuous actions (Box), chosen on Pendulum-v1 (1M steps): the discrete
-# fallback's replay left Gaussian policies far behind the learner (a lag of ~500 updates: the
-# truncated importance weights of a sharpening Gaussian cut most traces) and reached only -864
-# at 200k steps and -1163 with IMPALA's loss; on-policy batches (FIFO, 8 sequences) reused as
-# PPO reuses its rollouts (APPO, 4 passes over the last 4 batches, the target network refreshed
-# every 20 updates), lambda 0.95, Adam 1e-3, no entropy bonus. Gamma 0.99 (seeds 0-3 at 1M
-# steps: -143, -467, -187, -164) rather than 0.95 (-150, -152, -141, -148), which suits Pendulum
-# but took LunarLanderContinuous-v3 from 64 to -116 (seed 0): Pendulum has its own preset below.
+# The fallback for continuous actions (Box).
 PRESETS[FALLBACK_BOX] = PRESETS[FALLBACK] | dict(
     buffer="fifo",
     batch_size=8,
@@ -721,16 +677,10 @@ PRESETS[FALLBACK_BOX] = PRESETS[FALLBACK] | dict(
     appo_passes=4,
     appo_target_interval=20,
 )
-# MiniGrid (and BabyAI): sparse rewards, the fallback with APPO's target refreshed often while the
-# policy is young (the interval 10% of the updates so far, to the power of two below, up to the
-# fallback's 1,000): MiniGrid-DoorKey-5x5-v0 at 100k steps, seeds 0-2: 0.885, 0.931, 0.912 (a
-# target every 1,000 updates from the start: 0.183, 0.331, 0.267; every 250: 0.756, 0.815,
-# 0.796). LunarLander-v3 with the same schedule learned slower (158, 90, 117 against 235, 124,
-# 234 at 1M steps), so the fallback keeps a fixed interval.
+# MiniGrid (and BabyAI): sparse rewards; APPO's target refreshed often while the policy is young.
 PRESETS[MINIGRID] = PRESETS[FALLBACK] | dict(appo_target_growth=0.1)
 
-# Pendulum-v1: the continuous fallback with gamma 0.95 (as tuned PPOs use 0.9-0.98 there): every
-# seed of 0-3 past -200 by 208k-249k steps, -141 to -152 at 1M; with 0.99 seed 1 stays near -400.
+# Pendulum-v1: the continuous fallback with gamma 0.95.
 PRESETS["Pendulum-v1"] = PRESETS[FALLBACK_BOX] | dict(gamma=0.95)
 
 
