@@ -105,10 +105,10 @@ def job_factory(tmp_path):
         job.close()
     _assert_no_ray_processes()
     # nor a Ray node's temp dir, even of a task killed with SIGKILL
-    wait_until(lambda: ray_temp_dirs() <= dirs_before, 10, "the Ray nodes' temp dirs to go")
+    wait_until(lambda: ray_temp_dirs() <= dirs_before, 60, "the Ray nodes' temp dirs to go")
 
 
-def _assert_no_ray_processes(timeout=20):
+def _assert_no_ray_processes(timeout=60):
     """No task and no Ray process of a job's (their command lines name the job's temp dirs)."""
     deadline = time.monotonic() + timeout
     while True:

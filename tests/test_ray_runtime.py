@@ -209,7 +209,7 @@ def test_a_sigkilled_ray_learner_leaves_no_ray_process(tmp_path):
         proc.communicate()
     wait_until(lambda: set(ray_processes()) <= before, 30, "every Ray process to go")
     # and the node's temp dir (its sockets and logs), which the killed learner could not remove
-    wait_until(lambda: ray_temp_dirs() <= dirs_before, 10, "the Ray node's temp dir to go")
+    wait_until(lambda: ray_temp_dirs() <= dirs_before, 60, "the Ray node's temp dir to go")
 
 
 # --- edges found by the expert review ------------------------------------------------------------

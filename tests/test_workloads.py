@@ -64,7 +64,10 @@ def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime, r
     )  # fmt: skip
     # Step and episode budgets: only the subprocess timeouts (240 s, 120 s) are time limits.
     hang_guard(time.monotonic() - start, 240, "training seconds", record_property)
-    assert records[-1]["updates"] >= 20 and math.isfinite(records[-1]["loss"])
+    # The last record may fall in an interval without an update (a busy machine): it has no loss.
+    learned = [record for record in records if "loss" in record]
+    assert records[-1]["updates"] >= 20 and learned, records[-3:]
+    assert all(math.isfinite(record["loss"]) for record in learned)
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "impala.cli", "eval", str(run_dir), "--episodes", "5"],
