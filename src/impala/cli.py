@@ -379,7 +379,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
     if command == "eval":
         from pathlib import Path
 
-        from impala.evaluate import evaluate
+        from impala.evaluation import evaluate
 
         evaluate(
             Path(args["run_dir"]),
@@ -408,7 +408,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
 
         figures = bench(cfg, signals=signals, **options)
         return exit_code_for_signal(figures["signal"]) if figures.get("signal") else 0
-    from impala.train import train
+    from impala.training import train
 
     result = train(cfg, signals=signals, resume=resume, given=set(args), override=override)
     return exit_code_for_signal(result.signal) if result.signal else 0

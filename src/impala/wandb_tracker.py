@@ -1,0 +1,74 @@
+"""Weights & Biases as an optional tracker (`--wandb`): the scalars TensorBoard gets, under the
+same tags and against env steps, in a W&B run named after the run folder.
+
+The package is an extra (`pip install 'impala-rl[wandb]'`) imported only when `--wandb` is on.
+Everything W&B writes locally goes in RUN_DIR/wandb/; `WANDB_MODE=offline` keeps it there (upload
+it later with `wandb sync`). A resumed run goes on in the same W&B run (its id is kept in
+RUN_DIR/wandb/impala-run-id); records W&B already holds past the checkpoint are not logged
+again (W&B keeps one value per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from impala.config import Config
+from impala.errors import ConfigError
+
+INSTALL = "pip install 'impala-rl[wandb]'"
+RUN_ID_FILE = "impala-run-id"
+STEP_METRIC = "env_steps"
+
+
+def require_wandb() -> Any:
+    """The wandb module, or ConfigError with the install line."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"--wandb needs the wandb package: {INSTALL}") from None
+    return wandb
+
+
+class WandbTracker:
+    """One W&B run for one impala run: `log` sends a record's scalars, `close` finishes it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, resumed: bool) -> None:
+        wandb = require_wandb()
+        folder = Path(run_dir) / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file = folder / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+        if run_id is None:
+            run_id = wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+        tags = [t.strip() for t in (cfg.wandb_tags or "").split(",") if t.strip()]
+        self._run = wandb.init(
+            project=cfg.wandb_project,
+            name=cfg.wandb_name or Path(run_dir).name,
+            tags=tags or None,
+            config=dataclasses.asdict(cfg),
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            reinit="create_new",  # a W&B run of the caller's own stays theirs
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+        # Every scalar against env steps (the x axis of TensorBoard's curves and of the plots).
+        self._run.define_metric(STEP_METRIC)
+        self._run.define_metric("*", step_metric=STEP_METRIC)
+
+    def log(self, scalars: dict[str, float], steps: int) -> None:
+        """Sends `scalars` (TensorBoard's tags -> values) at `steps` env steps."""
+        self._run.log({STEP_METRIC: steps, **scalars})
+
+    def close(self) -> None:
+        """Finishes the W&B run (its files are complete in RUN_DIR/wandb/ afterwards)."""
+        run, self._run = self._run, None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as exc:  # noqa: BLE001 - the run's own files are saved already
+                print(f"impala: warning: W&B did not finish cleanly: {exc}", file=sys.stderr)
