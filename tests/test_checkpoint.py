@@ -32,7 +32,7 @@ from impala import checkpoint
 from impala.config import resolve
 from impala.errors import ConfigError
 from impala.shutdown import StopSignals
-from impala.train import train
+from impala.training import train
 
 
 def _model(run_dir: Path) -> dict[str, torch.Tensor]:

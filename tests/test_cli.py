@@ -190,7 +190,7 @@ def nothing_runs(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the command line was accepted")
 
-    for target in ("impala.train.train", "impala.bench.bench", "impala.runtime.jobs.run_from_args"):
+    for target in ("impala.training.train", "impala.bench.bench", "impala.runtime.jobs.run_from_args"):
         monkeypatch.setattr(target, refuse)
 
 
@@ -306,7 +306,7 @@ def test_seed_flags_map_to_config(monkeypatch):
         seen["cfg"] = cfg
         return type("R", (), {"signal": None})()
 
-    monkeypatch.setattr("impala.train.train", fake_train)
+    monkeypatch.setattr("impala.training.train", fake_train)
     code = main(
         [
             "train",

@@ -21,7 +21,7 @@ from impala.agent.factory import build_model, settle
 from impala.cli import main
 from impala.config import resolve
 from impala.envs import ShortCorridorEnv, probe_env
-from impala.evaluate import evaluate, video_frame
+from impala.evaluation import evaluate, video_frame
 
 BIG = 10**9  # env steps of the checkpoints made here: newer than any the training writes
 
@@ -49,7 +49,7 @@ def _untrained(env_id, run_dir, steps=BIG, seed=0, **fields):
 def trained(tmp_path_factory):
     """A short CartPole run on the serial runtime: config.json, model.pt (and the checkpoints
     the training writes, if it writes them)."""
-    from impala.train import train
+    from impala.training import train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = resolve(
