@@ -187,7 +187,9 @@ def _add_print_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved settings (defaults < the environment's preset < yours) and exit",
+        help="print the resolved settings (defaults < the environment's preset < yours) as JSON, "
+        "with what their 'auto' values resolve to for the environment on this machine under "
+        '"resolved" (network, obs-norm, device, precision), and exit',
     )
 
 
@@ -315,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
     plot.add_argument(
-        "-o", "--output", required=True, help="image file to write; its suffix names the format"
+        "-o",
+        "--output",
+        default=None,
+        help="image file to write; its suffix names the format (default: RUN_DIR/plot.png for "
+        "one run folder, plot.png here for several)",
     )
     plot.add_argument(
         "--x",
@@ -371,7 +377,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
 
         plot(
             [Path(p) for p in args["run_dirs"]],
-            Path(args["output"]),
+            Path(args["output"]) if args["output"] is not None else None,
             x=args["x"],
             title=args["title"],
         )
@@ -399,7 +405,9 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
     args, given = _with_config_file(args)
     cfg = config_mod.resolve(args)
     if print_config:
-        print(cfg.to_json())
+        from impala.training import resolved_settings
+
+        print(cfg.to_json({config_mod.RESOLVED_KEY: resolved_settings(cfg)}))
         return 0
     if resume is None:  # a resumed run's settings are its checkpoint's, not these
         _warn(f"impala {command}", cfg, given)

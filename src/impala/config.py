@@ -859,6 +859,10 @@ RUN_RECORD_KEYS = frozenset({"atari_protocol"})
 """What a run's config.json holds beyond its Config (`impala.agent.factory.run_record`): a config
 file may hold these keys; they are not settings and are ignored."""
 
+RESOLVED_KEY = "resolved"
+"""What `--print-config` adds to the settings: what their 'auto' values resolve to for the env on
+this machine. Not a setting: a config file may hold it, and it is ignored."""
+
 CONFIG_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
@@ -866,9 +870,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings in the TOML, YAML or JSON file at `path` (by its suffix), type-checked:
     Config field names (or their flag spelling, `learning-rate`) -> values. Integers are taken
     where floats are expected; 'none' (and 'off', or 'inf' for floats) as none, as on the
-    command line. The run-record keys (RUN_RECORD_KEYS) are ignored, and so is "run_dir" when
-    the file is a run's record (named config.json, or holding a run-record key): a repeated run
-    needs a folder of its own.
+    command line. The run-record keys (RUN_RECORD_KEYS) and RESOLVED_KEY are ignored, and so
+    is "run_dir" when the file is a run's record (named config.json, or holding a run-record
+    key): a repeated run needs a folder of its own.
 
     Raises ConfigError, one line naming the file, for a file that cannot be read or parsed (with
     the parser's line), an unknown key or a value of the wrong type.
@@ -894,7 +898,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
-        if str(key) in RUN_RECORD_KEYS:
+        if str(key) in RUN_RECORD_KEYS or str(key) == RESOLVED_KEY:
             continue
         field = str(key).replace("-", "_")
         if field not in hints:

@@ -94,6 +94,8 @@ class Tracker:
                 from impala.wandb_tracker import WandbTracker
 
                 self._wandb = WandbTracker(cfg, run_dir, resumed=resume is not None)
+                # W&B's start (seconds) is not training time
+                self.start = self._last_log_time = time.monotonic()
         self._bar = _progress_bar(cfg, self.out, self.steps) if _wants_bar(cfg, self.out) else None
         self.stop_reason = ""
         self.signals = signals

@@ -46,6 +46,26 @@ def make_source(
     return LocalSource(cfg, env, learner, tracker, steps_before)
 
 
+def resolved_settings(cfg: Config) -> dict[str, str]:
+    """What the settings that may be 'auto' resolve to for `cfg`'s environment on this machine:
+    the network and observation normalisation (as the run's config.json will record them), and
+    the learner's device and arithmetic. ConfigError, one line, where the run would fail on them
+    (an environment that cannot be made, a network that does not fit it, CUDA without a GPU)."""
+    from impala.agent.factory import build_model, settle
+    from impala.agent.learner import resolve_device, uses_bf16
+
+    env = probe_env(cfg.env, **cfg.env_options)
+    settled = settle(cfg, env)
+    device = resolve_device(cfg.device)
+    bf16 = uses_bf16(cfg.precision, build_model(settled, env), device)
+    return {
+        "net": settled.net,
+        "obs_norm": settled.obs_norm,
+        "device": device.type,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
 def train(
     cfg: Config,
     *,
@@ -99,6 +119,7 @@ def train(
         keep_freed_memory()
         resume_counters = point.tracker_state() if point is not None else None
         tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters, hooks=hooks)
+        stack.callback(tracker.close)  # also when the run fails before it starts (idempotent)
         learner = build_learner(cfg, env, shared=cfg.runtime == "local")
         source_state = None
         source_cfg = cfg

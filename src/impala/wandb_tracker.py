@@ -11,6 +11,7 @@ again (W&B keeps one value per step).
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class WandbTracker:
         id_file = folder / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # 8 characters, as W&B's own ids
             id_file.write_text(run_id + "\n")
         tags = [t.strip() for t in (cfg.wandb_tags or "").split(",") if t.strip()]
         self._run = wandb.init(
@@ -53,7 +54,7 @@ class WandbTracker:
             dir=str(run_dir),
             id=run_id,
             resume="allow",
-            reinit="create_new",  # a W&B run of the caller's own stays theirs
+            reinit="create_new",  # a W&B run of the caller's own stays theirs (wandb 0.19.10+)
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
         # Every scalar against env steps (the x axis of TensorBoard's curves and of the plots).
