@@ -156,7 +156,9 @@ def test_version_help_and_print_config(tmp_path, capsys):
     assert run_cli("--version").stdout.strip() == f"impala {__version__}"  # the real program
     proc = run_cli("train", "--env", "CartPole-v1", "--learning-rate", "0.01", "--print-config")
     assert proc.returncode == 0, proc.stderr
-    cfg = config.Config(**__import__("json").loads(proc.stdout))
+    settings = __import__("json").loads(proc.stdout)
+    assert settings.pop("resolved")["net"] == "mlp"  # what 'auto' stands for
+    cfg = config.Config(**settings)
     assert cfg.learning_rate == 0.01 and cfg.optimizer == "adam"  # the preset, then the user
     assert not (tmp_path / "runs").exists()
 
@@ -237,7 +239,9 @@ def test_options_with_their_values_attached_still_parse(capsys, monkeypatch):
     out = _main_output(
         capsys, "train", "--env=CartPole-v1", "--learning-rate=0.1", "-s500", "--print-config"
     )
-    cfg = config.Config(**__import__("json").loads(out))
+    settings = __import__("json").loads(out)
+    settings.pop("resolved")
+    cfg = config.Config(**settings)
     assert (cfg.env, cfg.learning_rate, cfg.steps_per_explorer) == ("CartPole-v1", 0.1, 500)
     seen = {}
 

@@ -314,6 +314,8 @@ class Config:
         )
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
+        """The settings as a JSON object (what a run's config.json holds), with `extra` entries
+        after them; `Config(**json.loads(text))` reads it back when `extra` is empty."""
         return json.dumps({**dataclasses.asdict(self), **(extra or {})}, indent=2)
 
 

@@ -169,6 +169,7 @@ class PolicyState:
 
     @property
     def batch_size(self) -> int:
+        """The number of environments N the state is for."""
         return int(self.h.shape[0])
 
 
@@ -313,18 +314,18 @@ class Policy:
                 )
             first = np.zeros(n, dtype=bool)
             if episode_start is not None:
-                first = np.broadcast_to(np.asarray(episode_start, dtype=bool), (n,))
+                first = np.array(np.broadcast_to(np.asarray(episode_start, dtype=bool), (n,)))
         prev_reward = np.zeros(n, dtype=np.float32)
         if reward is not None:
-            prev_reward = np.broadcast_to(np.asarray(reward, dtype=np.float32), (n,))
+            prev_reward = np.array(np.broadcast_to(np.asarray(reward, dtype=np.float32), (n,)))
             if self.config.reward_clip is not None:  # the explorers' learning reward
                 clip = self.config.reward_clip
                 prev_reward = np.clip(prev_reward, -clip, clip)
         logits, _, (h, c) = self.model.unroll(
             obs[None],
             torch.from_numpy(np.ascontiguousarray(state.prev_action))[None].to(self.device),
-            torch.from_numpy(np.ascontiguousarray(prev_reward))[None].to(self.device),
-            torch.from_numpy(np.ascontiguousarray(first))[None].to(self.device),
+            torch.from_numpy(prev_reward)[None].to(self.device),
+            torch.from_numpy(first)[None].to(self.device),
             (state.h, state.c),
         )
         return logits[0].float().cpu().numpy(), PolicyState(h, c, state.prev_action)
