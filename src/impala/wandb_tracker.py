@@ -46,6 +46,9 @@ class WandbTracker:
             run_id = secrets.token_hex(4)  # 8 characters, as W&B's own ids
             id_file.write_text(run_id + "\n")
         tags = [t.strip() for t in (cfg.wandb_tags or "").split(",") if t.strip()]
+        # Whether W&B is set up in this process already (a run of the caller's own): then its
+        # service process is theirs to stop, else it is ours (see `close`).
+        self._owns_service = _wandb_set_up() is False
         self._run = wandb.init(
             project=cfg.wandb_project,
             name=cfg.wandb_name or Path(run_dir).name,
@@ -66,10 +69,29 @@ class WandbTracker:
         self._run.log({STEP_METRIC: steps, **scalars})
 
     def close(self) -> None:
-        """Finishes the W&B run (its files are complete in RUN_DIR/wandb/ afterwards)."""
+        """Finishes the W&B run (its files are complete in RUN_DIR/wandb/ afterwards) and stops
+        W&B's service process if this run started it (a caller's own W&B runs keep theirs)."""
         run, self._run = self._run, None
-        if run is not None:
-            try:
-                run.finish()
-            except Exception as exc:  # noqa: BLE001 - the run's own files are saved already
-                print(f"impala: warning: W&B did not finish cleanly: {exc}", file=sys.stderr)
+        if run is None:
+            return
+        import wandb
+
+        try:
+            run.finish()
+            if self._owns_service:
+                wandb.teardown()
+        except Exception as exc:  # noqa: BLE001 - the run's own files are saved already
+            print(f"impala: warning: W&B did not finish cleanly: {exc}", file=sys.stderr)
+
+
+def _wandb_set_up() -> bool | None:
+    """Whether the W&B library is set up in this process (it starts a service process then, and
+    keeps it until `wandb.teardown()` or the interpreter's exit); None where this wandb does
+    not say (its internals moved): its service is then left to its own exit hook."""
+    try:
+        from wandb.sdk import wandb_setup
+    except ImportError:
+        return None
+    if not hasattr(wandb_setup, "_singleton"):
+        return None
+    return wandb_setup._singleton is not None
