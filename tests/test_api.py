@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import project_children, run_main
+from conftest import explorer_processes, project_children, run_main
 
 import impala
 from impala import config as config_mod
@@ -269,11 +269,18 @@ def test_train_on_the_local_runtime(tmp_path):
         run_dir=str(tmp_path / "r"),
     )
     assert cfg.runtime == "local"
-    recorder = Recorder()
+    explorers = []
+
+    class Watch(Recorder):
+        def on_record(self, record):
+            super().on_record(record)
+            explorers.append(len(explorer_processes()))
+
+    recorder = Watch()
     result = impala.train(cfg, callbacks=[recorder], out=io.StringIO())
     assert result.stop_reason == "step budget" and result.env_steps >= 6000
     assert result.updates > 0 and recorder.records and recorder.ends == [result]
-    assert project_children() == []
+    assert explorers[0] == 2 and project_children() == []
 
 
 def test_train_on_the_ray_runtime(tmp_path):
@@ -287,8 +294,17 @@ def test_train_on_the_ray_runtime(tmp_path):
         batch_size=8,
         run_dir=str(tmp_path / "r"),
     )
-    recorder = Recorder()
+    import ray
+
+    on_ray = []
+
+    class Watch(Recorder):
+        def on_record(self, record):
+            super().on_record(record)
+            on_ray.append(ray.is_initialized())
+
+    recorder = Watch()
     result = impala.train(cfg, callbacks=[recorder], out=io.StringIO())
     assert result.stop_reason == "step budget" and result.env_steps >= 4000
-    assert recorder.records and recorder.ends == [result]
-    assert project_children() == []
+    assert recorder.records and recorder.ends == [result] and on_ray[0]
+    assert not ray.is_initialized() and project_children() == []
