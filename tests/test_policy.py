@@ -36,13 +36,16 @@ def trained(tmp_path_factory):
     return run_dir
 
 
-def _untrained(env_id, run_dir, seed=0, **fields):
-    """A checkpoint of an untrained network for `env_id`."""
+def _untrained(env_id, run_dir, seed=0, scale=1.0, **fields):
+    """A checkpoint of an untrained network for `env_id` (its weights times `scale`)."""
     cfg = resolve({"env": env_id, "run_dir": str(run_dir), **fields})
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env, learner=False)
     torch.manual_seed(seed)
     model = build_model(cfg, env)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
     state = {
         "config": dataclasses.asdict(cfg),
         "record": {},
@@ -102,8 +105,10 @@ def test_greedy_actions_are_deterministic_one_or_a_batch(trained):
 def test_an_lstm_policy_acts_as_the_explorers_do(tmp_path):
     """An explorer (the training's acting) and the policy in a user's loop, same weights and
     seeds, over 300 steps of several episodes: the same actions, step for step. The user's loop
-    passes the reward and marks episode starts, as the explorer's vector environment does."""
-    ckpt, cfg, _, model = _untrained("CartPole-v1", tmp_path / "run", core="lstm")
+    passes the reward and marks episode starts, as the explorer's vector environment does. The
+    weights are scaled up so that the state weighs in the actions (an untrained network's are
+    near even: a state or reward fed wrongly would hardly change the sampled ones)."""
+    ckpt, cfg, _, model = _untrained("CartPole-v1", tmp_path / "run", scale=4.0, core="lstm")
     seed, steps = 3, 300
     model.requires_grad_(False)
     explorer = Explorer(
