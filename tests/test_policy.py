@@ -80,6 +80,11 @@ def test_a_plain_gymnasium_loop_gets_the_return_eval_reports(trained, capsys):
     assert f"return mean {np.mean(mine):.2f} +- {np.std(mine):.2f}" in line
     reported = impala.evaluate(trained, episodes=3, greedy=True, seed=0, out=io.StringIO())
     assert sorted(reported.returns) == sorted(mine)
+    assert reported.return_mean == pytest.approx(np.mean(mine)) and len(reported.lengths) == 3
+    again = impala.evaluate(policy, episodes=3, greedy=True, seed=0, out=io.StringIO())
+    assert again == reported  # a loaded Policy plays the same
+    final = impala.load_policy(trained / "model.pt")  # the run's final weights, named directly
+    assert final.steps is None and final.source == trained / "model.pt"
     # Sampled actions: the same with the same seeds (the environment's and the policy's).
     sampled = impala.load_policy(trained, seed=5)
     assert (

@@ -3,7 +3,7 @@
     impala train [options]     train (default: the seed's short corridor, single machine)
     impala bench [options]     random-policy ceiling vs training throughput
     impala eval RUN_DIR        play whole episodes with a trained policy
-    impala plot RUN_DIR ...    draw runs' return curves into an image (-o FILE.png)
+    impala plot RUN_DIR ...    draw runs' return curves into an image (default RUN_DIR/plot.png)
 
 Every seed prototype flag keeps its short and long name. Long options are spelt in full (no
 prefixes); an unknown one is named with the closest real ones. Bad input ends with one line
@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="record the first episode played (environment 0) to FILE, a .mp4, .mkv, .mov, "
-        ".avi or .webm video, from the environment's own pictures at its frame rate: one frame "
-        "at the start and one per step; the statistics still cover --episodes episodes",
+        ".avi or .webm video, from the environment's own pictures at its frame rate (an Atari "
+        "game at its own speed: 15 steps of 4 frames a second): one frame at the start and one "
+        "per step; the statistics still cover --episodes episodes",
     )
     plot = sub.add_parser(
         "plot",

@@ -182,11 +182,12 @@ class Policy:
 
     Attributes:
         config: the run's settings (`net` and `obs_norm` resolved for its environment).
-        env_info: what the network was built for (observation shape and dtype, action spec);
-            internal, may change.
+        model: the network (a `torch.nn.Module` in eval mode, without gradients).
         source: the file the weights came from.
         steps: env steps the run had made at that checkpoint; None for a run's final model.pt.
         device: where the network computes.
+        env_info: what the network was built for (observation shape and dtype, action spec);
+            internal, may change.
     """
 
     def __init__(
