@@ -181,3 +181,24 @@ def test_bad_input(trained, tmp_path):
         impala.load_policy(notes)
     with pytest.raises(impala.ConfigError, match="is not a run folder or a checkpoint"):
         impala.load_policy(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_policy_on_cuda_acts_as_on_the_cpu(tmp_path):
+    ckpt, *_ = _untrained("CartPole-v1", tmp_path / "run", scale=4.0, core="lstm")
+    observations = np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)
+    cpu, gpu = impala.load_policy(ckpt), impala.load_policy(ckpt, device="cuda")
+    assert gpu.device.type == "cuda"
+    state_cpu = state_gpu = None
+    for _ in range(5):
+        a, state_cpu = cpu.act(observations, state_cpu, greedy=True, reward=1.0)
+        b, state_gpu = gpu.act(observations, state_gpu, greedy=True, reward=1.0)
+        assert np.array_equal(a, b)
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    ckpt, *_ = _untrained("CartPole-v1", tmp_path / "run")
+    with pytest.raises(impala.ConfigError, match="no CUDA device here"):
+        impala.load_policy(ckpt, device="cuda")
