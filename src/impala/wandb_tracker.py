@@ -4,8 +4,9 @@ same tags and against env steps, in a W&B run named after the run folder.
 The package is an extra (`pip install 'impala-rl[wandb]'`) imported only when `--wandb` is on.
 Everything W&B writes locally goes in RUN_DIR/wandb/; `WANDB_MODE=offline` keeps it there (upload
 it later with `wandb sync`). A resumed run goes on in the same W&B run (its id is kept in
-RUN_DIR/wandb/impala-run-id); records W&B already holds past the checkpoint are not logged
-again (W&B keeps one value per step).
+RUN_DIR/wandb/impala-run-id), against the same env-step axis; what the run logged between its
+last checkpoint and its stop is learned and logged again, so W&B shows those env steps twice
+(TensorBoard's writer purges its first copy; W&B keeps everything it was sent).
 """
 
 from __future__ import annotations
