@@ -17,7 +17,7 @@ from impala.agent.factory import build_explorer, build_model
 from impala.config import resolve
 from impala.distributions import ActionSpec
 from impala.envs import probe_env
-from impala.train import train
+from impala.training import train
 
 BOX = ActionSpec("box", low=(-2.0, 0.0, -math.inf), high=(2.0, 1.0, math.inf))
 MULTI = ActionSpec("multi_discrete", (3, 2, 4))

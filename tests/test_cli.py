@@ -156,7 +156,9 @@ def test_version_help_and_print_config(tmp_path, capsys):
     assert run_cli("--version").stdout.strip() == f"impala {__version__}"  # the real program
     proc = run_cli("train", "--env", "CartPole-v1", "--learning-rate", "0.01", "--print-config")
     assert proc.returncode == 0, proc.stderr
-    cfg = config.Config(**__import__("json").loads(proc.stdout))
+    settings = __import__("json").loads(proc.stdout)
+    assert settings.pop("resolved")["net"] == "mlp"  # what 'auto' stands for
+    cfg = config.Config(**settings)
     assert cfg.learning_rate == 0.01 and cfg.optimizer == "adam"  # the preset, then the user
     assert not (tmp_path / "runs").exists()
 
@@ -190,7 +192,11 @@ def nothing_runs(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the command line was accepted")
 
-    for target in ("impala.train.train", "impala.bench.bench", "impala.runtime.jobs.run_from_args"):
+    for target in (
+        "impala.training.train",
+        "impala.bench.bench",
+        "impala.runtime.jobs.run_from_args",
+    ):
         monkeypatch.setattr(target, refuse)
 
 
@@ -237,7 +243,9 @@ def test_options_with_their_values_attached_still_parse(capsys, monkeypatch):
     out = _main_output(
         capsys, "train", "--env=CartPole-v1", "--learning-rate=0.1", "-s500", "--print-config"
     )
-    cfg = config.Config(**__import__("json").loads(out))
+    settings = __import__("json").loads(out)
+    settings.pop("resolved")
+    cfg = config.Config(**settings)
     assert (cfg.env, cfg.learning_rate, cfg.steps_per_explorer) == ("CartPole-v1", 0.1, 500)
     seen = {}
 
@@ -306,7 +314,7 @@ def test_seed_flags_map_to_config(monkeypatch):
         seen["cfg"] = cfg
         return type("R", (), {"signal": None})()
 
-    monkeypatch.setattr("impala.train.train", fake_train)
+    monkeypatch.setattr("impala.training.train", fake_train)
     code = main(
         [
             "train",
@@ -363,3 +371,40 @@ def test_presets_then_explicit_values():
 def test_main_module_runs():
     proc = subprocess.run([sys.executable, "-m", "impala.cli", "--version"], capture_output=True)
     assert proc.returncode == 0 and os.fsdecode(proc.stdout).startswith("impala ")
+
+
+def test_print_config_shows_what_auto_resolves_to(tmp_path, capsys):
+    """The settings stay as given ('auto' stays 'auto': the printout works as a --config file on
+    another machine); "resolved" says what the run here would use."""
+    import json
+
+    import torch
+
+    from impala.agent.learner import bf16_is_fast
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = {  # env: the network and obs-norm 'auto' stands for
+        "CartPole-v1": ("mlp", "off"),
+        "Acrobot-v1": ("mlp", "on"),  # the fallback preset's obs_norm 'auto': on for an MLP
+        "MinAtar/Breakout-v1": ("minatar", "off"),
+    }
+    for env_id, (net, obs_norm) in cases.items():
+        printed = json.loads(_main_output(capsys, "train", "--env", env_id, "--print-config"))
+        if env_id == "Acrobot-v1":  # the fallback preset leaves both to 'auto'
+            assert (printed["net"], printed["obs_norm"]) == ("auto", "auto")
+        fast_bf16 = net == "minatar" and bf16_is_fast(torch.device("cpu"))  # conv nets only
+        assert printed["resolved"] == {
+            "net": net,
+            "obs_norm": obs_norm,
+            "device": "cpu",
+            "precision": "bf16" if fast_bf16 else "fp32",
+        }, env_id
+    printed = json.loads(_main_output(capsys, "train", "--device", "auto", "--print-config"))
+    assert printed["device"] == "auto" and printed["resolved"]["device"] == device
+    saved = tmp_path / "printed.json"
+    saved.write_text(json.dumps(printed))
+    again = json.loads(_main_output(capsys, "train", "--config", str(saved), "--print-config"))
+    assert again == printed  # the printout read back as a config file: the same settings
+    if not torch.cuda.is_available():
+        code, out, err = run_main(capsys, "train", "--device", "cuda", "--print-config")
+        assert code == 2 and out == "" and "--device cuda: no CUDA device here" in err

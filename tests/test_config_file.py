@@ -19,7 +19,9 @@ def printed(capsys, *args: str) -> config.Config:
     code = main([*args, "--print-config"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    return config.Config(**json.loads(out))
+    settings = json.loads(out)
+    settings.pop(config.RESOLVED_KEY)  # what 'auto' resolves to: not a setting
+    return config.Config(**settings)
 
 
 def one_line_error(capsys, *args: str) -> str:

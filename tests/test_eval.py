@@ -21,7 +21,7 @@ from impala.agent.factory import build_model, settle
 from impala.cli import main
 from impala.config import resolve
 from impala.envs import ShortCorridorEnv, probe_env
-from impala.evaluate import evaluate, video_frame
+from impala.evaluation import evaluate, video_frame
 
 BIG = 10**9  # env steps of the checkpoints made here: newer than any the training writes
 
@@ -49,7 +49,7 @@ def _untrained(env_id, run_dir, steps=BIG, seed=0, **fields):
 def trained(tmp_path_factory):
     """A short CartPole run on the serial runtime: config.json, model.pt (and the checkpoints
     the training writes, if it writes them)."""
-    from impala.train import train
+    from impala.training import train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = resolve(
@@ -159,6 +159,9 @@ def test_video_of_an_atari_game_through_gymnasiums_wrappers(tmp_path):
     frames = _frames(video)
     assert len(frames) == figures["video_steps"] + 1 and frames[0].shape == (210, 160, 3)
     assert figures["video_steps"] <= 25
+    # The game's own speed: 60 frames a second, 4 of them per agent step (ale-py says 30 fps,
+    # which played it twice as fast).
+    assert figures["video_fps"] == 15 and iio.immeta(video, plugin="FFMPEG")["fps"] == 15
 
 
 def test_video_frames_are_rgb_uint8_of_even_size():
@@ -184,7 +187,15 @@ def _bad_inputs(tmp_path):
         gym.register("NoPictures-v0", entry_point=_NoPictures)
     blind = _untrained("NoPictures-v0", tmp_path / "blind")
     ok = str(ckpt)
+    notes, empty = tmp_path / "notes.txt", tmp_path / "empty.pt"
+    notes.write_text("a new user's guess at what eval takes\n")
+    empty.write_bytes(b"")
+    config_json = tmp_path / "run" / "config.json"
+    config_json.write_text("{}")
     return [
+        ([str(notes)], f"'{notes}' is not a checkpoint (not a file PyTorch wrote): give a run"),
+        ([str(empty)], f"'{empty}' is not a checkpoint (an empty file)"),
+        ([str(config_json)], f"'{config_json}' is not a checkpoint (not a file PyTorch wrote)"),
         ([str(tmp_path / "nothing")], f"'{tmp_path / 'nothing'}' is not a run folder or a check"),
         ([str(truncated)], f"checkpoint '{truncated}' is damaged or truncated"),
         ([str(tmp_path / "foreign.pt")], f"'{tmp_path / 'foreign.pt'}' is not an impala check"),

@@ -13,7 +13,7 @@ from impala.agent import ReplayBuffer, rollout_spec
 from impala.agent.experience import Experience, ListQueue
 from impala.config import resolve
 from impala.envs import probe_env
-from impala.train import train
+from impala.training import train
 
 T, E = 5, 2
 

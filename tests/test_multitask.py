@@ -23,7 +23,7 @@ from impala.envs import probe_env
 from impala.errors import ConfigError
 from impala.nets.popart import PopArt
 from impala.runtime.common import build_learner
-from impala.train import train
+from impala.training import train
 
 TASKS = "MinAtar/Breakout-v0,MinAtar/Freeway-v0,MinAtar/Asterix-v0"
 

@@ -1,6 +1,7 @@
 """`impala plot`: the image is written and not blank, seeds of one configuration are grouped,
 a torn last line of metrics.jsonl is tolerated, and bad input is one line and exit code 2."""
 
+import io
 import json
 import os
 
@@ -149,3 +150,24 @@ def test_bad_input_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
         assert captured.err.startswith("impala plot: error: ") and message in captured.err
         assert captured.err.count("\n") == 1, captured.err
     assert not any(name.startswith("out") for name in os.listdir(tmp_path))
+
+
+def test_without_o_the_plot_goes_in_the_run_folder_and_says_where(
+    runs, tmp_path, capsys, monkeypatch
+):
+    """A new user's first `impala plot RUN`: RUN/plot.png; several runs: plot.png here."""
+    assert main(["plot", str(runs[0])]) == 0
+    assert capsys.readouterr().out == (
+        f"plot: 1 run (1 group) -> {runs[0] / 'plot.png'} (the default; -o FILE to choose)\n"
+    )
+    assert read_png(runs[0] / "plot.png").shape[0] > 200
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["plot", *map(str, runs)]) == 0
+    assert capsys.readouterr().out.endswith("-> plot.png (the default; -o FILE to choose)\n")
+    assert read_png(here / "plot.png").shape[0] > 200
+    assert plot([runs[1]], out=io.StringIO())["output"] == str(runs[1] / "plot.png")
+    # A folder that is no run: its own error, not one about where the image would go.
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from impala.nets.heads import value_outputs
 from impala.nets.mlp import MLPNet
 from impala.nets.popart import PopArt
 from impala.runtime.common import build_learner
-from impala.train import train
+from impala.training import train
 
 
 def test_update_preserves_every_output_and_tracks_the_targets_moments():

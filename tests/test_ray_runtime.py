@@ -26,7 +26,7 @@ from conftest import (
 from impala import config
 from impala.errors import RunFailed
 from impala.shutdown import StopSignals
-from impala.train import train
+from impala.training import train
 
 if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its environment then
     pytest.skip("ray is not installed", allow_module_level=True)

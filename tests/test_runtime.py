@@ -34,7 +34,7 @@ from impala.errors import RunFailed
 from impala.runtime.local import LocalSource
 from impala.runtime.slots import SlotBoard
 from impala.shutdown import StopSignals
-from impala.train import train
+from impala.training import train
 
 
 def _cfg(run_dir, **kw):

@@ -32,7 +32,7 @@ from impala.errors import RunFailed
 from impala.lifecycle import check_run_dir
 from impala.runtime.common import describe_exit
 from impala.shutdown import StopSignals
-from impala.train import train
+from impala.training import train
 
 
 def _random_worker(cfg: Config, index: int, seconds: float, results) -> None:

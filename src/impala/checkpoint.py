@@ -26,6 +26,7 @@ import os
 import random
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,12 @@ def load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at '{path}'") from None
     except Exception as exc:  # torch raises several types for a damaged file
+        foreign = _not_from_torch(path)
+        if foreign is not None:
+            raise ConfigError(
+                f"'{path}' is not a checkpoint ({foreign}): give a run folder or one of its "
+                f"{FOLDER}/ckpt-<steps>.pt files"
+            ) from None
         why = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise ConfigError(f"checkpoint '{path}' is damaged or truncated ({why})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -110,6 +117,31 @@ def load(path: Path) -> dict[str, Any]:
         if key not in state:
             raise ConfigError(f"checkpoint '{path}' lacks its '{key}'")
     return state
+
+
+def _not_from_torch(path: Path) -> str | None:
+    """Why the file at `path` cannot be one `torch.save` wrote (then it was never a checkpoint,
+    rather than a damaged one), or None if it may be: torch writes a zip archive holding a
+    `data.pkl` (a truncated one has lost the archive's directory at its end, so its start is
+    what tells), or before torch 1.6 a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head[:2] == b"\x80\x02":  # the legacy format: a pickle, protocol 2
+        return None
+    if head != b"PK\x03\x04":
+        return "not a file PyTorch wrote"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive, not one PyTorch wrote"
+    except (zipfile.BadZipFile, OSError):
+        return None  # a torch file cut short: damaged
+    return None
 
 
 def latest(run_dir: Path, warn=None) -> tuple[Path, dict[str, Any]] | None:

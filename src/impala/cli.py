@@ -3,7 +3,7 @@
     impala train [options]     train (default: the seed's short corridor, single machine)
     impala bench [options]     random-policy ceiling vs training throughput
     impala eval RUN_DIR        play whole episodes with a trained policy
-    impala plot RUN_DIR ...    draw runs' return curves into an image (-o FILE.png)
+    impala plot RUN_DIR ...    draw runs' return curves into an image (default RUN_DIR/plot.png)
 
 Every seed prototype flag keeps its short and long name. Long options are spelt in full (no
 prefixes); an unknown one is named with the closest real ones. Bad input ends with one line
@@ -187,7 +187,9 @@ def _add_print_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved settings (defaults < the environment's preset < yours) and exit",
+        help="print the resolved settings (defaults < the environment's preset < yours) as JSON, "
+        "with what their 'auto' values resolve to for the environment on this machine under "
+        '"resolved" (network, obs-norm, device, precision), and exit',
     )
 
 
@@ -302,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="record the first episode played (environment 0) to FILE, a .mp4, .mkv, .mov, "
-        ".avi or .webm video, from the environment's own pictures at its frame rate: one frame "
-        "at the start and one per step; the statistics still cover --episodes episodes",
+        ".avi or .webm video, from the environment's own pictures at its frame rate (an Atari "
+        "game at its own speed: 15 steps of 4 frames a second): one frame at the start and one "
+        "per step; the statistics still cover --episodes episodes",
     )
     plot = sub.add_parser(
         "plot",
@@ -315,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
     plot.add_argument(
-        "-o", "--output", required=True, help="image file to write; its suffix names the format"
+        "-o",
+        "--output",
+        default=None,
+        help="image file to write; its suffix names the format (default: RUN_DIR/plot.png for "
+        "one run folder, plot.png here for several)",
     )
     plot.add_argument(
         "--x",
@@ -371,7 +378,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
 
         plot(
             [Path(p) for p in args["run_dirs"]],
-            Path(args["output"]),
+            Path(args["output"]) if args["output"] is not None else None,
             x=args["x"],
             title=args["title"],
         )
@@ -379,7 +386,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
     if command == "eval":
         from pathlib import Path
 
-        from impala.evaluate import evaluate
+        from impala.evaluation import evaluate
 
         evaluate(
             Path(args["run_dir"]),
@@ -399,7 +406,9 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
     args, given = _with_config_file(args)
     cfg = config_mod.resolve(args)
     if print_config:
-        print(cfg.to_json())
+        from impala.training import resolved_settings
+
+        print(cfg.to_json({config_mod.RESOLVED_KEY: resolved_settings(cfg)}))
         return 0
     if resume is None:  # a resumed run's settings are its checkpoint's, not these
         _warn(f"impala {command}", cfg, given)
@@ -408,7 +417,7 @@ def _run_command(command: str, args: dict[str, Any], signals: StopSignals) -> in
 
         figures = bench(cfg, signals=signals, **options)
         return exit_code_for_signal(figures["signal"]) if figures.get("signal") else 0
-    from impala.train import train
+    from impala.training import train
 
     result = train(cfg, signals=signals, resume=resume, given=set(args), override=override)
     return exit_code_for_signal(result.signal) if result.signal else 0

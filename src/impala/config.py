@@ -7,8 +7,11 @@ then what the user gave explicitly. Derived values are properties, never written
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import numbers
 import os
 import typing
 from typing import Any, Literal
@@ -31,9 +34,24 @@ Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Everything that defines a training run. Field docstrings are the CLI's help texts."""
+    """Everything that defines a training run: the settings of `impala train`, one field per
+    option (`learning_rate` is `--learning-rate`). Field docstrings are the CLI's help texts.
+
+    `Config(**settings)` resolves as the command line does: the built-in defaults, then the preset
+    of the environment named by `env` (`PRESETS`, see `preset_for`), then the settings given, so
+    `Config(env="CartPole-v1", total_steps=100_000)` is the config of
+    `impala train --env CartPole-v1 --total-steps 100000`. Given values are type-checked (an int
+    is taken for a float) and the whole is validated; bad input raises `ConfigError` with one line
+    naming the setting. Derived values are properties, never written back. A Config is frozen:
+    change one with `dataclasses.replace(config, seed=1)` (which keeps every other value as it
+    is, presets aside).
+
+    Raises:
+        ConfigError: an unknown setting, a value of the wrong type or out of range, or settings
+            that do not go together.
+    """
 
     # --- task -------------------------------------------------------------------------------
     env: str = CORRIDOR_ID
@@ -227,6 +245,16 @@ class Config:
     """How many of the newest checkpoints are kept."""
     tensorboard: bool = True
     """Write every metric as TensorBoard scalars in RUN_DIR/tensorboard/."""
+    wandb: bool = False
+    """Log the same scalars to Weights & Biases too (needs the wandb package:
+    pip install 'impala-rl[wandb]'; WANDB_MODE=offline keeps them on this machine); its files go
+    in RUN_DIR/wandb/."""
+    wandb_project: str = "impala"
+    """With --wandb: the W&B project of the run."""
+    wandb_name: str | None = None
+    """With --wandb: the W&B run's name; default the run folder's name."""
+    wandb_tags: str | None = None
+    """With --wandb: tags of the W&B run, comma-separated (e.g. atari,baseline)."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """'bar': a live progress bar (steps, rate, ETA, recent return); 'lines': a progress line per
     --log-interval; 'auto': the bar on a terminal, lines elsewhere (logs, CI). The corridor
@@ -238,6 +266,7 @@ class Config:
     """Index of this learner task (seed -t); printed in the learner line."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _validate(self)
 
     @property
@@ -285,6 +314,8 @@ class Config:
         )
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
+        """The settings as a JSON object (what a run's config.json holds), with `extra` entries
+        after them; `Config(**json.loads(text))` reads it back when `extra` is empty."""
         return json.dumps({**dataclasses.asdict(self), **(extra or {})}, indent=2)
 
 
@@ -333,6 +364,16 @@ CHOICES = {
     "loss": ("impala", "appo"),
     "correction": ("vtrace", "none", "epsilon", "is1"),
 }
+
+
+def _check_types(cfg: Config) -> None:
+    """ConfigError naming the field for a value of the wrong type; an int given for a float
+    becomes that float (as from the command line and config files)."""
+    for name, hint in _field_types().items():
+        value = getattr(cfg, name)
+        typed = _file_value(name, value, hint, "Config", strict=False)
+        if typed is not value:
+            object.__setattr__(cfg, name, typed)
 
 
 def _validate(cfg: Config) -> None:
@@ -476,6 +517,9 @@ _APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "popart_beta": ("value_norm", ("popart",)),
     "restart_window": ("runtime", ("local", "ray")),
     "explorer_timeout": ("runtime", ("local", "ray")),
+    "wandb_project": ("wandb", (True,)),
+    "wandb_name": ("wandb", (True,)),
+    "wandb_tags": ("wandb", (True,)),
 }
 
 
@@ -702,15 +746,29 @@ def preset_for(env_id: str) -> dict[str, Any]:
 
 
 def resolve(explicit: dict[str, Any]) -> Config:
-    """Builds the run's Config: defaults < the environment's preset < explicit user values.
+    """Builds the run's Config: defaults < the environment's preset < explicit user values
+    (what `Config(**explicit)` does).
 
     Raises ConfigError naming the field for an unknown field or an invalid value.
     """
-    fields = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(explicit) - fields)
+    return Config(**explicit)
+
+
+def with_preset(explicit: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a run given `explicit` ones: the preset of their env under them (see
+    `Config`); `explicit` as it is when it names every field (a run's config.json, or
+    `dataclasses.replace`). ConfigError for an unknown field."""
+    hints = _field_types()
+    unknown = sorted(set(explicit) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        close = [m for name in unknown for m in difflib.get_close_matches(name, hints, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}{hint}")
+    if len(explicit) == len(hints):
+        return explicit
     env_id = explicit.get("env", Config.env)
+    if not isinstance(env_id, str):
+        raise ConfigError(f"Config: env must be a string (an environment id), got {env_id!r}")
     preset = preset_for(env_id)
     if "steps_per_explorer" in explicit and "total_steps" not in explicit:
         preset.pop("total_steps", None)  # the user's -s is the budget, not the preset's total
@@ -723,11 +781,28 @@ def resolve(explicit: dict[str, Any]) -> Config:
         preset.pop("value_norm", None)
     if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
         preset.pop("loss", None)
-    values = {**preset, **explicit}
-    try:
-        return Config(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+    return {**preset, **explicit}
+
+
+def _field_types() -> dict[str, Any]:
+    """Config's field names -> their types (resolved once)."""
+    global _FIELD_TYPES
+    if _FIELD_TYPES is None:
+        hints = typing.get_type_hints(Config)
+        _FIELD_TYPES = {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    return _FIELD_TYPES
+
+
+_FIELD_TYPES: dict[str, Any] | None = None
+_init_fields = Config.__init__
+
+
+@functools.wraps(_init_fields)
+def _init_with_preset(self: Config, **settings: Any) -> None:
+    _init_fields(self, **with_preset(settings))
+
+
+Config.__init__ = _init_with_preset  # type: ignore[method-assign]
 
 
 # --- settings from a file (`--config FILE`) ------------------------------------------------------
@@ -736,6 +811,10 @@ RUN_RECORD_KEYS = frozenset({"atari_protocol"})
 """What a run's config.json holds beyond its Config (`impala.agent.factory.run_record`): a config
 file may hold these keys; they are not settings and are ignored."""
 
+RESOLVED_KEY = "resolved"
+"""What `--print-config` adds to the settings: what their 'auto' values resolve to for the env on
+this machine. Not a setting: a config file may hold it, and it is ignored."""
+
 CONFIG_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
@@ -743,9 +822,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings in the TOML, YAML or JSON file at `path` (by its suffix), type-checked:
     Config field names (or their flag spelling, `learning-rate`) -> values. Integers are taken
     where floats are expected; 'none' (and 'off', or 'inf' for floats) as none, as on the
-    command line. The run-record keys (RUN_RECORD_KEYS) are ignored, and so is "run_dir" when
-    the file is a run's record (named config.json, or holding a run-record key): a repeated run
-    needs a folder of its own.
+    command line. The run-record keys (RUN_RECORD_KEYS) and RESOLVED_KEY are ignored, and so
+    is "run_dir" when the file is a run's record (named config.json, or holding a run-record
+    key): a repeated run needs a folder of its own.
 
     Raises ConfigError, one line naming the file, for a file that cannot be read or parsed (with
     the parser's line), an unknown key or a value of the wrong type.
@@ -771,7 +850,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
-        if str(key) in RUN_RECORD_KEYS:
+        if str(key) in RUN_RECORD_KEYS or str(key) == RESOLVED_KEY:
             continue
         field = str(key).replace("-", "_")
         if field not in hints:
@@ -810,8 +889,9 @@ def with_config_file(
 _NONE_WORDS = {"int": ("none", "off"), "float": ("none", "off", "inf")}
 
 
-def _file_value(key: str, value: Any, hint: Any, where: str) -> Any:
-    """`value` as a Config field of type `hint` takes it, or ConfigError naming `key`."""
+def _file_value(key: str, value: Any, hint: Any, where: str, *, strict: bool = True) -> Any:
+    """`value` as a Config field of type `hint` takes it, or ConfigError naming `key`. Not
+    `strict`: a field type this checker does not know takes any value (Config's own check)."""
     options = typing.get_args(hint)
     optional = type(None) in options  # `X | None`
     if optional:
@@ -830,17 +910,19 @@ def _file_value(key: str, value: Any, hint: Any, where: str) -> Any:
             return value
         wanted = "true or false"
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         wanted = "an integer"
     elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         wanted = "a finite number"
     elif hint is str:
         if isinstance(value, str):
             return value
         wanted = "a string"
+    elif not strict:
+        return value
     else:  # a field type this loader does not know yet
         raise ConfigError(f"{where}: {key} cannot be set from a file")
     wanted += " or none" if optional else ""

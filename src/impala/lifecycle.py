@@ -3,7 +3,7 @@ folder and config.json, the learner loop run to its end with one way of ending (
 stopped, checkpoint, model and logs saved, however it ended), checkpoints during the run, and the
 resume point a resumed run goes on from (with its schedules: see `impala.agent.schedules`).
 
-It knows no runtime: the caller builds the batch source (`impala.train` for the single-machine
+It knows no runtime: the caller builds the batch source (`impala.training` for the single-machine
 runtimes, `impala.runtime.job_learner` for the job form).
 """
 
@@ -154,6 +154,7 @@ class Checkpointer:
             return None
         finally:
             self._last = time.monotonic()
+        self.tracker.hooks.checkpoint(path, int(state["counters"]["steps"]))
         return path
 
 
@@ -230,6 +231,10 @@ RESUME_FREE = frozenset(
         "checkpoint_interval",
         "keep_checkpoints",
         "tensorboard",
+        "wandb",
+        "wandb_project",
+        "wandb_name",
+        "wandb_tags",
         "progress",
         "print_steps",
         "learner_threads",
@@ -352,7 +357,7 @@ def resume_point(
         for k in sorted(given)
         if k not in RESUME_FREE
         and getattr(after, k) != getattr(before, k)
-        and not (k == "net" and getattr(after, k) == "auto")
+        and not (k in SETTLED and getattr(after, k) == "auto")
     ]
     if changed and not override:
         what = ", ".join(
@@ -362,9 +367,16 @@ def resume_point(
             f"--resume: settings differ from the checkpoint's: {what}; drop them to resume as "
             "the run was, or add --override to change them"
         )
-    if "net" in given and after.net == "auto":
-        after = dataclasses.replace(after, net=before.net)
+    # 'auto' is what the checkpoint's settled value came from (a run's config is settled)
+    settled = {k: getattr(before, k) for k in SETTLED if k in given and getattr(after, k) == "auto"}
+    if settled:
+        after = dataclasses.replace(after, **settled)
     return after, ResumePoint(path, run_dir, state)
+
+
+# Settings whose 'auto' a run resolves for its environment before it starts (`settle`): a
+# checkpoint holds what they resolved to, which 'auto' given again stands for.
+SETTLED = ("net", "obs_norm")
 
 
 def _flag(name: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from impala.agent.explorer import UnrollInfo
+from impala.callbacks import Hooks
 from impala.config import Config
 from impala.envs import CORRIDOR_ID
 from impala.envs.factory import task_ids
@@ -57,6 +58,7 @@ class Tracker:
         *,
         signals: StopSignals | None = None,
         resume: dict[str, Any] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
@@ -82,10 +84,18 @@ class Tracker:
         self._last_log_steps = self.steps
         self._metrics_file = None
         self._writer = None
+        self._wandb = None
+        self.hooks = hooks if hooks is not None else Hooks()
         if run_dir is not None:
             self._metrics_file = _open_metrics(run_dir / "metrics.jsonl", resume)
             if cfg.tensorboard:
                 self._writer = _tensorboard_writer(run_dir, self.steps if resume else None)
+            if cfg.wandb:
+                from impala.wandb_tracker import WandbTracker
+
+                self._wandb = WandbTracker(cfg, run_dir, resumed=resume is not None)
+                # W&B's start (seconds) is not training time
+                self.start = self._last_log_time = time.monotonic()
         self._bar = _progress_bar(cfg, self.out, self.steps) if _wants_bar(cfg, self.out) else None
         self.stop_reason = ""
         self.signals = signals
@@ -140,10 +150,13 @@ class Tracker:
         return {task: sum(w) / len(w) for task, w in self.task_returns.items() if w}
 
     def should_stop(self) -> bool:
-        """A stop signal, the time limit or the target return (the step budget is the batch
-        source's to judge: explorers are given their shares of it)."""
+        """A stop signal, a callback's request, the time limit or the target return (the step
+        budget is the batch source's to judge: explorers are given their shares of it)."""
         if self.signals is not None and self.signals.requested:
             self.stop_reason = self.signals.reason or "signal"
+            return True
+        if self.hooks.stop_reason is not None:
+            self.stop_reason = self.hooks.stop_reason
             return True
         if self.cfg.max_seconds is not None and self.session_seconds >= self.cfg.max_seconds:
             self.stop_reason = "time limit"
@@ -180,7 +193,7 @@ class Tracker:
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
-        if self._writer is not None:
+        if self._writer is not None or self._wandb is not None:
             self._write_scalars(record)
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=True)
@@ -188,15 +201,23 @@ class Tracker:
             print(self._line(sps), file=self.out, flush=True)
         self._last_log_time, self._last_log_steps = now, self.steps
         self._interval_metrics, self._interval_updates = {}, 0
+        self.hooks.record(record)
 
     def _write_scalars(self, record: dict[str, Any]) -> None:
-        """Every number of the record as a TensorBoard scalar against env steps (its wall time
-        the record's, so that a resumed run's curves go on where they stopped)."""
+        """Every number of the record as a TensorBoard scalar (and a W&B one) against env steps
+        (TensorBoard's resumed run purges what came after its checkpoint)."""
         step = record["steps"]
-        for key, value in record.items():
-            if key != "steps" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(_tag(key), value, global_step=step)
-        self._writer.flush()
+        scalars = {
+            _tag(key): value
+            for key, value in record.items()
+            if key != "steps" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, global_step=step)
+            self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
 
     def _postfix(self) -> str:
         m = self.last_metrics
@@ -254,6 +275,9 @@ class Tracker:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None

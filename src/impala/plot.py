@@ -34,6 +34,10 @@ IGNORED_KEYS = frozenset(
         "checkpoint_interval",
         "keep_checkpoints",
         "tensorboard",
+        "wandb",
+        "wandb_project",
+        "wandb_name",
+        "wandb_tags",
         "progress",
         "max_seconds",
         "print_steps",
@@ -45,6 +49,7 @@ IGNORED_KEYS = frozenset(
 )
 X_CHOICES = ("steps", "time", "both")
 GRID_POINTS = 200
+DEFAULT_NAME = "plot.png"  # without -o: in the run folder, or the current one for several runs
 Y_LABEL = "mean return (last 100 episodes)"
 SPREAD_LABEL = "shaded: min-max over seeds"
 PROG = "impala plot"
@@ -90,22 +95,25 @@ class Group:
 
 def plot(
     run_dirs: list[Path],
-    output: Path,
+    output: Path | None = None,
     *,
     x: str = "both",
     title: str | None = None,
     out: IO[str] | None = None,
 ) -> dict[str, Any]:
-    """Draws the runs' return curves into `output` (any format matplotlib writes, by its suffix)
-    and prints one summary line. Returns the figures: runs drawn, skipped run folders, and the
-    groups with their labels and run folders. Bad input is a ConfigError (one line)."""
+    """Draws the runs' return curves into `output` (any format matplotlib writes, by its suffix;
+    default `default_output(run_dirs)`) and prints one summary line that says where. Returns the
+    figures: the output, runs drawn, skipped run folders, and the groups with their labels and
+    run folders. Bad input is a ConfigError (one line)."""
     out = out if out is not None else sys.stdout
     if x not in X_CHOICES:
         raise ConfigError(f"--x must be one of {', '.join(X_CHOICES)}, got {x!r}")
     if not run_dirs:
         raise ConfigError("no run folder given")
-    output = Path(output)
-    _check_output(output)
+    chosen = output is not None
+    if chosen:  # checked before any run is read
+        output = Path(output)
+        _check_output(output)
     runs, skipped = [], []
     for path in _unique(run_dirs):
         run = load_run(path)
@@ -116,12 +124,15 @@ def plot(
             runs.append(run)
     if not runs:
         raise ConfigError(f"no run has return records yet ({', '.join(skipped)}): nothing to plot")
+    if not chosen:  # the run folders are known to exist now
+        output = default_output(run_dirs)
+        _check_output(output)
     groups = group_runs(runs)
     _draw(groups, output, x=x, title=title)
     n_runs, n_groups = len(runs), len(groups)
     print(
         f"plot: {n_runs} {_plural(n_runs, 'run')} ({n_groups} {_plural(n_groups, 'group')}) "
-        f"-> {output}",
+        f"-> {output}{'' if chosen else ' (the default; -o FILE to choose)'}",
         file=out,
         flush=True,
     )
@@ -134,6 +145,13 @@ def plot(
             for g in groups
         ],
     }
+
+
+def default_output(run_dirs: list[Path]) -> Path:
+    """Where `impala plot` draws without `-o`: RUN_DIR/plot.png for one run folder, plot.png in
+    the current folder for several."""
+    unique = {Path(p).resolve() for p in run_dirs}
+    return Path(run_dirs[0]) / DEFAULT_NAME if len(unique) == 1 else Path(DEFAULT_NAME)
 
 
 # --- reading runs ------------------------------------------------------------------------------

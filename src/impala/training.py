@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from typing import IO
 
+from impala.callbacks import Hooks
 from impala.config import Config
 from impala.envs import EnvInfo, probe_env
 from impala.errors import RunFailed
@@ -45,6 +46,26 @@ def make_source(
     return LocalSource(cfg, env, learner, tracker, steps_before)
 
 
+def resolved_settings(cfg: Config) -> dict[str, str]:
+    """What the settings that may be 'auto' resolve to for `cfg`'s environment on this machine:
+    the network and observation normalisation (as the run's config.json will record them), and
+    the learner's device and arithmetic. ConfigError, one line, where the run would fail on them
+    (an environment that cannot be made, a network that does not fit it, CUDA without a GPU)."""
+    from impala.agent.factory import build_model, settle
+    from impala.agent.learner import resolve_device, uses_bf16
+
+    env = probe_env(cfg.env, **cfg.env_options)
+    settled = settle(cfg, env)
+    device = resolve_device(cfg.device)
+    bf16 = uses_bf16(cfg.precision, build_model(settled, env), device)
+    return {
+        "net": settled.net,
+        "obs_norm": settled.obs_norm,
+        "device": device.type,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
 def train(
     cfg: Config,
     *,
@@ -53,6 +74,7 @@ def train(
     resume: str | None = None,
     given: set[str] | None = None,
     override: bool = False,
+    hooks: Hooks | None = None,
 ) -> RunResult:
     """Trains as `cfg` says; writes config.json, metrics.jsonl, TensorBoard scalars, checkpoints
     and model.pt in the run folder. With `resume` ('auto', a run folder or a checkpoint file,
@@ -61,7 +83,8 @@ def train(
 
     SIGINT and SIGTERM stop the run like its normal end (`result.signal` says which); a run that
     cannot go on raises RunFailed after the same clean-up. The caller's signal handlers and torch
-    thread count are as before when this returns.
+    thread count are as before when this returns. `hooks` calls the Python API's callbacks (see
+    `impala.callbacks`); a stop they ask for ends the run like its time limit.
     """
     from impala.agent.factory import run_record, settle
     from impala.runtime.common import build_learner, keep_freed_memory
@@ -70,6 +93,10 @@ def train(
     point = None
     if resume is not None:
         cfg, point = resume_point(cfg, resume, given or set(), override)
+    if cfg.wandb:  # before anything is made: the install line, not a half-made run folder
+        from impala.wandb_tracker import require_wandb
+
+        require_wandb()
     env = probe_env(cfg.env, **cfg.env_options)
     cfg = settle(cfg, env)
     if cfg.runtime == "local":
@@ -91,7 +118,8 @@ def train(
         stack.enter_context(torch_threads(cfg.learner_threads))
         keep_freed_memory()
         resume_counters = point.tracker_state() if point is not None else None
-        tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters)
+        tracker = Tracker(cfg, run_dir, out, signals=signals, resume=resume_counters, hooks=hooks)
+        stack.callback(tracker.close)  # also when the run fails before it starts (idempotent)
         learner = build_learner(cfg, env, shared=cfg.runtime == "local")
         source_state = None
         source_cfg = cfg

@@ -5,14 +5,16 @@ it) or a run folder: its newest checkpoint that loads, else its `model.pt` with 
 (runs from before checkpoints). Everything is loaded on the CPU, so a GPU run's weights evaluate
 on a machine without one.
 
-The agent plays as it was trained, through the same explorer code: the same environment
+The agent plays as it was trained, with the `impala.policy.Policy` a user's own loop gets from
+`impala.load_policy` (one conversion of observations, one way of acting): the same environment
 protocol (for Atari whole games, unclipped scores, with the training's no-op starts and sticky
-actions), the recurrent state carried and reset as in training. Each of the environments stepped
-together plays a fixed share of the episodes, so short episodes are not over-represented.
+actions), the recurrent state carried and reset as the explorers do. Each of the environments
+stepped together plays a fixed share of the episodes, so short episodes are not over-represented.
 
 With `--video FILE`, the first episode of environment 0 is recorded from the environment's own
 `render()` (render_mode "rgb_array") and written by imageio's ffmpeg writer at the environment's
-`render_fps`: one frame after the reset and one after every step, so an episode of L steps gives
+`render_fps` (an Atari game at its own speed, 15 agent steps a second: see `video_fps`): one
+frame after the reset and one after every step, so an episode of L steps gives
 L + 1 frames, the last one showing where it ended. The environments are then Gymnasium's single
 ones stepped in a `SyncVectorEnv` (for Atari, the same protocol through Gymnasium's wrappers
 rather than ale-py's vector environment, which does not render).
@@ -21,8 +23,6 @@ rather than ale-py's vector environment, which does not render).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import sys
 import warnings
@@ -31,18 +31,15 @@ from typing import IO, Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
-from impala import checkpoint
-from impala.agent.explorer import Explorer
-from impala.agent.factory import build_model, settle
-from impala.agent.params import ParameterStore
-from impala.config import Config, resolve
-from impala.envs import EnvInfo, make_env, make_vector_env, probe_env
-from impala.envs.factory import PadChannels
+from impala.config import Config
+from impala.envs import make_env, make_vector_env
+from impala.envs.factory import PadChannels, env_family
 from impala.errors import ConfigError, RunFailed
-from impala.nets.heads import check_value_outputs
+from impala.policy import Policy, Weights, load_policy, load_run, load_weights
+
+__all__ = ["Weights", "evaluate", "load_run", "load_weights", "video_frame"]
 
 MAX_PARALLEL_ENVS = 8
 # The containers imageio-ffmpeg writes here with a codec each (WebM takes VP8/VP9 only).
@@ -54,84 +51,10 @@ VIDEO_CODECS = {
     ".webm": "libvpx-vp9",
 }
 DEFAULT_FPS = 30
+# Atari's video: the console draws 60 frames a second and an agent's step is `frame_skip` of
+# them (4: 15 steps a second), whatever the env's render_fps says (ale-py's 30).
+ATARI_FRAMES_PER_SECOND = 60
 MIN_VIDEO_SIDE = 160  # smaller pictures (MinAtar's 10x10) are enlarged by whole pixels
-
-
-@dataclasses.dataclass(frozen=True)
-class Weights:
-    """The config and weights to play, and where they came from."""
-
-    config: Config
-    state: dict[str, torch.Tensor]
-    path: Path
-    steps: int | None = None
-    """Env steps of a checkpoint; None for a run's model.pt."""
-
-    def describe(self) -> str:
-        if self.steps is None:
-            return f"{self.path} (saved at the end of the run)"
-        return f"{self.path} ({self.steps:,} env steps)"
-
-
-def _config(raw: Any, source: Path) -> Config:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{source}' holds no config")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return resolve({k: v for k, v in raw.items() if k in fields})
-
-
-def load_run(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The config and weights of a run folder's config.json and model.pt (ConfigError, one line,
-    if they cannot be read)."""
-    if not path.is_dir():
-        raise ConfigError(f"'{path}' is not a run folder")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read '{path / 'config.json'}': {exc}") from None
-    cfg = _config(raw, path / "config.json")
-    try:
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"'{path}' holds no model.pt (the run saves it when it ends)") from None
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise ConfigError(
-            f"cannot load '{path / 'model.pt'}': {' '.join(str(exc).split())}"
-        ) from None
-    return cfg, state
-
-
-def _from_checkpoint(path: Path, state: dict[str, Any]) -> Weights:
-    steps = state["counters"].get("steps") if isinstance(state["counters"], dict) else None
-    return Weights(
-        _config(state["config"], path),
-        state["model"],
-        path,
-        int(steps) if steps is not None else None,
-    )
-
-
-def load_weights(target: Path) -> Weights:
-    """What `impala eval TARGET` plays: a checkpoint file; or a run folder's newest checkpoint
-    that loads (damaged ones are skipped with a warning), else its model.pt and config.json.
-    ConfigError, one line, if there is nothing to play."""
-    target = Path(target)
-    if target.is_file():
-        return _from_checkpoint(target, checkpoint.load(target))
-    if not target.is_dir():
-        raise ConfigError(f"'{target}' is not a run folder or a checkpoint file")
-    if target.name == checkpoint.FOLDER and checkpoint.listed(target.parent):
-        target = target.parent  # RUN_DIR/checkpoints itself
-    if checkpoint.listed(target):
-        found = checkpoint.latest(target)
-        if found is not None:
-            return _from_checkpoint(*found)
-        if not (target / "model.pt").exists():
-            raise ConfigError(
-                f"run folder '{target}' holds no checkpoint that loads and no model.pt"
-            )
-    cfg, state = load_run(target)
-    return Weights(cfg, state, target / "model.pt")
 
 
 def check_video_path(path: Path) -> None:
@@ -276,6 +199,15 @@ class EpisodeRecorder(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def video_fps(cfg: Config, env_id: str, env: gym.Env) -> float:
+    """Frames a second of a video of `env`, one frame per agent step: an Atari game plays at its
+    own speed (the console's 60 frames a second over the protocol's frame skip), others at their
+    `render_fps` (DEFAULT_FPS where they give none)."""
+    if env_family(env_id) == "atari":
+        return ATARI_FRAMES_PER_SECOND / cfg.atari_protocol.frame_skip
+    return env.metadata.get("render_fps") or DEFAULT_FPS
+
+
 def _recording_vector_env(
     cfg: Config, env_id: str, num_envs: int, video_path: Path, pad: tuple[int, ...] | None
 ) -> tuple[VectorEnv, EpisodeRecorder]:
@@ -294,7 +226,7 @@ def _recording_vector_env(
     if first.render_mode != "rgb_array" or "rgb_array" not in modes:
         first.close()
         raise ConfigError(f"--video: {env_id} cannot render frames")
-    fps = first.metadata.get("render_fps") or DEFAULT_FPS
+    fps = video_fps(cfg, env_id, first)
     recorder = EpisodeRecorder(first, VideoFile(video_path, fps), env_id)
 
     def padded(env: gym.Env) -> gym.Env:
@@ -314,7 +246,7 @@ def _recording_vector_env(
 
 
 def evaluate(
-    path: Path,
+    path: Path | Policy,
     *,
     episodes: int = 10,
     greedy: bool = False,
@@ -323,96 +255,50 @@ def evaluate(
     out: IO[str] | None = None,
 ) -> dict[str, Any]:
     """Plays `episodes` whole episodes with the policy of `path` (a run folder or a checkpoint
-    file); prints and returns the statistics of their unclipped returns. With `video`, records
-    the first episode of environment 0 there. A multi-task run's policy plays `episodes` of each
-    of its tasks (a line and figures per task, under "tasks"; the video is of the first task)."""
+    file, or a loaded Policy); prints and returns the statistics of their unclipped returns (and
+    the returns and lengths themselves). With `video`, records the first episode of environment
+    0 there. A multi-task run's policy plays `episodes` of each of its tasks (a line and figures
+    per task, under "tasks"; the video is of the first task)."""
     if episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {episodes}")
     out = out if out is not None else sys.stdout
     if video is not None:
         video = Path(video)
         check_video_path(video)
-    weights = load_weights(Path(path))
-    cfg = weights.config
-    env = probe_env(cfg.env, **cfg.env_options)
-    cfg = settle(cfg, env, learner=False)
-    model = build_model(cfg, env)
-    check_value_outputs(weights.state, model, f"'{weights.path}'")
-    try:
-        model.load_state_dict(weights.state)
-    except (RuntimeError, TypeError) as exc:  # TypeError: no state dict at all
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"the weights in '{weights.path}' do not fit its config: {first}"
-        ) from None
-    model.requires_grad_(False)
+    policy = path if isinstance(path, Policy) else load_policy(Path(path), seed=seed)
+    weights = Weights(policy.config, {}, policy.source, policy.steps)
+    cfg, env = policy.config, policy.env_info
     if not env.tasks:
-        return _play(cfg, env, model, weights, cfg.env, None, episodes, greedy, seed, video, out)
+        return _play(policy, weights, cfg.env, episodes, greedy, seed, video, out)
     per_task = {
-        task: _play(
-            cfg,
-            env,
-            model,
-            weights,
-            task,
-            k,
-            episodes,
-            greedy,
-            seed,
-            video if k == 0 else None,
-            out,
-        )
+        task: _play(policy, weights, task, episodes, greedy, seed, video if k == 0 else None, out)
         for k, task in enumerate(env.tasks)
     }
     return dict(env=cfg.env, episodes=episodes, greedy=greedy, tasks=per_task)
 
 
 def _play(
-    cfg: Config,
-    env: EnvInfo,
-    model: torch.nn.Module,
+    policy: Policy,
     weights: Weights,
     env_id: str,
-    task: int | None,
     episodes: int,
     greedy: bool,
     seed: int,
     video: Path | None,
     out: IO[str],
 ) -> dict[str, Any]:
-    """`episodes` episodes of `env_id` (a multi-task run's task `task`), printed and returned."""
+    """`episodes` episodes of `env_id` (one of a multi-task run's tasks), printed and returned."""
+    cfg, env = policy.config, policy.env_info
     num_envs = min(episodes, MAX_PARALLEL_ENVS)
     quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
-    store = ParameterStore(*ParameterStore.allocate(model))
     pad = env.obs_shape if env.tasks else None  # a multi-task network's frames
     recorder = None
     if video is None:
         vec_env = make_vector_env(env_id, num_envs, obs_shape=pad, **cfg.env_options)
     else:
         vec_env, recorder = _recording_vector_env(cfg, env_id, num_envs, video, pad)
-    returns: list[float] = []
-    lengths: list[int] = []
     try:
-        explorer = Explorer(
-            0,
-            vec_env,
-            model,
-            store,
-            unroll_length=1,
-            gamma=cfg.gamma,
-            seed=seed,
-            reward_clip=cfg.reward_clip,
-            episodic_life=cfg.episodic_life,
-            greedy=greedy,
-            task=task,
-        )
-        with torch.inference_mode():
-            while any(quota):
-                for ret, length, i in explorer.play():
-                    if quota[i]:
-                        quota[i] -= 1
-                        returns.append(ret)
-                        lengths.append(length)
+        returns, lengths = _episodes(policy, vec_env, quota, greedy, seed)
     finally:
         vec_env.close()
         if recorder is not None and not recorder.done:
@@ -429,6 +315,8 @@ def _play(
         length_mean=float(np.mean(lengths)),
         weights=str(weights.path),
         weights_steps=weights.steps,
+        returns=returns,
+        lengths=lengths,
     )
     how = "greedy actions" if greedy else "actions sampled from pi"
     protocol = ""
@@ -462,6 +350,45 @@ def _play(
             flush=True,
         )
     return figures
+
+
+def _episodes(
+    policy: Policy, vec_env: VectorEnv, quota: list[int], greedy: bool, seed: int
+) -> tuple[list[float], list[int]]:
+    """Plays until environment i has finished `quota[i]` episodes: their unclipped returns and
+    lengths, in the order they ended. As the explorers play: the environments reset with `seed`
+    and actions sampled from a generator seeded with it, an LSTM's state reset at each episode's
+    start (and at a lost life with --episodic-life, as in training) and fed the last reward."""
+    episodic_life = policy.config.episodic_life
+    policy.seed(seed)
+    obs, infos = vec_env.reset(seed=seed)
+    lives = infos.get("lives")
+    quota = list(quota)
+    n = len(quota)
+    episode_return = np.zeros(n, dtype=np.float64)
+    episode_length = np.zeros(n, dtype=np.int64)
+    returns: list[float] = []
+    lengths: list[int] = []
+    state, reward, start = None, None, None
+    while any(quota):
+        actions, state = policy.act(obs, state, greedy=greedy, reward=reward, episode_start=start)
+        obs, reward, terminated, truncated, infos = vec_env.step(actions)
+        done = terminated | truncated
+        start = done
+        new_lives = infos.get("lives")
+        if episodic_life and lives is not None and new_lives is not None:
+            start = done | (np.asarray(new_lives) < lives)
+        lives = new_lives
+        episode_return += reward
+        episode_length += 1
+        for i in np.flatnonzero(done).tolist():
+            if quota[i]:
+                quota[i] -= 1
+                returns.append(float(episode_return[i]))
+                lengths.append(int(episode_length[i]))
+        episode_return[done] = 0.0
+        episode_length[done] = 0
+    return returns, lengths
 
 
 def _one_line(exc: BaseException) -> str:
