@@ -96,8 +96,10 @@ def _box_of(space: gym.Space | None, shape: tuple[int, ...], dtype: np.dtype) ->
     if isinstance(space, gym.spaces.Box) and tuple(space.shape) == tuple(shape):
         return space
     dtype = np.dtype(dtype)
-    if isinstance(space, gym.spaces.Box):
+    if isinstance(space, gym.spaces.Box) and space.dtype == dtype:
         low, high = np.min(space.low), np.max(space.high)
+    elif dtype == np.bool_:
+        low, high = 0, 1
     elif np.issubdtype(dtype, np.integer):
         low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
     else:
