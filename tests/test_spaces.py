@@ -327,6 +327,7 @@ def test_carracing_gets_a_conv_net_over_its_3_channels_and_runs(tmp_path):
     cfg = resolve(
         dict(
             env="CarRacing-v3",
+            runtime="serial",
             num_explorers=1,
             envs_per_explorer=2,
             unroll_length=10,

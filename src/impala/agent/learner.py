@@ -32,6 +32,7 @@ from impala.config import Config
 from impala.envs import spaces
 from impala.errors import ConfigError, RunFailed
 from impala.nets.conv import ImageTorso
+from impala.nets.encoders import MultiInputTorso
 from impala.nets.heads import check_value_outputs, constrain_parameters, task_values
 from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
@@ -57,9 +58,13 @@ def uses_bf16(precision: str, model: nn.Module, device: torch.device | None = No
     device computes bf16 fast: a GPU, or a CPU with oneDNN's bf16 kernels (AVX-512 and up;
     measured on such 2-core machines with channels-last: shallow 281 -> 220 ms, deep 5.8 -> 2.6
     s per update). On an AVX2-only CPU bf16 is emulated: a MinAtar update took 88 ms in bf16
-    against 14 ms in fp32, so 'auto' keeps fp32 there."""
+    against 14 ms in fp32, so 'auto' keeps fp32 there. A Dict or Tuple observation's network
+    with image parts (`impala.nets.encoders.MultiInputTorso`) counts as convolutional."""
     if precision == "auto":
-        conv = isinstance(getattr(model, "torso", None), ImageTorso)
+        torso = getattr(model, "torso", None)
+        conv = isinstance(torso, ImageTorso) or (
+            isinstance(torso, MultiInputTorso) and len(torso.images) > 0
+        )
         return conv and bf16_is_fast(device or torch.device("cpu"))
     return precision == "bf16"
 

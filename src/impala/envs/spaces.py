@@ -166,12 +166,10 @@ class ObsSpec:
         dict by part name; `[H, W, C]` images become `[C, H, W]` views, `[C, H, W]` ones are
         copied to the channels-last layout (once, for both the network, which computes in that
         layout, and the unroll, which stores frames-last: neither reorders them again)."""
-        arrays = [
-            _network_array(p, a) for p, a in zip(self.parts, _flatten(self.space, obs), strict=True)
-        ]
-        if not self.structured:
-            return arrays[0]
-        return {p.name: a for p, a in zip(self.parts, arrays, strict=True)}
+        if not self.structured:  # the common case, at every step: no walk through the space
+            return _network_array(self.parts[0], obs)
+        leaves = _flatten(self.space, obs)
+        return {p.name: _network_array(p, a) for p, a in zip(self.parts, leaves, strict=True)}
 
     def stored(self, obs: NetObs) -> dict[str, np.ndarray]:
         """Observations as the network takes them (`to_network`, with any leading dims) -> the
