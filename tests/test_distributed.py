@@ -401,7 +401,7 @@ def test_a_stopped_job_resumes_from_learner_0s_checkpoint(job_factory, tmp_path)
     assert marks == sorted(set(marks))
 
 
-def test_a_job_learns_from_dict_observations(job_factory, monkeypatch):
+def test_a_job_runs_a_dict_observation_task(job_factory, monkeypatch):
     """The job form with a Dict observation (a uint8 picture, a vector, a Discrete mode):
     unrolls of one array per part, through the hub."""
     from conftest import env_with_tests_on_path
@@ -415,4 +415,5 @@ def test_a_job_learns_from_dict_observations(job_factory, monkeypatch):
     job.start("explorer", 0, *args)
     assert job.wait("explorer0", 150) == 0, job.err("explorer0")
     assert job.wait("learner0", 60) == 0, job.err("learner0")
-    assert "learner 0 done (step budget): 3,000 steps" in job.out("learner0"), job.out("learner0")
+    done = re.search(r"learner 0 done \(step budget\): ([\d,]+) steps", job.out("learner0"))
+    assert done and int(done.group(1).replace(",", "")) >= 3000, job.out("learner0")
