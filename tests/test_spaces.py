@@ -152,11 +152,7 @@ def test_chw_frames_are_laid_out_channels_last_and_stored_frames_last():
 
 def _dict_cfg(tmp_path=None, **kw):
     settings = dict(
-        env=DICT_ID,
-        num_explorers=1,
-        envs_per_explorer=3,
-        unroll_length=5,
-        tensorboard=False,
+        dict(env=DICT_ID, num_explorers=1, envs_per_explorer=3, unroll_length=5, tensorboard=False),
         **kw,
     )
     if tmp_path is not None:
@@ -204,6 +200,33 @@ def test_dict_unrolls_keep_each_part_in_its_dtype_through_the_shared_slots():
             assert np.array_equal(obs[name][t].numpy(), seen[name]), (t, name)
     # every picture is half lit: uint8 values 0 and 255, nothing scaled on the way
     assert set(np.unique(obs["picture"].numpy())) == {0, 255}
+
+
+def test_the_batch_pipeline_slices_and_joins_every_part():
+    """Minibatch split and replay mixing (the learner's pipeline) work field by field: each
+    part is sliced by sequence, and the replay ring keeps the pictures uint8."""
+    from impala.agent.buffer import SequenceReplay, slots_to_batch
+    from impala.agent.pipeline import MinibatchSplit, ReplayMixing
+
+    cfg, env = _dict_cfg(buffer="fifo", batch_size=2, envs_per_explorer=4)
+    storage = allocate(rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer), 1)
+    _explorer(cfg, env).fill(numpy_views(storage, 0))
+    batch = slots_to_batch(storage, [0], "vtrace")
+    halves = list(MinibatchSplit(2)(batch))
+    assert len(halves) == 2
+    for i, half in enumerate(halves):
+        obs = spaces.from_batch(half)
+        assert obs["picture"].shape == (cfg.unroll_length + 1, 2, 3, 8, 8)
+        assert torch.equal(obs["picture"], batch["obs/picture"][:, 2 * i : 2 * i + 2])
+        assert torch.equal(obs["mode"], batch["obs/mode"][:, 2 * i : 2 * i + 2])
+    replay = SequenceReplay(8, 0.5, torch.Generator().manual_seed(0))
+    mixing = ReplayMixing(replay)
+    list(mixing(halves[0]))
+    (mixed,) = mixing(halves[1])
+    assert replay.storage["obs/picture"].dtype == torch.uint8
+    assert mixed["obs/picture"].shape[1] == 4 and mixed["obs/picture"].dtype == torch.uint8
+    assert torch.equal(mixed["obs/vector"][:, :2], halves[1]["obs/vector"])
+    assert torch.equal(mixed["obs/picture"][:, 2:], halves[0]["obs/picture"])
 
 
 def test_dict_unrolls_keep_each_part_in_its_dtype_in_the_replay_buffer():
@@ -371,10 +394,36 @@ def test_dict_task_of_a_picture_a_vector_and_a_mode_learns(tmp_path, runtime):
     assert result.steps < 40_000  # it reached the target before the budget
 
 
-def test_dict_task_evaluates_and_films(tmp_path, capfd):
-    """`impala eval` and `--video` of a Dict task (its exact resume is in test_checkpoint.py)."""
+@pytest.mark.parametrize("settings", [dict(algo="reinforce"), dict(core="lstm", core_size=16)])
+def test_dict_task_runs_with_reinforce_and_an_lstm_core(tmp_path, settings):
+    """REINFORCE's explorer keeps single steps of every part; the LSTM core unrolls dicts."""
     cfg = resolve(
-        dict(LEARN, env=DICT_ID, runtime="serial", total_steps=2_000, run_dir=str(tmp_path / "run"))
+        dict(
+            LEARN,
+            env=DICT_ID,
+            runtime="serial",
+            total_steps=1_000,
+            run_dir=str(tmp_path / "run"),
+            **settings,
+        )
+    )
+    result = train(cfg, out=io.StringIO())
+    assert result.stop_reason == "step budget" and result.updates > 0
+
+
+def test_dict_task_evaluates_and_films(tmp_path, capfd):
+    """`impala eval` and `--video` of a Dict task, recurrent (its exact resume is in
+    test_checkpoint.py)."""
+    cfg = resolve(
+        dict(
+            LEARN,
+            env=DICT_ID,
+            runtime="serial",
+            core="lstm",
+            core_size=16,
+            total_steps=2_000,
+            run_dir=str(tmp_path / "run"),
+        )
     )
     train(cfg, out=io.StringIO())
     run = tmp_path / "run"
