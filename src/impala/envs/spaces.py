@@ -313,16 +313,25 @@ def _network_array(part: Part, array: Any) -> np.ndarray:
     if part.kind != "image":
         return array
     if part.channels_last:
-        return np.moveaxis(array, -1, -3)  # a view, channels-last in memory
+        return _frames_first(array)  # a view, channels-last in memory
     frames = torch.from_numpy(np.ascontiguousarray(array))
     return (
         frames.contiguous(memory_format=torch.channels_last).numpy() if frames.dim() == 4 else array
     )
 
 
+# Explicit axes: np.moveaxis's argument handling costs more than the transposed copy's write
+# (32 Atari frames: 10 us of 45).
 def _frames_last(obs: np.ndarray) -> np.ndarray:
     """`[..., C, H, W]` -> `[..., H, W, C]` (a view)."""
-    return np.moveaxis(obs, -3, -1)
+    n = obs.ndim
+    return obs.transpose(*range(n - 3), n - 2, n - 1, n - 3)
+
+
+def _frames_first(obs: np.ndarray) -> np.ndarray:
+    """`[..., H, W, C]` -> `[..., C, H, W]` (a view)."""
+    n = obs.ndim
+    return obs.transpose(*range(n - 3), n - 1, n - 3, n - 2)
 
 
 # --- batches and tensors -------------------------------------------------------------------------
