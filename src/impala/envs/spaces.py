@@ -144,9 +144,6 @@ class ObsSpec:
         """The part of a lone space (None for a structured one)."""
         return None if self.structured else self.parts[0]
 
-    def part(self, name: str) -> Part:
-        return next(p for p in self.parts if p.name == name)
-
     def describe(self) -> str:
         if not self.structured:
             return self.parts[0].describe()
@@ -371,14 +368,6 @@ def part_of(obs: TensorObs, name: str | None) -> torch.Tensor:
     if isinstance(obs, dict):
         return obs[name]
     return obs
-
-
-def stacked(observations: Sequence[NetObs]) -> NetObs:
-    """Single observations as one batch `[n, ...]` (np.stack per part)."""
-    first = observations[0]
-    if isinstance(first, dict):
-        return {k: np.stack([o[k] for o in observations]) for k in first}
-    return np.stack(observations)
 
 
 def equal(a: Any, b: Any) -> bool:
