@@ -21,7 +21,7 @@ class FailsInExplorers(CartPoleEnv):
 
 
 class MatrixObservations(CartPoleEnv):
-    """CartPole observed as a 2x2 matrix, a shape no network takes."""
+    """CartPole observed as a 2x2 matrix (a Box of rank 2: flattened into the MLP's inputs)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -93,6 +93,64 @@ class ReachPoint(gym.Env):
         return self._observe(), reward, False, self.t >= 10, {}
 
 
+class DictCues(gym.Env):
+    """A Dict observation whose every part matters: a picture (uint8, `[H, W, C]` pixels), a
+    vector and a Discrete mode. Each step shows fresh cues; the mode says which one to follow:
+    mode 0, the picture (action 0 if its left half is lit, 1 if its right half), mode 1, the
+    vector (action 0 if its first entry is negative, 1 if positive; it is at least 0.25 away
+    from 0). One reward per right
+    action, 10 steps an episode: a policy that ignores any part earns at most about 7.5 an
+    episode (a uniform one 5), the best 10."""
+
+    SIDE = 8
+    observation_space = gym.spaces.Dict(
+        {
+            "picture": gym.spaces.Box(0, 255, (SIDE, SIDE, 3), np.uint8),
+            "vector": gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+            "mode": gym.spaces.Discrete(2),
+        }
+    )
+    action_space = gym.spaces.Discrete(2)
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observe(), {}
+
+    def _observe(self):
+        self.mode = int(self.np_random.integers(2))
+        lit = int(self.np_random.integers(2))  # the half of the picture that is lit
+        picture = np.zeros((self.SIDE, self.SIDE, 3), np.uint8)
+        half = self.SIDE // 2
+        picture[:, lit * half : (lit + 1) * half, :] = 255
+        vector = self.np_random.uniform(-1, 1, size=2).astype(np.float32)
+        vector[0] = self.np_random.choice([-1, 1]) * self.np_random.uniform(0.25, 1)
+        self.answer = lit if self.mode == 0 else int(vector[0] > 0)
+        self.picture = picture
+        return {"picture": picture, "vector": vector, "mode": self.mode}
+
+    def step(self, action):
+        reward = float(int(action) == self.answer)
+        self.t += 1
+        return self._observe(), reward, False, self.t >= 10, {}
+
+    def render(self):
+        """The picture, 8 times larger."""
+        return np.repeat(np.repeat(self.picture, 8, 0), 8, 1)
+
+
+class TextObservations(CartPoleEnv):
+    """CartPole observed as a Text space, which no network takes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observation_space = gym.spaces.Text(8)
+
+
 class HangsOnce(CartPoleEnv):
     """CartPole whose step() deadlocks (sleeps for ever) at its `IMPALA_TEST_HANG_AFTER`-th step,
     once per run: the first environment to create the file `IMPALA_TEST_HANG_MARKER` hangs,
@@ -143,6 +201,8 @@ for env_id, entry_point in {
     "MatchDigits-v0": "envs_for_tests:MatchDigits",
     "ReachPoint-v0": "envs_for_tests:ReachPoint",
     "MatrixObservations-v0": "envs_for_tests:MatrixObservations",
+    "DictCues-v0": "envs_for_tests:DictCues",
+    "TextObservations-v0": "envs_for_tests:TextObservations",
     "FailsInExplorers-v0": "envs_for_tests:FailsInExplorers",
     # Its module imports a package that is not installed (as a MuJoCo env without imageio).
     "ImportFails-v0": "envs_for_tests_broken:BrokenEnv",

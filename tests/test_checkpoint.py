@@ -132,6 +132,9 @@ SERIAL_RUNS = {
     ),
     # continuous actions: the environments replay float actions (the fallback preset: replay)
     "box": dict(env="Pendulum-v1", max_steps_per_episode=50, total_steps=4_000),
+    # Dict observations (a uint8 picture, a vector, a Discrete mode) in the explorers' state and
+    # the replay buffer's storage, one field per part
+    "dict-obs": dict(env="envs_for_tests:DictCues-v0", envs_per_explorer=4, total_steps=3_000),
 }
 
 

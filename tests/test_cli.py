@@ -23,7 +23,7 @@ BAD_INPUT = [
     (["train", "--env", "envs_for_tests:ImportFails-v0"], "'a_renderer_that_is_not_installed'"),
     (["train", "--env", "no_such_module:Env-v0"], "cannot import module 'no_such_module'"),
     (["train", "--env", "envs_for_tests:MultiBinaryActions-v0"], "MultiBinary(2), which no"),
-    (["train", "--env", "FrozenLake-v1"], "'FrozenLake-v1' has a Discrete observation space"),
+    (["train", "--env", "envs_for_tests:TextObservations-v0"], "has a Text observation space"),
     (["train", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
     (["train", "--unroll-length", "-3"], "--unroll-length must be a positive integer, got -3"),
     (["train", "-s", "-5"], "--steps-per-explorer must be a positive integer, got -5"),
@@ -43,7 +43,7 @@ BAD_INPUT = [
     (["fly"], "invalid choice: 'fly'"),
     # bench
     (["bench", "--env", "ALE/NoSuchGame-v5"], "unknown environment id 'ALE/NoSuchGame-v5'"),
-    (["train", "--env", "envs_for_tests:MatrixObservations-v0"], "no network takes"),
+    (["train", "--env", "CarRacing-v3", "--net", "mlp"], "'mlp' needs a flat vector"),
     (["train", "--env", "MinAtar/Breakout-v1", "--net", "mlp"], "'mlp' needs a flat vector"),
     (["train", "--env", "CartPole-v1", "--net", "shallow"], "'shallow' needs image observations"),
     (["train", "--core", "lstm", "--net", "seed"], "--core lstm needs a network with a torso"),

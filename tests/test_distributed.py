@@ -399,3 +399,21 @@ def test_a_stopped_job_resumes_from_learner_0s_checkpoint(job_factory, tmp_path)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     marks = [(r["steps"], r["updates"]) for r in metrics(run0)]
     assert marks == sorted(set(marks))
+
+
+def test_a_job_runs_a_dict_observation_task(job_factory, monkeypatch):
+    """The job form with a Dict observation (a uint8 picture, a vector, a Discrete mode):
+    unrolls of one array per part, through the hub."""
+    from conftest import env_with_tests_on_path
+
+    # the tasks (and Ray's workers) import envs_for_tests
+    monkeypatch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])
+    job = job_factory()
+    args = ["--env", "envs_for_tests:DictCues-v0", "-s", "3000", "--buffer", "fifo"]
+    args += ["--envs-per-explorer", "4", "--batch-size", "4"]
+    job.start("learner", 0, *args)
+    job.start("explorer", 0, *args)
+    assert job.wait("explorer0", 150) == 0, job.err("explorer0")
+    assert job.wait("learner0", 60) == 0, job.err("learner0")
+    done = re.search(r"learner 0 done \(step budget\): ([\d,]+) steps", job.out("learner0"))
+    assert done and int(done.group(1).replace(",", "")) >= 3000, job.out("learner0")

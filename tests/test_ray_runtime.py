@@ -240,3 +240,24 @@ def test_a_hung_explorer_actor_is_replaced(tmp_path, capsys, monkeypatch):
     assert line.endswith("hung (see --explorer-timeout); restarting it (restart 1)")
     assert result.stop_reason == "step budget", result
     assert result.steps >= 4000
+
+
+def test_dict_observations_travel_through_ray_actors(tmp_path, monkeypatch):
+    """A Dict observation (a uint8 picture, a vector, a Discrete mode): the actors' replay
+    uploads are messages of one array per part (the DictCues preset: the replay buffer)."""
+    from conftest import env_with_tests_on_path
+
+    # Ray's workers import envs_for_tests (and this impala)
+    monkeypatch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])
+    cfg = _cfg(
+        tmp_path / "r",
+        env="envs_for_tests:DictCues-v0",
+        num_explorers=1,
+        envs_per_explorer=4,
+        total_steps=2000,
+        max_seconds=240,  # a hang guard
+    )
+    assert cfg.buffer == "replay"
+    result = train(cfg)
+    assert result.stop_reason == "step budget", result
+    assert result.steps >= 2000 and result.updates > 0 and result.return_mean is not None

@@ -78,7 +78,9 @@ class Config:
     net: Net = "auto"
     """'seed' (two linear layers, the prototype's), 'mlp' (tanh MLP), the paper's 'shallow' or
     'deep' (residual) conv nets, or 'minatar' (small conv net); 'auto' picks by observation:
-    mlp for vectors, shallow for Atari-sized images, minatar for small ones."""
+    mlp without images (vectors, discrete values one-hot, Dict and Tuple of them), shallow for
+    Atari-sized images ([C, H, W] or [H, W, C]), minatar for small ones. A Dict or Tuple with
+    images gets that conv net per image part, joined with an MLP over the other parts."""
     core: Core = "ff"
     """'ff' (feed-forward) or 'lstm': an LSTM between the torso and the heads, fed the clipped
     last reward and the one-hot last action too (the paper's)."""
@@ -226,7 +228,8 @@ class Config:
     obs_norm: Literal["off", "on", "auto"] = "off"
     """'on': vector observations are standardised by running statistics of the observations
     learned from (each dimension to zero mean, unit variance, clipped to +-5), kept with the
-    weights; 'auto': on where the network is the MLP (vector observations), off for images."""
+    weights; each Box part of a Dict or Tuple by its own; 'auto': on where there are such
+    vectors (not for images or discrete values)."""
     # --- run --------------------------------------------------------------------------------
     seed: int = 0
     """Random seed (env seeds, network init, action sampling)."""

@@ -291,7 +291,7 @@ def _play(
     cfg, env = policy.config, policy.env_info
     num_envs = min(episodes, MAX_PARALLEL_ENVS)
     quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
-    pad = env.obs_shape if env.tasks else None  # a multi-task network's frames
+    pad = env.padded_shape  # a multi-task network's frames
     recorder = None
     if video is None:
         vec_env = make_vector_env(env_id, num_envs, obs_shape=pad, **cfg.env_options)

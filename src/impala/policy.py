@@ -33,7 +33,7 @@ import torch
 
 from impala import checkpoint, distributions
 from impala.config import Config
-from impala.envs import EnvInfo, make_env, probe_env
+from impala.envs import EnvInfo, make_env, probe_env, spaces
 from impala.errors import ConfigError
 
 PathLike = str | os.PathLike[str]
@@ -121,35 +121,58 @@ def load_weights(target: Path) -> Weights:
 
 
 # --- observations in, actions out ----------------------------------------------------------
-def observation_batch(observation: Any, env: EnvInfo) -> tuple[torch.Tensor, bool]:
+def observation_batch(observation: Any, env: EnvInfo) -> tuple[spaces.TensorObs, bool]:
     """Observations as the network takes them, and whether they came as a batch.
 
     Args:
-        observation: one observation, shaped as the environment's (`env.obs_shape`), or a batch
-            of them `[N, *obs_shape]` (a vector environment's); a numpy array, a tensor or
-            nested lists.
+        observation: one observation as the environment returns it (an array of the space's
+            shape, or for a `Dict`/`Tuple` space a dict/tuple of parts), or a batch of them
+            with a leading `N` axis on every part (a vector environment's); numpy arrays,
+            tensors or nested lists.
         env: the environment the network was built for.
 
     Returns:
-        The observations `[N, *obs_shape]` (N = 1 for one) in the dtype the run stored them in
-        (uint8 frames stay uint8; the network scales them), and True for a batch.
+        The observations as the explorers hand them to the network (`impala.envs.spaces`): a
+        tensor `[N, ...]` for a lone space, a dict of them by part name for a `Dict`/`Tuple`;
+        images `[C, H, W]`, in the dtype the run stored them in (uint8 frames stay uint8; the
+        network scales them); and True for a batch.
 
     Raises:
         ValueError: an observation of another shape.
     """
-    array = np.asarray(observation)
-    shape = tuple(env.obs_shape)
-    if array.shape == shape:
-        batched = False
-        array = array[None]
-    elif array.ndim == len(shape) + 1 and array.shape[1:] == shape:
-        batched = True
-    else:
+    spec = env.obs
+    space = spec.space
+    if not spec.structured:
+        array = np.asarray(observation)
+        shape = tuple(space.shape)
+        if array.shape == shape:
+            batched = False
+            array = array[None]
+        elif array.ndim == len(shape) + 1 and array.shape[1:] == shape:
+            batched = True
+        else:
+            raise ValueError(
+                f"an observation of shape {array.shape}: this policy takes one of shape {shape} "
+                f"or a batch [{', '.join(map(str, ('N', *shape)))}]"
+            )
+        net = spec.to_network(np.ascontiguousarray(array, dtype=space.dtype))
+        return spaces.as_tensors(net), batched
+    # A Dict/Tuple: a batch has one more axis than the space on its first part.
+    first_space, first_part = next(spaces.leaves_of(space, observation))
+    extra = np.ndim(first_part) - len(first_space.shape)
+    if extra not in (0, 1):
         raise ValueError(
-            f"an observation of shape {array.shape}: this policy takes one of shape {shape} or "
-            f"a batch [N, {', '.join(map(str, shape))}]"
+            f"an observation whose first part has shape {np.shape(first_part)}: this policy "
+            f"takes {spec.describe()}, one observation or a batch of them"
         )
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=env.obs_dtype)), batched
+    batched = extra == 1
+    batch = observation if batched else spec.batch_of([observation])
+    try:
+        net = spec.to_network(batch)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"an observation that is not of {spec.describe()}: {exc}") from None
+    typed = {p.name: np.asarray(net[p.name], dtype=p.dtype) for p in spec.parts}
+    return spaces.as_tensors(typed), batched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +309,7 @@ class Policy:
             ValueError: an observation of another shape, or a state of another batch size.
         """
         obs, batched = observation_batch(observation, self.env_info)
-        obs = obs.to(self.device)
+        obs = spaces.map_obs(lambda part: part.to(self.device), obs)
         if self.is_recurrent:
             params, state = self._recurrent_step(obs, state, reward, episode_start)
         else:
@@ -301,11 +324,11 @@ class Policy:
         return (env_actions if batched else env_actions[0]), state
 
     def _recurrent_step(
-        self, obs: torch.Tensor, state: PolicyState | None, reward: Any, episode_start: Any
+        self, obs: spaces.TensorObs, state: PolicyState | None, reward: Any, episode_start: Any
     ) -> tuple[np.ndarray, PolicyState]:
         """One step of the LSTM core from `state` (the explorer's `_core_step`): the policy's
         parameters `[N, P]` and the state after it."""
-        n = obs.shape[0]
+        (n,) = spaces.lead_shape(obs, 1)
         if state is None:
             state, first = self.initial_state(n), np.ones(n, dtype=bool)
         else:
@@ -323,7 +346,7 @@ class Policy:
                 clip = self.config.reward_clip
                 prev_reward = np.clip(prev_reward, -clip, clip)
         logits, _, (h, c) = self.model.unroll(
-            obs[None],
+            spaces.map_obs(lambda part: part[None], obs),
             torch.from_numpy(np.ascontiguousarray(state.prev_action))[None].to(self.device),
             torch.from_numpy(prev_reward)[None].to(self.device),
             torch.from_numpy(first)[None].to(self.device),

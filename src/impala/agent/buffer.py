@@ -13,11 +13,14 @@ Batches handed to the learner:
   multi-task run each sequence's task, `task [B]`;
 - REINFORCE: independent steps, every field `[N, ...]` (`obs [N, *obs]`, `mc_return [N]`).
 
-Image observations `[C, H, W]` are stored frames-last, `[H, W, C]` (see `stored_obs_shape`): the
-layout the convolutions take (channels-last), so that the learner reads a batch's frames as they
-are where it used to reorder every frame of every batch, and the explorer, which reorders its
-frames once anyway to act on them, writes them with a plain copy. Batches give them back as
-`[..., C, H, W]` views (`frames_first`).
+Observations are one field per part of the observation space (`impala.envs.spaces`): `obs` for
+a lone space, `obs/<name>` for each part of a Dict or Tuple, each in its own dtype; everything
+above said of `obs` holds for each of them. Image observations `[C, H, W]` (parts of rank 3) are
+stored frames-last, `[H, W, C]` (see `Part.stored_shape`): the layout the convolutions take
+(channels-last), so that the learner reads a batch's frames as they are where it used to reorder
+every frame of every batch, and the explorer, which reorders its frames once anyway to act on
+them (or gets them so from an `[H, W, C]` environment), writes them with a plain copy. Batches
+give them back as `[..., C, H, W]` views (`frames_first`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import torch
 
 from impala import faults
 from impala.envs import EnvInfo
+from impala.envs.spaces import IMAGE_RANK, obs_keys
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
-IMAGE_RANK = 3  # observations of this rank are images [C, H, W], stored [H, W, C]
+# IMAGE_RANK: observations (parts) of this rank are images [C, H, W], stored [H, W, C]
 
 
 def stored_obs_shape(obs_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,11 +62,15 @@ def rollout_spec(
     env: EnvInfo, unroll_length: int, num_envs: int, core_size: int | None = None
 ) -> Spec:
     """Field name -> (shape, dtype) of one unroll of `num_envs` environments (`core_size`: the
-    LSTM's units, for a recurrent network). Observations keep the environment's type (uint8
-    frames stay uint8 until the learner's forward pass); images are stored frames-last."""
+    LSTM's units, for a recurrent network). Observations have a field per part of the space
+    (`impala.envs.spaces`), each of the environment's type (uint8 frames stay uint8 until the
+    learner's forward pass); images are stored frames-last."""
     T, E, P = unroll_length, num_envs, env.action.params_size
     action_shape, action_dtype = env.action.action_shape, env.action.action_dtype
-    obs_dtype = torch.from_numpy(np.zeros(0, dtype=env.obs_dtype)).dtype
+    obs: Spec = {
+        part.key: ((T + 1, E, *part.stored_shape), _torch_dtype(part.dtype))
+        for part in env.obs.parts
+    }
     extra: Spec = {}
     if env.num_tasks > 1:  # a multi-task run: the task each column's sequence belongs to
         extra["task"] = ((E,), torch.int64)
@@ -74,16 +82,23 @@ def rollout_spec(
             "core_h": ((E, core_size), torch.float32),
             "core_c": ((E, core_size), torch.float32),
         }
-    return extra | {
-        "obs": ((T + 1, E, *stored_obs_shape(env.obs_shape)), obs_dtype),
-        "action": ((T, E, *action_shape), action_dtype),
-        "behaviour_logits": ((T, E, P), torch.float32),
-        "reward": ((T, E), torch.float32),
-        "discount": ((T, E), torch.float32),
-        "truncation_value": ((T, E), torch.float32),
-        "mc_return": ((T, E), torch.float32),
-        "policy_version": ((T, E), torch.int64),
-    }
+    return (
+        extra
+        | obs
+        | {
+            "action": ((T, E, *action_shape), action_dtype),
+            "behaviour_logits": ((T, E, P), torch.float32),
+            "reward": ((T, E), torch.float32),
+            "discount": ((T, E), torch.float32),
+            "truncation_value": ((T, E), torch.float32),
+            "mc_return": ((T, E), torch.float32),
+            "policy_version": ((T, E), torch.int64),
+        }
+    )
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
 def as_stored(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -132,7 +147,8 @@ def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, t
     if algo == "reinforce":
         # [S, T, E, ...] -> [S * T * E, ...]; obs[T] is not part of a REINFORCE unroll.
         T = stacked["action"].shape[1]
-        return _obs_as_taken({k: stacked[k][:, :T].flatten(0, 2) for k in _REINFORCE_FIELDS}, 1)
+        fields = _reinforce_fields(stacked)
+        return _obs_as_taken({k: stacked[k][:, :T].flatten(0, 2) for k in fields}, 1)
     # [S, T(+1), E, ...] -> [T(+1), S * E, ...]; a state [S, E, H] -> [S * E, H]
     batch = {k: stacked[k].transpose(0, 1).flatten(1, 2) for k in _vtrace_fields(stacked)}
     for k in _STATE_FIELDS:
@@ -144,13 +160,13 @@ def stacked_to_batch(stacked: dict[str, torch.Tensor], algo: str) -> dict[str, t
 def _obs_as_taken(batch: dict[str, torch.Tensor], lead: int) -> dict[str, torch.Tensor]:
     """`batch` with its stored observations as the networks take them (images frames-first);
     `lead`: the batch dims in front of each observation (V-trace's [T+1, B], REINFORCE's [N])."""
-    if batch["obs"].dim() == lead + IMAGE_RANK:
-        batch["obs"] = frames_first(batch["obs"])
+    for key in obs_keys(batch):
+        if batch[key].dim() == lead + IMAGE_RANK:
+            batch[key] = frames_first(batch[key])
     return batch
 
 
 _VTRACE_FIELDS = (
-    "obs",
     "action",
     "behaviour_logits",
     "reward",
@@ -163,10 +179,16 @@ _STATE_FIELDS = ("core_h", "core_c", "task")  # no time axis
 
 
 def _vtrace_fields(fields) -> tuple[str, ...]:
-    return _VTRACE_FIELDS + tuple(k for k in _CORE_INPUTS if k in fields)
+    """A V-trace batch's time-major fields among `fields`: the observation parts', then the
+    rest."""
+    return (*obs_keys(fields), *_VTRACE_FIELDS, *(k for k in _CORE_INPUTS if k in fields))
 
 
-_REINFORCE_FIELDS = ("obs", "action", "behaviour_logits", "mc_return", "policy_version")
+_REINFORCE_FIELDS = ("action", "behaviour_logits", "mc_return", "policy_version")
+
+
+def _reinforce_fields(fields) -> tuple[str, ...]:
+    return (*obs_keys(fields), *_REINFORCE_FIELDS)
 
 
 class ReplayBuffer:
@@ -280,7 +302,8 @@ class ReplayBuffer:
             slot = slots[torch.randint(len(slots), (n,), generator=generator)]
             t = torch.randint(T, (n,), generator=generator)
             e = torch.randint(E, (n,), generator=generator)
-            return _obs_as_taken({k: self.storage[k][slot, t, e] for k in _REINFORCE_FIELDS}, 1)
+            fields = _reinforce_fields(self.storage)
+            return _obs_as_taken({k: self.storage[k][slot, t, e] for k in fields}, 1)
         n = max(1, learn_batch_size // T)
         slot = slots[torch.randint(len(slots), (n,), generator=generator)]
         e = torch.randint(E, (n,), generator=generator)

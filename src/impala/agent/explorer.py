@@ -31,8 +31,8 @@ from gymnasium.vector import VectorEnv
 from torch import nn
 
 from impala import checkpoint, distributions
-from impala.agent.buffer import IMAGE_RANK, frames_last
 from impala.agent.params import ParameterStore
+from impala.envs import spaces
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class UnrollInfo:
 class _Step:
     """One time step kept until its episode ends (REINFORCE needs the whole episode's return)."""
 
-    obs: np.ndarray
+    obs: spaces.NetObs
     action: np.ndarray
     reward: float
     logits: np.ndarray
@@ -106,8 +106,10 @@ class Explorer:
         # Every action since the reset below, if asked (the serial runtime's exact resume: the
         # environments' state is rebuilt by replaying them, see `state`).
         self.actions_made: list[np.ndarray] | None = [] if record_actions else None
+        # The observation's parts (impala.envs.spaces): how the network takes them (images
+        # [C, H, W], channels-last in memory; a dict by part name for Dict and Tuple spaces).
+        self.obs_spec = spaces.describe(vec_env.single_observation_space)
         obs, infos = vec_env.reset(seed=seed)
-        self.image = obs.ndim == 1 + IMAGE_RANK
         self.obs = self._laid_out(obs)
         # The seed prototype's per-step line (step, state, action, next state, terminal), on
         # request: the env's own "state" info where it has one (the corridor), else observations.
@@ -140,20 +142,20 @@ class Explorer:
         if version is not None:
             self.version = version
 
-    def _laid_out(self, obs: np.ndarray) -> np.ndarray:
-        """Observations from the environments as this explorer keeps them: images `[E, C, H, W]`
-        laid out channels-last, reordered once here for both the network, which computes in
+    def _laid_out(self, obs: Any) -> spaces.NetObs:
+        """Observations from the environments as this explorer keeps them: as the network takes
+        them (`ObsSpec.to_network`): images `[E, C, H, W]` laid out channels-last, reordered once
+        here (or not at all, for `[H, W, C]` pixels) for both the network, which computes in
         that layout, and the unroll, which stores frames-last (`impala.agent.buffer`), so that
         neither reorders them again (torch's reordering of uint8 frames measured twice as fast
         as numpy's)."""
-        if not self.image:
-            return obs
-        frames = torch.from_numpy(np.asarray(obs))
-        return frames.contiguous(memory_format=torch.channels_last).numpy()
+        return self.obs_spec.to_network(obs)
 
-    def _stored(self, obs: np.ndarray) -> np.ndarray:
-        """Observations as an unroll stores them (images frames-last: a view)."""
-        return frames_last(obs) if self.image else obs
+    def _write_obs(self, out: dict[str, np.ndarray], index: Any, obs: spaces.NetObs) -> None:
+        """Writes observations into the unroll's fields at `index` (images frames-last: a plain
+        copy of the channels-last frames)."""
+        for key, value in self.obs_spec.stored(obs).items():
+            out[key][index] = value
 
     def _no_actions(self, *shape: int) -> np.ndarray:
         """Zero actions of this action space, `[*shape, *action_shape]`."""
@@ -165,7 +167,7 @@ class Explorer:
         """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
         state."""
         logits, values, state = self.model.unroll(
-            torch.from_numpy(obs)[None],
+            spaces.map_obs(lambda part: part[None], spaces.as_tensors(obs)),
             torch.from_numpy(prev_action)[None],
             torch.from_numpy(prev_reward)[None],
             torch.from_numpy(first)[None],
@@ -184,7 +186,7 @@ class Explorer:
         elif self._numpy is not None:
             logits = self._numpy.policy_logits(obs)
         else:
-            logits = self.model.policy_logits(torch.from_numpy(obs)).numpy()
+            logits = self.model.policy_logits(spaces.as_tensors(obs)).numpy()
         if self.greedy:
             return distributions.mode(self.action_spec, logits), logits
         return distributions.sample(self.action_spec, logits, self.rng), logits
@@ -194,7 +196,7 @@ class Explorer:
         if self._numpy is not None:
             values = self._numpy.values(obs)
         elif not self.recurrent:
-            values = self.model(torch.from_numpy(obs))[1].numpy()
+            values = self.model(spaces.as_tensors(obs))[1].numpy()
         else:
             h, c = self.core_state  # after the step that led to `obs`
             first = np.zeros(len(envs), dtype=bool)
@@ -232,9 +234,9 @@ class Explorer:
         cut = truncated & ~learn_terminated
         if cut.any():
             envs = np.flatnonzero(cut)
-            final_obs = np.stack([infos["final_obs"][i] for i in envs])
+            final_obs = self.obs_spec.batch_of([infos["final_obs"][i] for i in envs])
             truncation_value[cut] = self._values(
-                final_obs.astype(obs.dtype, copy=False), envs, actions, learn_rewards
+                self._laid_out(final_obs), envs, actions, learn_rewards
             )
         learn_done = learn_terminated | truncated
         if self.recurrent:
@@ -271,7 +273,7 @@ class Explorer:
         )
         state: dict[str, Any] = {
             "actions": torch.from_numpy(actions),
-            "obs": torch.from_numpy(np.array(self.obs)),
+            "obs": spaces.map_obs(lambda part: torch.from_numpy(np.array(part)), self.obs),
             "rng": checkpoint.numpy_rng_state(self.rng),
             "version": self.version,
             "mu": {k: v.clone() for k, v in self.model.state_dict().items()},
@@ -314,7 +316,7 @@ class Explorer:
             self.prev_action = state["prev_action"].numpy().copy()
             self.prev_reward = state["prev_reward"].numpy().copy()
             self.first = state["first"].numpy().copy()
-        return bool(np.array_equal(np.asarray(self.obs), state["obs"].numpy()))
+        return spaces.equal(self.obs, spaces.map_obs(lambda part: part.numpy(), state["obs"]))
 
     def play(self) -> list[tuple[float, int, int]]:
         """One step of every environment (no unroll is recorded): the episodes it finished, as
@@ -328,12 +330,12 @@ class Explorer:
         states = infos.get("state", next_obs)
         final = infos.get("final_info", {})
         for i in range(self.num_envs):
-            next_state = states[i]
+            next_state = _row(states, i)
             if done[i]:
-                next_state = final.get("state", infos.get("final_obs", states))[i]
+                next_state = _row(final.get("state", infos.get("final_obs", states)), i)
             self.step_printer(
                 f"explorer {self.index} env {i} step {self.steps_made - self.num_envs + i + 1} "
-                f"state {self._states[i]} action {actions[i]} next state {next_state} "
+                f"state {_row(self._states, i)} action {actions[i]} next state {next_state} "
                 f"terminal {bool(done[i])}"
             )
         self._states = states
@@ -373,7 +375,7 @@ class Explorer:
             if self.recurrent:
                 self._record_core_inputs(out, t)
             obs, actions, logits, rewards, _terminated, done, trunc_value = self._step()
-            out["obs"][t] = self._stored(obs)
+            self._write_obs(out, t, obs)
             out["action"][t] = actions
             out["behaviour_logits"][t] = logits
             out["reward"][t] = rewards
@@ -381,7 +383,7 @@ class Explorer:
             out["truncation_value"][t] = trunc_value
             out["policy_version"][t] = self.version
             self._after_step(done)
-        out["obs"][self.unroll_length] = self._stored(self.obs)
+        self._write_obs(out, self.unroll_length, self.obs)
         if self.recurrent:
             self._record_core_inputs(out, self.unroll_length)
         return self.unroll_length * self.num_envs
@@ -395,7 +397,13 @@ class Explorer:
             steps += self.num_envs
             for i in range(self.num_envs):
                 self._open_episodes[i].append(
-                    _Step(obs[i], actions[i], float(rewards[i]), logits[i], self.version)
+                    _Step(
+                        spaces.map_obs(lambda part, i=i: part[i], obs),
+                        actions[i],
+                        float(rewards[i]),
+                        logits[i],
+                        self.version,
+                    )
                 )
                 if done[i]:
                     self._close_episode(i, bootstrap=0.0 if terminated[i] else trunc_value[i])
@@ -403,7 +411,7 @@ class Explorer:
         for k in range(need):
             t, e = divmod(k, self.num_envs)
             step, ret = self._finished_steps.popleft()
-            out["obs"][t, e] = self._stored(step.obs)
+            self._write_obs(out, (t, e), step.obs)
             out["action"][t, e] = step.action
             out["behaviour_logits"][t, e] = step.logits
             out["reward"][t, e] = step.reward
@@ -420,6 +428,15 @@ class Explorer:
             ret = step.reward + self.gamma * ret
             returns.append(ret)
         self._finished_steps.extend(zip(episode, reversed(returns), strict=False))
+
+
+def _row(batch: Any, i: int) -> Any:
+    """Environment `i`'s entry of a batch (an array, or a dict or tuple of them)."""
+    if isinstance(batch, dict):
+        return {k: _row(v, i) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_row(v, i) for v in batch)
+    return batch[i]
 
 
 def _numpy_net(model: nn.Module) -> Any:

@@ -25,7 +25,7 @@ def settle(cfg: Config, env: EnvInfo, *, learner: bool = True) -> Config:
     if learner:
         resolve_device(cfg.device)
     net = resolve_net(cfg.net, env)
-    return dataclasses.replace(cfg, net=net, obs_norm=resolve_obs_norm(cfg.obs_norm, net))
+    return dataclasses.replace(cfg, net=net, obs_norm=resolve_obs_norm(cfg.obs_norm, net, env))
 
 
 def run_record(cfg: Config, env: EnvInfo) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def build_explorer(
     vec_env = make_vector_env(
         env.task_id(index),
         cfg.envs_per_explorer,
-        obs_shape=env.obs_shape if env.tasks else None,
+        obs_shape=env.padded_shape,
         **cfg.env_options,
     )
     return Explorer(

@@ -29,8 +29,10 @@ from impala.agent.pipeline import (
     ReplayMixing,
 )
 from impala.config import Config
+from impala.envs import spaces
 from impala.errors import ConfigError, RunFailed
 from impala.nets.conv import ImageTorso
+from impala.nets.encoders import MultiInputTorso
 from impala.nets.heads import check_value_outputs, constrain_parameters, task_values
 from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
@@ -56,9 +58,13 @@ def uses_bf16(precision: str, model: nn.Module, device: torch.device | None = No
     device computes bf16 fast: a GPU, or a CPU with oneDNN's bf16 kernels (AVX-512 and up;
     measured on such 2-core machines with channels-last: shallow 281 -> 220 ms, deep 5.8 -> 2.6
     s per update). On an AVX2-only CPU bf16 is emulated: a MinAtar update took 88 ms in bf16
-    against 14 ms in fp32, so 'auto' keeps fp32 there."""
+    against 14 ms in fp32, so 'auto' keeps fp32 there. A Dict or Tuple observation's network
+    with image parts (`impala.nets.encoders.MultiInputTorso`) counts as convolutional."""
     if precision == "auto":
-        conv = isinstance(getattr(model, "torso", None), ImageTorso)
+        torso = getattr(model, "torso", None)
+        conv = isinstance(torso, ImageTorso) or (
+            isinstance(torso, MultiInputTorso) and len(torso.images) > 0
+        )
         return conv and bf16_is_fast(device or torch.device("cpu"))
     return precision == "bf16"
 
@@ -133,9 +139,11 @@ class Learner:
             cfg.entropy_schedule, cfg.entropy_cost, self.total_steps
         )
         # Normalisers, if the network has them: running statistics of the observations (moved
-        # before each update, from its batch) and PopArt's value head (moved after it, from the
-        # V-trace targets, with the head's outputs preserved).
-        self.obs_norm = next((m for m in self.model.modules() if isinstance(m, ObsNorm)), None)
+        # before each update, from its batch: one per vector part of a Dict or Tuple) and
+        # PopArt's value head (moved after it, from the V-trace targets, with the head's
+        # outputs preserved).
+        self.obs_norms = [m for m in self.model.modules() if isinstance(m, ObsNorm)]
+        self.obs_norm = self.obs_norms[0] if self.obs_norms else None
         self.popart = next((m for m in self.model.modules() if isinstance(m, PopArt)), None)
         self.value_targets: torch.Tensor | None = None  # the last update's, for PopArt
         # APPO: the target network pi_target (the surrogate's reference and V-trace's target
@@ -247,8 +255,9 @@ class Learner:
         batch = self._to_device(batch)
         lr = self._set_learning_rate(steps)
         entropy_cost = self.entropy_schedule(steps)
-        if self.obs_norm is not None:
-            self.obs_norm.update(batch["obs"])  # published with the weights below
+        obs = spaces.from_batch(batch)
+        for norm in self.obs_norms:  # published with the weights below
+            norm.update(spaces.part_of(obs, norm.part))
         out = self._loss(batch, entropy_cost)
         grad_norm = self._step(out)
         self.value_targets = out.value_targets
@@ -275,7 +284,7 @@ class Learner:
         cfg, spec = self.cfg, self.action_spec
         if cfg.algo == "reinforce":
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits, values = self.model(batch["obs"])
+                logits, values = self.model(spaces.from_batch(batch))
             return objectives.reinforce_loss(logits.float(), values.float(), batch, spec=spec)
         logits, values = self._forward(batch)
         common = dict(cfg=cfg, spec=spec, entropy_cost=entropy_cost, popart=self.popart)
@@ -292,8 +301,8 @@ class Learner:
         of pi (or `model`) for a V-trace batch, in float32 (a multi-task network's values are
         those of each sequence's task)."""
         model = self.model if model is None else model
-        obs = batch["obs"]  # [T+1, B, *obs]
-        T1, B = obs.shape[:2]
+        obs = spaces.from_batch(batch)  # [T+1, B, *obs], or a dict of such by part
+        T1, B = spaces.lead_shape(obs, 2)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if model.is_recurrent:
                 logits, values, _ = model.unroll(
@@ -304,7 +313,7 @@ class Learner:
                     (batch["core_h"], batch["core_c"]),
                 )
             else:
-                logits, values = model(obs.flatten(0, 1))
+                logits, values = model(spaces.map_obs(lambda part: part.flatten(0, 1), obs))
         values = values.float().reshape(T1, B, -1)  # [T+1, B, K]: one per task
         return logits.float().view(T1, B, -1), task_values(values, batch.get("task"))
 

@@ -14,7 +14,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 from impala.distributions import ActionSpec
-from impala.envs import atari, minatar, minigrid
+from impala.envs import atari, minatar, minigrid, spaces
 from impala.envs.atari import AtariProtocol
 from impala.errors import ConfigError
 
@@ -41,6 +41,7 @@ class EnvInfo:
 
     env_id: str
     obs_shape: tuple[int, ...]
+    """The environment's observations' shape (a Box's; `()` for Dict and Tuple spaces)."""
     obs_dtype: np.dtype
     action: ActionSpec
     max_episode_steps: int | None
@@ -49,6 +50,18 @@ class EnvInfo:
     tasks: tuple[str, ...] = ()
     """A multi-task run's ids (`--env A,B,...`; empty for one task): explorer i plays task
     i % len(tasks), observations padded to one shape (`obs_shape`)."""
+    observation_space: gym.Space | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The environment's observation space (of the first task in a multi-task run)."""
+
+    @functools.cached_property
+    def obs(self) -> spaces.ObsSpec:
+        """The observations as parts (`impala.envs.spaces`): what the networks receive and the
+        rollout storage holds. A Box's comes from `obs_shape` and `obs_dtype` (a multi-task
+        run's padded frames)."""
+        space = self.observation_space
+        if space is None or isinstance(space, gym.spaces.Box):
+            space = _box_of(space, self.obs_shape, self.obs_dtype)
+        return spaces.describe(space, self.env_id)
 
     @property
     def num_tasks(self) -> int:
@@ -60,12 +73,38 @@ class EnvInfo:
 
     @property
     def is_image(self) -> bool:
-        return len(self.obs_shape) == 3
+        """Observations that are one image, `[C, H, W]` or `[H, W, C]` (`impala.envs.spaces`)."""
+        return not self.obs.structured and self.obs.parts[0].is_image
+
+    @property
+    def padded_shape(self) -> tuple[int, ...] | None:
+        """A multi-task run's `[C, H, W]` frame shape, to which each task's frames are padded
+        (`PadChannels`); None where nothing is padded."""
+        if self.tasks and self.is_image and not self.obs.parts[0].channels_last:
+            return self.obs_shape
+        return None
 
     @property
     def num_actions(self) -> int:
         """The number of actions of a Discrete action space."""
         return self.action.num_actions
+
+
+def _box_of(space: gym.Space | None, shape: tuple[int, ...], dtype: np.dtype) -> gym.spaces.Box:
+    """`space` if it is a Box of `shape`, else a Box of `shape` and `dtype` with its bounds
+    (those of the dtype without one)."""
+    if isinstance(space, gym.spaces.Box) and tuple(space.shape) == tuple(shape):
+        return space
+    dtype = np.dtype(dtype)
+    if isinstance(space, gym.spaces.Box) and space.dtype == dtype:
+        low, high = np.min(space.low), np.max(space.high)
+    elif dtype == np.bool_:
+        low, high = 0, 1
+    elif np.issubdtype(dtype, np.integer):
+        low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+    else:
+        low, high = -np.inf, np.inf
+    return gym.spaces.Box(low, high, tuple(shape), dtype)
 
 
 def action_spec(space: gym.Space) -> ActionSpec | None:
@@ -218,12 +257,11 @@ def _check_spaces(env_id: str, env: gym.Env) -> None:
             "at 0 where discrete; Tuple, Dict, MultiBinary, Text and image-shaped Box actions "
             "are not)"
         )
-    if not isinstance(env.observation_space, gym.spaces.Box):
+    try:
+        spaces.describe(env.observation_space, env_id)  # Text, Graph, Sequence: one line
+    except ConfigError:
         env.close()
-        raise ConfigError(
-            f"environment '{env_id}' has a {type(env.observation_space).__name__} observation "
-            "space; only Box observations are supported"
-        )
+        raise
 
 
 def task_ids(env_id: str) -> tuple[str, ...]:
@@ -261,13 +299,15 @@ def probe_env(
     try:
         space = env.observation_space
         spec_steps = env.spec.max_episode_steps if env.spec is not None else None
+        box = isinstance(space, gym.spaces.Box)
         return EnvInfo(
             env_id=env_id,
-            obs_shape=tuple(space.shape),
-            obs_dtype=np.dtype(space.dtype),
+            obs_shape=tuple(space.shape) if box else (),
+            obs_dtype=np.dtype(space.dtype) if box else np.dtype(object),
             action=action_spec(env.action_space),
             max_episode_steps=max_episode_steps if max_episode_steps is not None else spec_steps,
             family=env_family(env_id),
+            observation_space=space,
         )
     finally:
         env.close()
@@ -277,8 +317,11 @@ def combine_tasks(env_id: str, infos: list[EnvInfo]) -> EnvInfo:
     """One EnvInfo for several tasks that one network plays: the same action space (MinAtar's
     `-v0` ids have the full set of 6 actions for every game), observations of one rank and type;
     images may differ in their number of channels (MinAtar's games have 4 to 10), and are padded
-    with empty planes to the largest. ConfigError, one line, otherwise."""
+    with empty planes to the largest (`[C, H, W]` images; Dict and Tuple observations must be
+    the same). ConfigError, one line, otherwise."""
     first = infos[0]
+    # [C, H, W] frames may differ in their channels (padded with empty planes); nothing else may
+    padded = first.is_image and not first.obs.parts[0].channels_last
     for info in infos[1:]:
         if info.action != first.action:
             raise ConfigError(
@@ -286,21 +329,28 @@ def combine_tasks(env_id: str, infos: list[EnvInfo]) -> EnvInfo:
                 f"{first.action.describe()}, '{info.env_id}' {info.action.describe()} (MinAtar's "
                 "-v0 ids have the full action set)"
             )
-        same_kind = info.obs_dtype == first.obs_dtype and info.is_image == first.is_image
-        # images may differ in their channels only, vectors not at all
-        fits = info.obs_shape[first.is_image :] == first.obs_shape[first.is_image :]
-        if not (same_kind and fits and len(info.obs_shape) == len(first.obs_shape)):
-            raise ConfigError(
-                f"the tasks of a multi-task run must have observations of one shape (images may "
-                f"differ in channels): '{first.env_id}' has {first.obs_shape} {first.obs_dtype}, "
-                f"'{info.env_id}' {info.obs_shape} {info.obs_dtype}"
+        if padded:
+            fits = (
+                info.is_image
+                and not info.obs.parts[0].channels_last
+                and info.obs_dtype == first.obs_dtype
+                and len(info.obs_shape) == len(first.obs_shape)
+                and info.obs_shape[1:] == first.obs_shape[1:]
             )
-    channels = max(info.obs_shape[0] for info in infos)
+        else:
+            fits = info.obs == first.obs
+        if not fits:
+            raise ConfigError(
+                f"the tasks of a multi-task run must have observations of one shape (images "
+                f"[C, H, W] may differ in channels): '{first.env_id}' has "
+                f"{first.obs.describe()}, '{info.env_id}' {info.obs.describe()}"
+            )
+    channels = max(info.obs_shape[0] for info in infos) if padded else None
     steps = [info.max_episode_steps for info in infos]
     return dataclasses.replace(
         first,
         env_id=env_id,
-        obs_shape=(channels, *first.obs_shape[1:]) if first.is_image else first.obs_shape,
+        obs_shape=(channels, *first.obs_shape[1:]) if channels else first.obs_shape,
         max_episode_steps=None if None in steps else max(steps),
         tasks=tuple(info.env_id for info in infos),
     )

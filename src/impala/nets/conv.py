@@ -99,10 +99,13 @@ def _flatten_then_relu() -> tuple[nn.Module, nn.Module]:
     return nn.Flatten(), nn.ReLU()
 
 
-def shallow_torso(obs_shape: tuple[int, int, int], channels_last: bool = True) -> ImageTorso:
-    """Fig. 3, left: conv 16 8x8 /4, ReLU, conv 32 4x4 /2, ReLU, dense 256, ReLU."""
+def shallow_torso(
+    obs_shape: tuple[int, int, int], channels_last: bool = True, input_scale: float = 1 / 255
+) -> ImageTorso:
+    """Fig. 3, left: conv 16 8x8 /4, ReLU, conv 32 4x4 /2, ReLU, dense 256, ReLU (of frames
+    times `input_scale`: 1/255 for uint8 pixels)."""
     convs = nn.Sequential(
-        InputScaledConv2d(obs_shape[0], 16, 8, stride=4, input_scale=1 / 255),
+        InputScaledConv2d(obs_shape[0], 16, 8, stride=4, input_scale=input_scale),
         nn.ReLU(),
         nn.Conv2d(16, 32, 4, stride=2),
         *_flatten_then_relu(),
@@ -142,20 +145,30 @@ def deep_torso(
     obs_shape: tuple[int, int, int],
     channels: tuple[int, ...] = (16, 32, 32),
     channels_last: bool = True,
+    input_scale: float = 1 / 255,
 ) -> ImageTorso:
-    """Fig. 3, right: three sections of 16, 32, 32 channels, ReLU, dense 256, ReLU."""
+    """Fig. 3, right: three sections of 16, 32, 32 channels, ReLU, dense 256, ReLU (of frames
+    times `input_scale`: 1/255 for uint8 pixels)."""
     sections: list[nn.Module] = []
     in_channels = obs_shape[0]
     for out_channels in channels:
-        scale = 1 / 255 if not sections else 1.0  # frames are scaled by the first convolution
+        scale = input_scale if not sections else 1.0  # frames are scaled by the first convolution
         sections.append(_section(in_channels, out_channels, scale))
         in_channels = out_channels
     convs = nn.Sequential(*sections, *_flatten_then_relu())
     return ImageTorso(convs, obs_shape, 256, channels_last)
 
 
-def minatar_torso(obs_shape: tuple[int, int, int], channels_last: bool = True) -> ImageTorso:
+def minatar_torso(
+    obs_shape: tuple[int, int, int], channels_last: bool = True, input_scale: float = 1.0
+) -> ImageTorso:
     """For MinAtar's 10x10 planes: conv 16 3x3 /1, ReLU, dense 128, ReLU (the network of
-    MinAtar's own baselines, Young & Tian 2019)."""
-    convs = nn.Sequential(nn.Conv2d(obs_shape[0], 16, 3), *_flatten_then_relu())
+    MinAtar's own baselines, Young & Tian 2019), of frames times `input_scale` (1: MinAtar's 0/1
+    planes; 1/255 for small uint8 pictures)."""
+    conv = (
+        nn.Conv2d(obs_shape[0], 16, 3)
+        if input_scale == 1.0
+        else InputScaledConv2d(obs_shape[0], 16, 3, input_scale=input_scale)
+    )
+    convs = nn.Sequential(conv, *_flatten_then_relu())
     return ImageTorso(convs, obs_shape, 128, channels_last)

@@ -9,6 +9,7 @@ from torch import nn
 from impala.envs import EnvInfo
 from impala.errors import ConfigError
 from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.encoders import FlatEncoder, MultiInputTorso
 from impala.nets.heads import PolicyValueNet
 from impala.nets.mlp import MLPNet, MLPTorso, SeedNet
 from impala.nets.recurrent import RecurrentNet
@@ -21,49 +22,62 @@ ATARI_SIZED = 36
 
 
 def resolve_net(name: str, env: EnvInfo) -> str:
-    """The network 'auto' stands for: 'mlp' for vectors, 'shallow' for Atari-sized images
-    `[C, H, W]`, 'minatar' for small ones. Raises ConfigError for observations no network takes
-    and for a network that does not take the environment's."""
-    rank = len(env.obs_shape)
-    if rank not in (1, 3):
-        raise ConfigError(
-            f"'{env.env_id}' has observations of shape {env.obs_shape}, which no network takes "
-            "(vectors [N] go to 'mlp', images [C, H, W] to 'shallow', 'deep' or 'minatar')"
-        )
+    """The network 'auto' stands for, by the observation's parts (`impala.envs.spaces`): 'mlp'
+    without images (vectors, discrete values, Dict and Tuple of them), else 'shallow' where every
+    image is Atari-sized and 'minatar' where one is smaller (a Dict or Tuple with images gets
+    that torso per image part, see `impala.nets.encoders`). Raises ConfigError for a network
+    that does not take the environment's observations."""
+    spec = env.obs
+    images = spec.images
+    smallest = min((min(p.shape[1:]) for p in images), default=None)
     if name == "auto":
-        if rank == 1:
+        if not images:
             return "mlp"
-        return "shallow" if min(env.obs_shape[1:]) >= ATARI_SIZED else "minatar"
-    if name in VECTOR_NETS and rank != 1:
-        raise ConfigError(
-            f"network '{name}' needs a flat vector observation; '{env.env_id}' has images of "
-            f"shape {env.obs_shape} (use --net {' or '.join(IMAGE_NETS)})"
-        )
-    if name in IMAGE_NETS and rank != 3:
-        raise ConfigError(
-            f"network '{name}' needs image observations [C, H, W]; '{env.env_id}' has shape "
-            f"{env.obs_shape} (use --net mlp)"
-        )
-    if name in ("shallow", "deep") and min(env.obs_shape[1:]) < ATARI_SIZED:
-        raise ConfigError(
-            f"network '{name}' needs images of at least {ATARI_SIZED}x{ATARI_SIZED}; "
-            f"'{env.env_id}' has {env.obs_shape[1]}x{env.obs_shape[2]} (use --net minatar)"
-        )
+        return "shallow" if smallest >= ATARI_SIZED else "minatar"
     if name not in NET_NAMES:
         raise ConfigError(f"unknown network '{name}' (choose from {', '.join(NET_NAMES)})")
+    if name in VECTOR_NETS and images:
+        raise ConfigError(
+            f"network '{name}' needs a flat vector observation (or parts without images); "
+            f"'{env.env_id}' has images: {spec.describe()} (use --net {' or '.join(IMAGE_NETS)})"
+        )
+    single = spec.single
+    if name == "seed" and not (single and single.kind == "vector" and len(single.shape) == 1):
+        raise ConfigError(
+            f"network 'seed' needs a flat vector observation; '{env.env_id}' has "
+            f"{spec.describe()} (use --net mlp)"
+        )
+    if name in IMAGE_NETS and not images:
+        raise ConfigError(
+            f"network '{name}' needs image observations ([C, H, W] or [H, W, C]); "
+            f"'{env.env_id}' has {spec.describe()} (use --net mlp)"
+        )
+    if name in ("shallow", "deep") and smallest < ATARI_SIZED:
+        raise ConfigError(
+            f"network '{name}' needs images of at least {ATARI_SIZED}x{ATARI_SIZED}; "
+            f"'{env.env_id}' has {spec.describe()} (use --net minatar)"
+        )
     return name
 
 
-def resolve_obs_norm(obs_norm: str, net: str) -> str:
-    """'on' or 'off' for `--obs-norm` with the resolved network `net`: 'auto' is 'on' for the
-    MLP (vector observations), 'off' for the others. ConfigError for 'on' with another network."""
-    if obs_norm == "on" and net != "mlp":
+def resolve_obs_norm(obs_norm: str, net: str, env: EnvInfo | None = None) -> str:
+    """'on' or 'off' for `--obs-norm` with the resolved network `net` for `env`: standardised are
+    the Box vector parts of the observation (`impala.envs.spaces`: not images, not discrete
+    values), each by its own statistics, in the built-in networks but the seed's. 'auto' is 'on'
+    where there are such parts; ConfigError for 'on' where there are none. Without `env`, the
+    MLP is taken to have them and the others not."""
+    if env is None:
+        takes = net == "mlp"
+    else:
+        takes = net in NET_NAMES and net != "seed" and bool(env.obs.vectors)
+    if obs_norm == "on" and not takes:
         raise ConfigError(
-            f"--obs-norm on standardises vector observations for the mlp network; '{net}' "
-            "does not take it (images are not standardised; use --obs-norm auto or off)"
+            f"--obs-norm on standardises vector observations (Box parts that are not images) for "
+            f"the built-in networks; '{net}' does not take it here (images and discrete values "
+            "are not standardised; use --obs-norm auto or off)"
         )
     if obs_norm == "auto":
-        return "on" if net == "mlp" else "off"
+        return "on" if takes else "off"
     return obs_norm
 
 
@@ -80,9 +94,11 @@ def build_net(
 ) -> nn.Module:
     """Network `name` (see NET_NAMES) for `env`, feed-forward (`core='ff'`) or with an LSTM
     core (`core='lstm'`), with a PopArt value head if `popart_beta` is given and standardised
-    inputs with `obs_norm` 'on' (the MLP only) or 'auto' (where the network is the MLP)."""
+    vector inputs with `obs_norm` 'on' or 'auto' (see `resolve_obs_norm`). Observations of
+    several parts (Dict, Tuple) get an encoder per part (`impala.nets.encoders`)."""
     name = resolve_net(name, env)
-    normalise = resolve_obs_norm(obs_norm, name) == "on"
+    normalise = resolve_obs_norm(obs_norm, name, env) == "on"
+    spec, single = env.obs, env.obs.single
     if name == "seed":
         if env.num_tasks > 1:
             raise ConfigError("a multi-task run needs a value output per task; use --net mlp")
@@ -95,9 +111,13 @@ def build_net(
             raise ConfigError("the seed network has no torso for an LSTM core; use --net mlp")
         if popart_beta is not None:
             raise ConfigError("--value-norm popart needs a value head; the seed network has none")
-        return SeedNet(num_hidden, obs_dim=env.obs_shape[0], num_actions=env.num_actions)
+        return SeedNet(num_hidden, obs_dim=single.shape[0], num_actions=env.num_actions)
     if name == "mlp":
-        obs_dim = math.prod(env.obs_shape)
+        # A flat vector as before; other parts (discrete, Dict, Tuple, other ranks) encoded as one
+        encoder = None
+        if not (single and single.kind == "vector" and len(single.shape) == 1):
+            encoder = FlatEncoder(spec.parts, obs_norm=normalise)
+        obs_dim = encoder.num_features if encoder is not None else math.prod(single.shape)
         if core == "ff":
             return MLPNet(
                 obs_dim,
@@ -107,11 +127,23 @@ def build_net(
                 popart_beta=popart_beta,
                 obs_norm=normalise,
                 num_tasks=env.num_tasks,
+                encoder=encoder,
             )
-        torso = MLPTorso(obs_dim, num_hidden=num_hidden, num_layers=num_layers, obs_norm=normalise)
+        torso = MLPTorso(
+            obs_dim,
+            num_hidden=num_hidden,
+            num_layers=num_layers,
+            obs_norm=normalise,
+            encoder=encoder,
+        )
     else:
         make = {"shallow": shallow_torso, "deep": deep_torso, "minatar": minatar_torso}[name]
-        torso = make(env.obs_shape)
+        if single is not None:  # one image, [C, H, W] as the network receives it
+            torso = make(single.shape, input_scale=single.scale)
+        else:
+            torso = MultiInputTorso(
+                spec, make, num_hidden=num_hidden, num_layers=num_layers, obs_norm=normalise
+            )
     if core == "lstm":
         return RecurrentNet(
             torso,

@@ -81,8 +81,12 @@ def _tower(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _inputs(obs_norm: ObsNorm | None, obs: torch.Tensor) -> torch.Tensor:
-    """The network's float inputs: `obs` standardised if there is an `obs_norm`."""
+def _inputs(obs_norm: ObsNorm | None, obs: torch.Tensor, encoder: nn.Module | None = None):
+    """The network's float inputs: `obs` encoded as one vector by `encoder` if there is one
+    (`impala.nets.encoders.FlatEncoder`: the parts of a Dict or Tuple, one-hot discrete values),
+    else `obs` itself, standardised if there is an `obs_norm`."""
+    if encoder is not None:
+        return encoder(obs)
     return obs.float() if obs_norm is None else obs_norm(obs)
 
 
@@ -94,20 +98,29 @@ def _orthogonal_init(module: nn.Module) -> None:
 
 
 class MLPTorso(nn.Module):
-    """`num_layers` layers of `num_hidden` tanh units: the torso under an LSTM core."""
+    """`num_layers` layers of `num_hidden` tanh units: the torso under an LSTM core (and the
+    vector parts' encoder of `impala.nets.encoders.MultiInputTorso`). `encoder`: a module that
+    makes the observation one float vector of `obs_dim` first (`FlatEncoder`)."""
 
     def __init__(
-        self, obs_dim: int, *, num_hidden: int = 64, num_layers: int = 2, obs_norm: bool = False
+        self,
+        obs_dim: int,
+        *,
+        num_hidden: int = 64,
+        num_layers: int = 2,
+        obs_norm: bool = False,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
+        self.encoder = encoder
+        self.obs_norm = ObsNorm(obs_dim) if obs_norm and encoder is None else None
         self.tower = _tower([obs_dim] + [num_hidden] * num_layers, Tanh)
         self.num_features = num_hidden
         _orthogonal_init(self)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs `[N, obs_dim]` -> features `[N, num_hidden]`."""
-        return self.tower(_inputs(self.obs_norm, obs))
+    def forward(self, obs) -> torch.Tensor:
+        """obs `[N, obs_dim]` (or what `encoder` takes) -> features `[N, num_hidden]`."""
+        return self.tower(_inputs(self.obs_norm, obs, self.encoder))
 
 
 class MLPNet(nn.Module):
@@ -119,7 +132,9 @@ class MLPNet(nn.Module):
     disturb the policy's features. `shared=True` gives one torso with two heads.
     Orthogonal initialisation, with a small policy head so that the first policy is near uniform
     (a Gaussian's means near 0).
-    `obs_norm=True` standardises the inputs first (`impala.nets.obsnorm`).
+    `obs_norm=True` standardises the inputs first (`impala.nets.obsnorm`). `encoder`: a module
+    that makes the observation one float vector of `obs_dim` first (`FlatEncoder`: the parts of
+    a Dict or Tuple, one-hot discrete values; it standardises its vector parts itself).
     """
 
     is_recurrent = False
@@ -135,12 +150,14 @@ class MLPNet(nn.Module):
         popart_beta: float | None = None,
         obs_norm: bool = False,
         num_tasks: int = 1,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         sizes = [obs_dim] + [num_hidden] * num_layers
         self.action_spec = as_spec(action)
         self.shared = shared
-        self.obs_norm = ObsNorm(obs_dim) if obs_norm else None
+        self.encoder = encoder
+        self.obs_norm = ObsNorm(obs_dim) if obs_norm and encoder is None else None
         self.policy_torso = _tower(sizes, Tanh)
         self.value_torso = None if shared else _tower(sizes, Tanh)
         self.policy_head = policy_head(sizes[-1], self.action_spec)
@@ -150,22 +167,24 @@ class MLPNet(nn.Module):
         linear = self.value_head.linear if popart_beta is not None else self.value_head
         nn.init.orthogonal_(linear.weight, gain=1.0)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs `[N, obs_dim]` -> policy parameters `[N, P]` (logits for discrete actions),
-        values `[N]`."""
-        obs = _inputs(self.obs_norm, obs)
+    def forward(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs `[N, obs_dim]` (or what `encoder` takes) -> policy parameters `[N, P]` (logits for
+        discrete actions), values `[N]`."""
+        obs = _inputs(self.obs_norm, obs, self.encoder)
         policy_features = self.policy_torso(obs)
         value_features = policy_features if self.value_torso is None else self.value_torso(obs)
         return self.policy_head(policy_features), values(self.value_head, value_features)
 
-    def policy_logits(self, obs: torch.Tensor) -> torch.Tensor:
+    def policy_logits(self, obs) -> torch.Tensor:
         """obs `[N, obs_dim]` -> policy parameters `[N, P]`, without the value tower (acting needs
         none)."""
-        return self.policy_head(self.policy_torso(_inputs(self.obs_norm, obs)))
+        return self.policy_head(self.policy_torso(_inputs(self.obs_norm, obs, self.encoder)))
 
     def numpy_net(self) -> NumpyMLP | None:
         """This network's forward pass in numpy (`NumpyMLP`), or None where that does not apply
-        (weights off the CPU or not float32, a Gaussian policy head)."""
+        (weights off the CPU or not float32, a Gaussian policy head, an `encoder`)."""
+        if self.encoder is not None:
+            return None
         head = self.value_head.linear if isinstance(self.value_head, PopArt) else self.value_head
         if not isinstance(self.policy_head, nn.Linear) or not isinstance(head, nn.Linear):
             return None

@@ -25,13 +25,18 @@ EPS = 1e-8
 
 
 class ObsNorm(nn.Module):
-    """`[N, D] -> [N, D]` float: observations standardised by running statistics."""
+    """`[N, D] -> [N, D]` float: observations standardised by running statistics.
 
-    def __init__(self, dim: int, clip: float = 5.0) -> None:
+    `part`: the part of a Dict or Tuple observation it standardises (its name, see
+    `impala.envs.spaces`); None for a lone space's whole observation. The learner updates each
+    ObsNorm of a network from that part of every batch, flattened to `[..., D]`."""
+
+    def __init__(self, dim: int, clip: float = 5.0, part: str | None = None) -> None:
         super().__init__()
         if clip <= 0:
             raise ValueError(f"clip must be positive, got {clip}")
         self.clip = clip
+        self.part = part or None
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.var = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.count = nn.Parameter(torch.zeros(1), requires_grad=False)

@@ -7,8 +7,8 @@ carried from step to step and from one unroll to the next, and reset to zeros be
 observation of an episode (`first[t]`), inside an unroll too. An explorer records the state at
 the start of each unroll, so the learner replays the unroll from exactly that state.
 
-Shapes: time-major, `obs [T, B, ...]`, `prev_action [T, B, *action_shape]`, `prev_reward [T, B]`,
-`first [T, B]` (bool), state `(h [B, H], c [B, H])`.
+Shapes: time-major, `obs [T, B, ...]` (or a dict of such, by part), `prev_action [T, B,
+*action_shape]`, `prev_reward [T, B]`, `first [T, B]` (bool), state `(h [B, H], c [B, H])`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from impala.distributions import ActionSpec, action_features, as_spec
+from impala.envs import spaces
 from impala.nets.heads import Heads
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -58,8 +59,8 @@ class RecurrentNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """-> policy parameters `[T, B, P]` (logits for discrete actions), values `[T, B]`, the
         state after the last step."""
-        T, B = obs.shape[:2]
-        features = self.torso(obs.flatten(0, 1)).view(T, B, -1)
+        T, B = spaces.lead_shape(obs, 2)
+        features = self.torso(spaces.map_obs(lambda part: part.flatten(0, 1), obs)).view(T, B, -1)
         inputs = torch.cat(
             [
                 features,
