@@ -13,6 +13,7 @@ import os
 import typing
 from typing import Any, Literal
 
+from impala import refs
 from impala.envs import CORRIDOR_ID
 from impala.envs.atari import AtariProtocol, looks_like_atari
 from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID, action_kind, task_ids
@@ -25,7 +26,6 @@ Runtime = Literal["local", "serial", "ray"]
 BufferKind = Literal["fifo", "replay"]
 Sync = Literal["unroll", "episode"]
 Optimizer = Literal["rmsprop", "rmsprop-tf", "adam", "adagrad", "sgd"]
-Net = Literal["auto", "seed", "mlp", "shallow", "deep", "minatar"]
 Core = Literal["ff", "lstm"]
 Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -39,8 +39,14 @@ class Config:
     env: str = CORRIDOR_ID
     """Gymnasium environment id: vector observations, Atari (ALE/Pong-v5, PongNoFrameskip-v4,
     ...; the paper's preprocessing) or MinAtar/Breakout-v1; discrete, multi-discrete or
-    continuous actions. Several ids, comma-separated, make a multi-task run: one network, explorer
-    i on task i % K, a value output per task, returns reported per task."""
+    continuous actions. Or your own: package.module:make_env, a function (or class) called with
+    --env-kwargs that returns a gymnasium.Env, where module:attr names a callable; otherwise
+    module:EnvId imports the module, which registers EnvId. Several ids, comma-separated, make a
+    multi-task run: one network, explorer i on task i % K, a value output per task, returns
+    reported per task."""
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    """Keyword arguments of the environment, as a JSON object ('{"size": 5}'): passed to an
+    environment factory (package.module:make_env), or to gymnasium.make for a registered id."""
     max_steps_per_episode: int | None = None
     """Cap on steps in one episode (seed -m); the episode is truncated, not terminated."""
     sticky_actions: float = 0.0
@@ -57,10 +63,14 @@ class Config:
     on), for environments that report 'lives'."""
     algo: Algo = "vtrace"
     """'vtrace' (the paper's actor-critic) or 'reinforce' (the seed: Monte Carlo returns)."""
-    net: Net = "auto"
+    net: str = "auto"
     """'seed' (two linear layers, the prototype's), 'mlp' (tanh MLP), the paper's 'shallow' or
     'deep' (residual) conv nets, or 'minatar' (small conv net); 'auto' picks by observation:
-    mlp for vectors, shallow for Atari-sized images, minatar for small ones."""
+    mlp for vectors, shallow for Atari-sized images, minatar for small ones. Or your own:
+    package.module:build, a function build(observation_space, action_spec, config,
+    **net_kwargs) returning a network that obeys impala.nets.contract (checked at start)."""
+    net_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    """Keyword arguments of your own network's build function, as a JSON object."""
     core: Core = "ff"
     """'ff' (feed-forward) or 'lstm': an LSTM between the torso and the heads, fed the clipped
     last reward and the one-hot last action too (the paper's)."""
@@ -238,7 +248,19 @@ class Config:
     """Index of this learner task (seed -t); printed in the learner line."""
 
     def __post_init__(self) -> None:
+        # Python callables become references "module:attr" (what other processes, config.json
+        # and checkpoints can hold); keyword arguments become plain JSON data.
+        object.__setattr__(self, "env", refs.as_reference(self.env, "--env"))
+        object.__setattr__(self, "net", refs.as_reference(self.net, "--net"))
+        object.__setattr__(self, "env_kwargs", refs.check_kwargs(self.env_kwargs, "--env-kwargs"))
+        object.__setattr__(self, "net_kwargs", refs.check_kwargs(self.net_kwargs, "--net-kwargs"))
         _validate(self)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks of the run: 1, or K for a multi-task run of K comma-separated ids (the value
+        outputs a network has)."""
+        return len(task_ids(self.env))
 
     @property
     def steps_total(self) -> int:
@@ -281,7 +303,9 @@ class Config:
     def env_options(self) -> dict[str, Any]:
         """Keyword arguments of the environment factories (`impala.envs`)."""
         return dict(
-            max_episode_steps=self.max_steps_per_episode, atari_protocol=self.atari_protocol
+            max_episode_steps=self.max_steps_per_episode,
+            atari_protocol=self.atari_protocol,
+            env_kwargs=self.env_kwargs,
         )
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
@@ -323,7 +347,6 @@ CHOICES = {
     "lr_schedule": ("constant", "linear"),
     "entropy_schedule": ("constant", "linear"),
     "loss_reduction": ("sum", "mean"),
-    "net": ("auto", "seed", "mlp", "shallow", "deep", "minatar"),
     "core": ("ff", "lstm"),
     "device": ("cpu", "cuda", "auto"),
     "precision": ("auto", "fp32", "bf16"),
@@ -349,6 +372,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
             )
+    if not _known_net(cfg.net):
+        raise ConfigError(
+            "--net must be one of auto, seed, mlp, shallow, deep, minatar, a name registered "
+            f"with register_net, or a reference package.module:build, got {cfg.net!r}"
+        )
+    if cfg.net_kwargs and not _custom_net(cfg.net):
+        raise ConfigError(
+            f"--net-kwargs is for your own network (--net package.module:build); "
+            f"the built-in '{cfg.net}' takes its settings from the options"
+        )
     if not 0.0 <= cfg.gamma <= 1.0:
         raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma!r}")
     if not (isinstance(cfg.explorer_nice, int) and 0 <= cfg.explorer_nice <= 19):
@@ -443,6 +476,18 @@ def _validate(cfg: Config) -> None:
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def _custom_net(net: object) -> bool:
+    from impala.nets.custom import is_custom
+
+    return isinstance(net, str) and is_custom(net)
+
+
+def _known_net(net: object) -> bool:
+    from impala.nets.factory import NET_NAMES
+
+    return net in NET_NAMES or _custom_net(net)
 
 
 # Settings that only some algorithms, buffers, optimizers or runtimes read: field -> (setting
@@ -734,9 +779,10 @@ PRESETS[MINIGRID] = PRESETS[FALLBACK] | dict(appo_target_growth=0.1)
 PRESETS["Pendulum-v1"] = PRESETS[FALLBACK_BOX] | dict(gamma=0.95)
 
 
-def preset_for(env_id: str) -> dict[str, Any]:
+def preset_for(env_id: str, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The preset of `env_id`: its own, else its family's (Atari, MinAtar, MiniGrid ids), else the
-    fallback of its action space (for several ids, the first one's)."""
+    fallback of its action space (for several ids, the first one's; an environment factory's
+    made with `env_kwargs`)."""
     env_id = task_ids(env_id)[0]  # a multi-task run: its first task's
     if env_id in PRESETS:
         return dict(PRESETS[env_id])
@@ -746,7 +792,7 @@ def preset_for(env_id: str) -> dict[str, Any]:
         return dict(PRESETS[MINATAR])
     if looks_like_minigrid(env_id):
         return dict(PRESETS[MINIGRID])
-    if action_kind(env_id) == "box":
+    if action_kind(env_id, json.dumps(env_kwargs or {}, sort_keys=True)) == "box":
         return dict(PRESETS[FALLBACK_BOX])
     return dict(PRESETS[FALLBACK])
 
@@ -760,8 +806,9 @@ def resolve(explicit: dict[str, Any]) -> Config:
     unknown = sorted(set(explicit) - fields)
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    explicit = _with_references(explicit)
     env_id = explicit.get("env", Config.env)
-    preset = preset_for(env_id)
+    preset = preset_for(env_id, explicit.get("env_kwargs"))
     if "steps_per_explorer" in explicit and "total_steps" not in explicit:
         preset.pop("total_steps", None)  # the user's -s is the budget, not the preset's total
     # What a preset adds to V-trace (PopArt's value head, APPO's loss) yields to a user who asks
@@ -778,6 +825,18 @@ def resolve(explicit: dict[str, Any]) -> Config:
         return Config(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _with_references(explicit: dict[str, Any]) -> dict[str, Any]:
+    """`explicit` with an environment factory or network given as a Python callable replaced by
+    its reference (`impala.refs`), and keyword arguments checked, before presets are chosen."""
+    out = dict(explicit)
+    for name in ("env", "net"):
+        if name in out:
+            out[name] = refs.as_reference(out[name], _flag(name))
+    if "env_kwargs" in out:
+        out["env_kwargs"] = refs.check_kwargs(out["env_kwargs"], "--env-kwargs")
+    return out
 
 
 # --- settings from a file (`--config FILE`) ------------------------------------------------------
@@ -852,7 +911,7 @@ def with_config_file(
         from_file.pop("total_steps", None)  # the command line's -s is the budget (see resolve)
     merged = {**from_file, **explicit}
     baseline = {f.name: f.default for f in dataclasses.fields(Config)}
-    baseline |= preset_for(merged.get("env", Config.env))
+    baseline |= preset_for(merged.get("env", Config.env), merged.get("env_kwargs"))
     chosen = {k for k, v in from_file.items() if k not in baseline or v != baseline[k]}
     return merged, set(explicit) | chosen
 
@@ -891,6 +950,10 @@ def _file_value(key: str, value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         wanted = "a string"
+    elif typing.get_origin(hint) is dict:  # keyword arguments: a table, mapping or object
+        if isinstance(value, dict):
+            return refs.check_kwargs(value, f"{where}: {key}")
+        wanted = "a table of keyword arguments"
     else:  # a field type this loader does not know yet
         raise ConfigError(f"{where}: {key} cannot be set from a file")
     wanted += " or none" if optional else ""

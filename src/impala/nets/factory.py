@@ -9,6 +9,7 @@ from torch import nn
 from impala.envs import EnvInfo
 from impala.errors import ConfigError
 from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.custom import is_custom, reference_of
 from impala.nets.heads import PolicyValueNet
 from impala.nets.mlp import MLPNet, MLPTorso, SeedNet
 from impala.nets.recurrent import RecurrentNet
@@ -22,8 +23,11 @@ ATARI_SIZED = 36
 
 def resolve_net(name: str, env: EnvInfo) -> str:
     """The network 'auto' stands for: 'mlp' for vectors, 'shallow' for Atari-sized images
-    `[C, H, W]`, 'minatar' for small ones. Raises ConfigError for observations no network takes
-    and for a network that does not take the environment's."""
+    `[C, H, W]`, 'minatar' for small ones; a custom network's reference (a registered name's,
+    see `impala.nets.custom`). Raises ConfigError for observations no network takes and for a
+    network that does not take the environment's."""
+    if is_custom(name):  # it takes what its build function says (checked when built)
+        return reference_of(name)
     rank = len(env.obs_shape)
     if rank not in (1, 3):
         raise ConfigError(
