@@ -83,7 +83,8 @@ def _custom(net, space=VECTOR, spec=DISCRETE, **kwargs):
         (
             "impala.examples.custom_net:build",
             {"num_tasks": 2},
-            "the values of forward(obs [2, 4] float32) (2 tasks) has shape [2] float32, expected [2, 2]",
+            "the values of forward(obs [2, 4] float32) (2 tasks) has shape [2] float32, "
+            "expected [2, 2]",
         ),
         ("extend_for_tests:raises", {}, "build raised RuntimeError: no GPU kernel"),
         ("extend_for_tests:not_a_module", {}, "build must return a torch.nn.Module, got a dict"),
