@@ -67,3 +67,24 @@ def factory_raises(**kwargs):
 
 def factory_returns_a_dict(**kwargs):
     return {"obs": 0}
+
+
+def logged_cartpole(log_dir: str, render_mode=None, **kwargs):
+    """The example factory, noting in `log_dir` which process called it with which arguments
+    (a file per process): where the environments of a run were built."""
+    import json
+    import os
+    from pathlib import Path
+
+    from impala.examples.envs import make_cartpole
+
+    with open(Path(log_dir) / f"{os.getpid()}.jsonl", "a") as log:
+        log.write(json.dumps({"kwargs": kwargs, "render_mode": render_mode}) + "\n")
+    return make_cartpole(render_mode=render_mode, **kwargs)
+
+
+def no_render_mode(pole_length: float = 0.5):
+    """A factory that takes no render_mode (what `impala eval --video` passes)."""
+    from impala.examples.envs import make_cartpole
+
+    return make_cartpole(pole_length=pole_length)

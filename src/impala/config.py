@@ -818,6 +818,8 @@ def resolve(explicit: dict[str, Any]) -> Config:
         preset.pop("loss", None)
     if explicit.get("net") == "seed":
         preset.pop("value_norm", None)
+    if _custom_net(explicit.get("net")):  # PopArt needs a head your network may not have
+        preset.pop("value_norm", None)
     if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
         preset.pop("loss", None)
     values = {**preset, **explicit}

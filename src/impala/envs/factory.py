@@ -190,6 +190,12 @@ def make_env(
             env = gym.make(name, **kwargs)
     except gym.error.Error as exc:  # missing optional dependency, bad kwargs, ...
         raise ConfigError(f"cannot make environment '{env_id}': {_one_line(exc)}") from None
+    except TypeError as exc:  # a keyword argument the environment does not take
+        if not env_kwargs:
+            raise
+        raise ConfigError(
+            f"cannot make environment '{env_id}' with --env-kwargs: {_one_line(exc)}"
+        ) from None
     except ImportError as exc:  # the env's own code imports a package that is not installed
         raise ConfigError(_missing_module(env_id, spec, exc)) from None
     if minatar.is_minatar(spec):
