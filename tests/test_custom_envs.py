@@ -220,3 +220,30 @@ def test_a_factory_and_a_custom_network_on_ray(tmp_path):
     assert result.steps >= 4000 and result.episodes > 0
     figures = evaluate(tmp_path / "run", episodes=3, out=open(tmp_path / "eval.txt", "w"))
     assert figures["episodes"] == 3
+
+
+@pytest.mark.timeout(400)
+def test_the_job_form_takes_a_factory_and_a_custom_network(tmp_path):
+    """The seed's job form, learner and explorer tasks started as users start them, each
+    building the factory's environments and the custom network from its own command line."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed")
+    from test_distributed import Job, _assert_no_ray_processes
+
+    job = Job(tmp_path, 1, 1)
+    flags = [
+        *("--env", FACTORY, "--env-kwargs", '{"pole_length": 0.7}'),
+        *("--net", "impala.examples.custom_net:build", "--net-kwargs", '{"hidden": 16}'),
+        *("-s", "3000", "--envs-per-explorer", "4", "--batch-size", "4"),
+    ]
+    try:
+        job.start("learner", 0, *flags)
+        job.start("explorer", 0, *flags)
+        assert job.wait("explorer0", 200) == 0, job.err("explorer0")
+        assert job.wait("learner0", 60) == 0, job.err("learner0")
+    finally:
+        job.close()
+    _assert_no_ray_processes()
+    assert "learner 0 done (step budget): 3," in job.out("learner0"), job.out("learner0")
+    saved = json.loads((tmp_path / "run-learner0" / "config.json").read_text())
+    assert (saved["env"], saved["net"]) == (FACTORY, "impala.examples.custom_net:build")
