@@ -250,7 +250,8 @@ def test_the_review_case_a_network_patched_in_one_process_ends_the_run(tmp_path,
     from impala.train import train
 
     def bigger(cfg, env):
-        return custom_net.build(env.observation_space, env.action, cfg, hidden=32)
+        # larger than the stock network: a prefix of its vector fills that one silently
+        return custom_net.build(env.observation_space, env.action, cfg, hidden=128)
 
     monkeypatch.setattr("impala.runtime.common.build_model", bigger)
     cfg = config.resolve(
@@ -267,7 +268,10 @@ def test_the_review_case_a_network_patched_in_one_process_ends_the_run(tmp_path,
         train(cfg, out=open(tmp_path / "out.txt", "w"))
     line = str(err.value)
     assert "\n" not in line and "is not the one the learner publishes" in line, line
-    assert "'policy.0.weight' [32, 4]" in line and "--net package.module:build" in line, line
+    assert "'policy_torso.0.weight' [64, 4] where the store holds 'policy.0.weight' [128, 4]" in (
+        line
+    ), line
+    assert "--net package.module:build" in line, line
     assert project_children() == []
 
 
