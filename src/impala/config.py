@@ -912,7 +912,8 @@ def with_config_file(
     if "steps_per_explorer" in explicit and "total_steps" not in explicit:
         from_file.pop("total_steps", None)  # the command line's -s is the budget (see resolve)
     merged = {**from_file, **explicit}
-    baseline = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    defaults = Config()
+    baseline = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Config)}
     baseline |= preset_for(merged.get("env", Config.env), merged.get("env_kwargs"))
     chosen = {k for k, v in from_file.items() if k not in baseline or v != baseline[k]}
     return merged, set(explicit) | chosen

@@ -116,11 +116,10 @@ def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
         if name not in gym.registry:
             atari.register()  # other ale-py ids (Pong-v4, ...), when it is installed
     if name not in gym.registry:
-        module = env_id.partition(":")[0] if ":" in env_id else None
-        if module is not None and refs.is_reference(env_id):  # module:attr, and no such attr
+        if refs.is_reference(env_id):  # module:attr, and no such callable attr
             raise ConfigError(
-                f"module '{module}' has no environment factory '{name}' (a callable) and "
-                f"registers no environment id '{name}'"
+                f"module '{env_id.partition(':')[0]}' has no environment factory '{name}' (a "
+                f"callable) and registers no environment id '{name}'"
             )
         close = difflib.get_close_matches(name, list(gym.registry), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
