@@ -35,6 +35,11 @@ _EXPORTS: dict[str, str] = {
     "PolicyState": "impala.policy",
     "evaluate": "impala.api",
     "EvalResult": "impala.api",
+    # your own networks (see impala.nets.contract)
+    "register_net": "impala.nets.custom",
+    "PolicyValueNetwork": "impala.nets.contract",
+    "RecurrentPolicyValueNetwork": "impala.nets.contract",
+    "check_network": "impala.nets.contract",
     # errors
     "ConfigError": "impala.errors",
     "RunFailed": "impala.errors",
@@ -52,6 +57,10 @@ __all__ = [
     "PolicyState",
     "evaluate",
     "EvalResult",
+    "register_net",
+    "PolicyValueNetwork",
+    "RecurrentPolicyValueNetwork",
+    "check_network",
     "ConfigError",
     "RunFailed",
 ]
@@ -61,6 +70,8 @@ if TYPE_CHECKING:  # what type checkers, IDEs and documentation tools see
     from impala.callbacks import Callback, StopTraining
     from impala.config import Config
     from impala.errors import ConfigError, RunFailed
+    from impala.nets.contract import PolicyValueNetwork, RecurrentPolicyValueNetwork, check_network
+    from impala.nets.custom import register_net
     from impala.policy import Policy, PolicyState, load_policy
 
 

@@ -136,6 +136,16 @@ def _optional_int(text: str) -> int | None:
     return int(text)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """`--env-kwargs '{"size": 5}'`: a JSON object (argparse reports a ValueError in one line)."""
+    from impala.refs import parse_kwargs
+
+    try:
+        return parse_kwargs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _field_docs() -> dict[str, str]:
     """Field docstrings of Config, read from its source (they are the help texts)."""
     import ast
@@ -177,6 +187,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _optional_int
         elif field.type == "float | None":
             kwargs["type"] = _optional_float
+        elif field.type == "dict[str, Any]":
+            kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
         if default not in (None, False, dataclasses.MISSING):
             kwargs["help"] += f" (default: {default})"
         kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts

@@ -16,6 +16,7 @@ import os
 import typing
 from typing import Any, Literal
 
+from impala import refs
 from impala.envs import CORRIDOR_ID
 from impala.envs.atari import AtariProtocol, looks_like_atari
 from impala.envs.factory import CARTPOLE_NO_VELOCITY_ID, action_kind, task_ids
@@ -28,7 +29,6 @@ Runtime = Literal["local", "serial", "ray"]
 BufferKind = Literal["fifo", "replay"]
 Sync = Literal["unroll", "episode"]
 Optimizer = Literal["rmsprop", "rmsprop-tf", "adam", "adagrad", "sgd"]
-Net = Literal["auto", "seed", "mlp", "shallow", "deep", "minatar"]
 Core = Literal["ff", "lstm"]
 Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -57,8 +57,14 @@ class Config:
     env: str = CORRIDOR_ID
     """Gymnasium environment id: vector observations, Atari (ALE/Pong-v5, PongNoFrameskip-v4,
     ...; the paper's preprocessing) or MinAtar/Breakout-v1; discrete, multi-discrete or
-    continuous actions. Several ids, comma-separated, make a multi-task run: one network, explorer
-    i on task i % K, a value output per task, returns reported per task."""
+    continuous actions. Or your own: package.module:make_env, a function (or class) called with
+    --env-kwargs that returns a gymnasium.Env, where module:attr names a callable; otherwise
+    module:EnvId imports the module, which registers EnvId. Several ids, comma-separated, make a
+    multi-task run: one network, explorer i on task i % K, a value output per task, returns
+    reported per task."""
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    """Keyword arguments of the environment, as a JSON object ('{"size": 5}'): passed to an
+    environment factory (package.module:make_env), or to gymnasium.make for a registered id."""
     max_steps_per_episode: int | None = None
     """Cap on steps in one episode (seed -m); the episode is truncated, not terminated."""
     sticky_actions: float = 0.0
@@ -75,12 +81,16 @@ class Config:
     on), for environments that report 'lives'."""
     algo: Algo = "vtrace"
     """'vtrace' (the paper's actor-critic) or 'reinforce' (the seed: Monte Carlo returns)."""
-    net: Net = "auto"
+    net: str = "auto"
     """'seed' (two linear layers, the prototype's), 'mlp' (tanh MLP), the paper's 'shallow' or
     'deep' (residual) conv nets, or 'minatar' (small conv net); 'auto' picks by observation:
     mlp without images (vectors, discrete values one-hot, Dict and Tuple of them), shallow for
     Atari-sized images ([C, H, W] or [H, W, C]), minatar for small ones. A Dict or Tuple with
-    images gets that conv net per image part, joined with an MLP over the other parts."""
+    images gets that conv net per image part, joined with an MLP over the other parts. Or your
+    own: package.module:build, a function build(observation_space, action_spec, config,
+    **net_kwargs) returning a network that obeys impala.nets.contract (checked at start)."""
+    net_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    """Keyword arguments of your own network's build function, as a JSON object."""
     core: Core = "ff"
     """'ff' (feed-forward) or 'lstm': an LSTM between the torso and the heads, fed the clipped
     last reward and the one-hot last action too (the paper's)."""
@@ -269,8 +279,20 @@ class Config:
     """Index of this learner task (seed -t); printed in the learner line."""
 
     def __post_init__(self) -> None:
+        # Python callables become references "module:attr" (what other processes, config.json
+        # and checkpoints can hold); keyword arguments become plain JSON data.
+        object.__setattr__(self, "env", refs.as_reference(self.env, "--env"))
+        object.__setattr__(self, "net", refs.as_reference(self.net, "--net"))
+        object.__setattr__(self, "env_kwargs", refs.check_kwargs(self.env_kwargs, "--env-kwargs"))
+        object.__setattr__(self, "net_kwargs", refs.check_kwargs(self.net_kwargs, "--net-kwargs"))
         _check_types(self)
         _validate(self)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks of the run: 1, or K for a multi-task run of K comma-separated ids (the value
+        outputs a network has)."""
+        return len(task_ids(self.env))
 
     @property
     def steps_total(self) -> int:
@@ -313,7 +335,9 @@ class Config:
     def env_options(self) -> dict[str, Any]:
         """Keyword arguments of the environment factories (`impala.envs`)."""
         return dict(
-            max_episode_steps=self.max_steps_per_episode, atari_protocol=self.atari_protocol
+            max_episode_steps=self.max_steps_per_episode,
+            atari_protocol=self.atari_protocol,
+            env_kwargs=self.env_kwargs,
         )
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
@@ -357,7 +381,6 @@ CHOICES = {
     "lr_schedule": ("constant", "linear"),
     "entropy_schedule": ("constant", "linear"),
     "loss_reduction": ("sum", "mean"),
-    "net": ("auto", "seed", "mlp", "shallow", "deep", "minatar"),
     "core": ("ff", "lstm"),
     "device": ("cpu", "cuda", "auto"),
     "precision": ("auto", "fp32", "bf16"),
@@ -393,6 +416,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
             )
+    if not _known_net(cfg.net):
+        raise ConfigError(
+            "--net must be one of auto, seed, mlp, shallow, deep, minatar, a name registered "
+            f"with register_net, or a reference package.module:build, got {cfg.net!r}"
+        )
+    if cfg.net_kwargs and not _custom_net(cfg.net):
+        raise ConfigError(
+            f"--net-kwargs is for your own network (--net package.module:build); "
+            f"the built-in '{cfg.net}' takes its settings from the options"
+        )
     if not 0.0 <= cfg.gamma <= 1.0:
         raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma!r}")
     if not (isinstance(cfg.explorer_nice, int) and 0 <= cfg.explorer_nice <= 19):
@@ -487,6 +520,18 @@ def _validate(cfg: Config) -> None:
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def _custom_net(net: object) -> bool:
+    from impala.nets.custom import is_custom
+
+    return isinstance(net, str) and is_custom(net)
+
+
+def _known_net(net: object) -> bool:
+    from impala.nets.factory import NET_NAMES
+
+    return net in NET_NAMES or _custom_net(net)
 
 
 # Settings that only some algorithms, buffers, optimizers or runtimes read: field -> (setting
@@ -731,9 +776,10 @@ PRESETS[MINIGRID] = PRESETS[FALLBACK] | dict(appo_target_growth=0.1)
 PRESETS["Pendulum-v1"] = PRESETS[FALLBACK_BOX] | dict(gamma=0.95)
 
 
-def preset_for(env_id: str) -> dict[str, Any]:
+def preset_for(env_id: str, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The preset of `env_id`: its own, else its family's (Atari, MinAtar, MiniGrid ids), else the
-    fallback of its action space (for several ids, the first one's)."""
+    fallback of its action space (for several ids, the first one's; an environment factory's
+    made with `env_kwargs`)."""
     env_id = task_ids(env_id)[0]  # a multi-task run: its first task's
     if env_id in PRESETS:
         return dict(PRESETS[env_id])
@@ -743,7 +789,7 @@ def preset_for(env_id: str) -> dict[str, Any]:
         return dict(PRESETS[MINATAR])
     if looks_like_minigrid(env_id):
         return dict(PRESETS[MINIGRID])
-    if action_kind(env_id) == "box":
+    if action_kind(env_id, json.dumps(env_kwargs or {}, sort_keys=True)) == "box":
         return dict(PRESETS[FALLBACK_BOX])
     return dict(PRESETS[FALLBACK])
 
@@ -769,10 +815,11 @@ def with_preset(explicit: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}{hint}")
     if len(explicit) == len(hints):
         return explicit
+    explicit = _with_references(explicit)
     env_id = explicit.get("env", Config.env)
     if not isinstance(env_id, str):
         raise ConfigError(f"Config: env must be a string (an environment id), got {env_id!r}")
-    preset = preset_for(env_id)
+    preset = preset_for(env_id, explicit.get("env_kwargs"))
     if "steps_per_explorer" in explicit and "total_steps" not in explicit:
         preset.pop("total_steps", None)  # the user's -s is the budget, not the preset's total
     # What a preset adds to V-trace (PopArt's value head, APPO's loss) yields to a user who asks
@@ -781,6 +828,8 @@ def with_preset(explicit: dict[str, Any]) -> dict[str, Any]:
         preset.pop("value_norm", None)
         preset.pop("loss", None)
     if explicit.get("net") == "seed":
+        preset.pop("value_norm", None)
+    if _custom_net(explicit.get("net")):  # PopArt needs a head your network may not have
         preset.pop("value_norm", None)
     if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
         preset.pop("loss", None)
@@ -806,6 +855,18 @@ def _init_with_preset(self: Config, **settings: Any) -> None:
 
 
 Config.__init__ = _init_with_preset  # type: ignore[method-assign]
+
+
+def _with_references(explicit: dict[str, Any]) -> dict[str, Any]:
+    """`explicit` with an environment factory or network given as a Python callable replaced by
+    its reference (`impala.refs`), and keyword arguments checked, before presets are chosen."""
+    out = dict(explicit)
+    for name in ("env", "net"):
+        if name in out:
+            out[name] = refs.as_reference(out[name], _flag(name))
+    if "env_kwargs" in out:
+        out["env_kwargs"] = refs.check_kwargs(out["env_kwargs"], "--env-kwargs")
+    return out
 
 
 # --- settings from a file (`--config FILE`) ------------------------------------------------------
@@ -883,8 +944,11 @@ def with_config_file(
     if "steps_per_explorer" in explicit and "total_steps" not in explicit:
         from_file.pop("total_steps", None)  # the command line's -s is the budget (see resolve)
     merged = {**from_file, **explicit}
-    baseline = {f.name: f.default for f in dataclasses.fields(Config)}
-    baseline |= preset_for(merged.get("env", Config.env))
+    baseline = {  # the fields' own defaults (Config() would add the corridor's preset)
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(Config)
+    }
+    baseline |= preset_for(merged.get("env", Config.env), merged.get("env_kwargs"))
     chosen = {k for k, v in from_file.items() if k not in baseline or v != baseline[k]}
     return merged, set(explicit) | chosen
 
@@ -924,6 +988,10 @@ def _file_value(key: str, value: Any, hint: Any, where: str, *, strict: bool = T
         if isinstance(value, str):
             return value
         wanted = "a string"
+    elif typing.get_origin(hint) is dict:  # keyword arguments: a table, mapping or object
+        if isinstance(value, dict):
+            return refs.check_kwargs(value, f"{where}: {key}")
+        wanted = "a table of keyword arguments"
     elif not strict:
         return value
     else:  # a field type this loader does not know yet

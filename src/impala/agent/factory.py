@@ -15,17 +15,22 @@ from impala.config import Config
 from impala.envs import EnvInfo, make_vector_env
 from impala.envs.atari import protocol_record
 from impala.nets import build_net, resolve_net, resolve_obs_norm
+from impala.nets.custom import build_custom_net, is_custom, observation_space_of
 
 
 def settle(cfg: Config, env: EnvInfo, *, learner: bool = True) -> Config:
     """The run's config with what depends on the environment made explicit (the network 'auto'
     stands for), after the checks that need the environment or the machine: ConfigError, one
-    line, for observations no network takes, a network that does not fit them, or (for a
-    learner) a device this machine lacks."""
+    line, for observations no network takes, a network that does not fit them (your own network
+    is built once and checked, see `impala.nets.contract`), or (for a learner) a device this
+    machine lacks."""
     if learner:
         resolve_device(cfg.device)
-    net = resolve_net(cfg.net, env)
-    return dataclasses.replace(cfg, net=net, obs_norm=resolve_obs_norm(cfg.obs_norm, net, env))
+    net = resolve_net(cfg.net, env)  # a registered name becomes its reference here
+    settled = dataclasses.replace(cfg, net=net, obs_norm=resolve_obs_norm(cfg.obs_norm, net, env))
+    if is_custom(net):
+        build_model(settled, env)  # your network, checked against the contract before any start
+    return settled
 
 
 def run_record(cfg: Config, env: EnvInfo) -> dict[str, Any]:
@@ -36,6 +41,20 @@ def run_record(cfg: Config, env: EnvInfo) -> dict[str, Any]:
 
 
 def build_model(cfg: Config, env: EnvInfo) -> nn.Module:
+    """The run's network for `env`: a built-in one (`impala.nets.build_net`) or your own
+    (`--net package.module:build`, built and checked by `impala.nets.custom`), the same in
+    every process that calls this."""
+    if is_custom(cfg.net):
+        return build_custom_net(
+            cfg.net,
+            observation_space_of(env),
+            env.action,
+            cfg,
+            net_kwargs=cfg.net_kwargs,
+            num_tasks=env.num_tasks,
+            core_size=cfg.recurrent_state_size,
+            popart=cfg.value_norm == "popart",
+        )
     return build_net(
         cfg.net,
         env,

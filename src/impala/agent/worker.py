@@ -42,9 +42,9 @@ class ExplorerWorker:
         self, cfg: Config, env: EnvInfo, index: int, start: tuple[int, int] = (0, 0)
     ) -> None:
         self.cfg = cfg
-        flat, version = ParameterStore.allocate(build_model(cfg, env))
+        flat, version, layout = ParameterStore.allocate(build_model(cfg, env))
         version[0] = -2  # version -1: nothing received yet, the explorer must not act on these
-        self.store = ParameterStore(flat, version)
+        self.store = ParameterStore(flat, version, layout)
         self.explorer = build_explorer(cfg, env, index, self.store, start=start)
         spec = rollout_spec(env, cfg.unroll_length, cfg.envs_per_explorer, cfg.recurrent_state_size)
         if cfg.buffer == "replay":

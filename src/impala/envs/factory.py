@@ -6,16 +6,20 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import json
 import re
 import warnings
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from impala import refs
 from impala.distributions import ActionSpec
 from impala.envs import atari, minatar, minigrid, spaces
 from impala.envs.atari import AtariProtocol
+from impala.envs.custom import factory_of, make_factory_env
 from impala.errors import ConfigError
 
 CORRIDOR_ID = "ShortCorridor-v0"
@@ -149,6 +153,11 @@ def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
         if name not in gym.registry:
             atari.register()  # other ale-py ids (Pong-v4, ...), when it is installed
     if name not in gym.registry:
+        if refs.is_reference(env_id):  # module:attr, and no such callable attr
+            raise ConfigError(
+                f"module '{env_id.partition(':')[0]}' has no environment factory '{name}' (a "
+                f"callable) and registers no environment id '{name}'"
+            )
         close = difflib.get_close_matches(name, list(gym.registry), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown environment id '{name}'{hint}")
@@ -156,7 +165,9 @@ def _spec_of(env_id: str) -> tuple[str, gym.envs.registration.EnvSpec]:
 
 
 def env_family(env_id: str) -> str:
-    """'atari', 'minatar' or 'gymnasium' for a registered id."""
+    """'atari', 'minatar' or 'gymnasium' for a registered id ('gymnasium' for a factory)."""
+    if factory_of(env_id) is not None:
+        return "gymnasium"
     _, spec = _spec_of(env_id)
     if atari.atari_game(spec) is not None:
         return "atari"
@@ -169,27 +180,42 @@ def make_env(
     max_episode_steps: int | None = None,
     atari_protocol: AtariProtocol | None = None,
     render_mode: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> gym.Env:
     """Makes one environment; `max_episode_steps` (the seed's `-m`) overrides its time limit.
 
-    `env_id` may be `module:EnvId` (as in Gymnasium): the module, which registers the id, is
-    imported first, here and in every explorer process. Atari ids get `atari_protocol` (the
+    `env_id` may be an environment factory `package.module:make_env`, called with `env_kwargs`,
+    or `module:EnvId` (as in Gymnasium): the module, which registers the id, is imported first,
+    here and in every explorer process (see `impala.envs.custom` for how the two are told
+    apart). A registered id is made with `env_kwargs` too. Atari ids get `atari_protocol` (the
     paper's by default, see `impala.envs.atari`), MinAtar ids channel-first uint8 planes,
     MiniGrid ids one flat uint8 vector (`impala.envs.minigrid`).
 
     Raises ConfigError for an unknown id, a missing extra or ROM, an environment whose code
-    cannot be imported, an action space no policy takes (see `action_spec`) or a non-Box
-    observation.
+    cannot be imported, a factory that raises or returns no Env, an action space no policy
+    takes (see `action_spec`) or a non-Box observation.
     """
+    factory = factory_of(env_id)
+    if factory is not None:
+        env = make_factory_env(
+            env_id,
+            factory,
+            env_kwargs=env_kwargs,
+            max_episode_steps=max_episode_steps,
+            render_mode=render_mode,
+        )
+        _check_spaces(env_id, env)
+        return env
     name, spec = _spec_of(env_id)
     game = atari.atari_game(spec)
     if game is not None:
+        _no_atari_kwargs(env_id, env_kwargs)
         atari.check_rom(name, game)
         protocol = _with_frame_cap(atari_protocol or AtariProtocol(), max_episode_steps)
         env = atari.make_atari_env(name, protocol, render_mode=render_mode)
         _check_spaces(env_id, env)
         return env
-    kwargs: dict = {"disable_env_checker": True}
+    kwargs: dict = {**(env_kwargs or {}), "disable_env_checker": True}
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     if max_episode_steps is not None:
@@ -200,6 +226,12 @@ def make_env(
             env = gym.make(name, **kwargs)
     except gym.error.Error as exc:  # missing optional dependency, bad kwargs, ...
         raise ConfigError(f"cannot make environment '{env_id}': {_one_line(exc)}") from None
+    except TypeError as exc:  # a keyword argument the environment does not take
+        if not env_kwargs:
+            raise
+        raise ConfigError(
+            f"cannot make environment '{env_id}' with --env-kwargs: {_one_line(exc)}"
+        ) from None
     except ImportError as exc:  # the env's own code imports a package that is not installed
         raise ConfigError(_missing_module(env_id, spec, exc)) from None
     if minatar.is_minatar(spec):
@@ -208,6 +240,14 @@ def make_env(
         env = minigrid.flat_observations(env)
     _check_spaces(env_id, env)
     return env
+
+
+def _no_atari_kwargs(env_id: str, env_kwargs: dict[str, Any] | None) -> None:
+    if env_kwargs:
+        raise ConfigError(
+            f"--env-kwargs is not taken by Atari games ('{env_id}'): their settings are the "
+            "Atari options (--sticky-actions, --full-action-space, --noop-max)"
+        )
 
 
 def _with_frame_cap(protocol: AtariProtocol, max_episode_steps: int | None) -> AtariProtocol:
@@ -270,12 +310,12 @@ def task_ids(env_id: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def action_kind(env_id: str) -> str | None:
-    """The kind of the action space of `env_id` (the first task's of `A,B,...`): 'discrete',
-    'multi_discrete' or 'box'; None where the environment cannot be made here (the run says why
-    when it makes it)."""
+def action_kind(env_id: str, env_kwargs: str = "{}") -> str | None:
+    """The kind of the action space of `env_id` (the first task's of `A,B,...`) made with
+    `env_kwargs` (a JSON object): 'discrete', 'multi_discrete' or 'box'; None where the
+    environment cannot be made here (the run says why when it makes it)."""
     try:
-        return probe_env(task_ids(env_id)[0]).action.kind
+        return probe_env(task_ids(env_id)[0], env_kwargs=json.loads(env_kwargs)).action.kind
     except ConfigError:
         return None
 
@@ -285,17 +325,17 @@ def probe_env(
     *,
     max_episode_steps: int | None = None,
     atari_protocol: AtariProtocol | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> EnvInfo:
     """Makes the environment once to read its spaces, then closes it. For several ids
     (`A,B,...`, a multi-task run) the tasks' spaces are combined (`combine_tasks`)."""
+    options: dict[str, Any] = dict(
+        max_episode_steps=max_episode_steps, atari_protocol=atari_protocol, env_kwargs=env_kwargs
+    )
     ids = task_ids(env_id)
     if len(ids) > 1:
-        infos = [
-            probe_env(i, max_episode_steps=max_episode_steps, atari_protocol=atari_protocol)
-            for i in ids
-        ]
-        return combine_tasks(env_id, infos)
-    env = make_env(env_id, max_episode_steps=max_episode_steps, atari_protocol=atari_protocol)
+        return combine_tasks(env_id, [probe_env(i, **options) for i in ids])
+    env = make_env(env_id, **options)
     try:
         space = env.observation_space
         spec_steps = env.spec.max_episode_steps if env.spec is not None else None
@@ -380,6 +420,7 @@ def make_vector_env(
     max_episode_steps: int | None = None,
     atari_protocol: AtariProtocol | None = None,
     obs_shape: tuple[int, ...] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> VectorEnv:
     """`num_envs` copies stepped together, reset in the same step that ends an episode.
     `obs_shape`: a multi-task run's image shape, to which this task's frames are padded.
@@ -388,16 +429,20 @@ def make_vector_env(
     `infos["final_obs"]`, which the explorer needs to bootstrap a truncated episode. Atari games
     run in ale-py's vector environment (see `impala.envs.atari`), others in Gymnasium's
     `SyncVectorEnv` (its `AsyncVectorEnv` gains nothing on 2 cores: explorers are processes).
+    Environment factories (`package.module:make_env`) are called once per copy.
     """
-    name, spec = _spec_of(env_id)
-    game = atari.atari_game(spec)
+    game = None
+    if factory_of(env_id) is None:
+        name, spec = _spec_of(env_id)
+        game = atari.atari_game(spec)
     if game is not None:
+        _no_atari_kwargs(env_id, env_kwargs)
         atari.check_rom(name, game)
         protocol = _with_frame_cap(atari_protocol or AtariProtocol(), max_episode_steps)
         return atari.make_atari_vector_env(game, num_envs, protocol)
 
     def make() -> gym.Env:
-        env = make_env(env_id, max_episode_steps=max_episode_steps)
+        env = make_env(env_id, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs)
         if obs_shape is not None and tuple(env.observation_space.shape) != tuple(obs_shape):
             env = PadChannels(env, obs_shape[0])
         return env

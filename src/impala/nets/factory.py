@@ -9,6 +9,7 @@ from torch import nn
 from impala.envs import EnvInfo
 from impala.errors import ConfigError
 from impala.nets.conv import deep_torso, minatar_torso, shallow_torso
+from impala.nets.custom import is_custom, reference_of
 from impala.nets.encoders import FlatEncoder, MultiInputTorso
 from impala.nets.heads import PolicyValueNet
 from impala.nets.mlp import MLPNet, MLPTorso, SeedNet
@@ -26,7 +27,11 @@ def resolve_net(name: str, env: EnvInfo) -> str:
     without images (vectors, discrete values, Dict and Tuple of them), else 'shallow' where every
     image is Atari-sized and 'minatar' where one is smaller (a Dict or Tuple with images gets
     that torso per image part, see `impala.nets.encoders`). Raises ConfigError for a network
-    that does not take the environment's observations."""
+    that does not take the environment's observations. A custom network (`--net module:build`,
+    or a name registered with `impala.register_net`) resolves to its reference (it takes what
+    its build function says; checked when built, see `impala.nets.contract`)."""
+    if is_custom(name):
+        return reference_of(name)
     spec = env.obs
     images = spec.images
     smallest = min((min(p.shape[1:]) for p in images), default=None)

@@ -58,11 +58,11 @@ def build_learner(cfg: Config, env: EnvInfo, *, shared: bool = False) -> Learner
     asked, for explorer processes to read)."""
     seed_everything(cfg.seed)
     model = build_model(cfg, env)
-    flat, version = ParameterStore.allocate(model)
+    flat, version, layout = ParameterStore.allocate(model)
     if shared:
         flat.share_memory_()
         version.share_memory_()
-    return Learner(cfg, model, ParameterStore(flat, version))
+    return Learner(cfg, model, ParameterStore(flat, version, layout))
 
 
 def explorer_budget(cfg: Config, num_explorers: int | None = None, done: int = 0) -> int:
