@@ -2,6 +2,7 @@
 registry, the Dict encoder example, bad input through the command line, and custom networks
 trained the way users train them, on the serial and the local runtime alike."""
 
+import io
 import json
 
 import gymnasium as gym
@@ -298,3 +299,43 @@ def test_a_custom_network_learns_cartpole_on_every_single_machine_runtime(runtim
     assert json.loads((run_dir / "config.json").read_text())["net"] == (
         "impala.examples.custom_net:build"
     )
+
+
+def test_a_custom_encoder_for_a_dict_observation_learns_through_the_python_api(tmp_path):
+    """The documented Dict example, as a user writes it in Python: the environment class and the
+    build function given as objects (stored as references), trained on the local runtime (the
+    explorers are spawned processes that resolve both), then the policy loaded and driven in a
+    plain Gymnasium loop. CueCorridor's rewarding end is shown only in the picture: a policy that
+    ignores the "frame" part scores about 0, one that reads it 0.97 (measured: greedy 0.97 after
+    40,000 steps on the serial runtime, 14 s)."""
+    import impala
+    from impala.examples.envs import CueCorridor
+
+    cfg = impala.Config(
+        env=CueCorridor,
+        net=dict_encoder.build,
+        runtime="local",
+        total_steps=40_000,
+        run_dir=str(tmp_path / "r"),
+    )
+    assert (cfg.env, cfg.net) == (
+        "impala.examples.envs:CueCorridor",
+        "impala.examples.dict_encoder:build",
+    )
+    result = impala.train(cfg, out=io.StringIO())
+    assert result.stop_reason == "step budget", result
+    policy = impala.load_policy(result.run_dir)
+    env = policy.make_env()
+    returns = []
+    for episode in range(20):
+        obs, _ = env.reset(seed=episode)
+        assert isinstance(obs, dict) and obs["frame"].shape == (8, 8, 3)
+        total, done, state = 0.0, False, None
+        while not done:
+            action, state = policy.act(obs, state, greedy=True)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    env.close()
+    assert np.mean(returns) >= 0.75, returns  # at most 2 of 20 episodes to the wrong end
+    assert project_children() == []
