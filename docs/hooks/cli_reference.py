@@ -26,6 +26,7 @@ def config_sections() -> dict[str, str]:
     """Config field -> the title of its section in the class's source (`# --- task ---`)."""
     from impala.config import Config
 
+    names = {field.name for field in dataclasses.fields(Config)}
     sections: dict[str, str] = {}
     current = "Settings"
     for line in inspect.getsource(Config).splitlines():
@@ -33,8 +34,9 @@ def config_sections() -> dict[str, str]:
         if header:
             current = header.group(1).strip().capitalize()
             continue
+        # a field's line; a docstring line such as "    own: package.module:build" is none
         field = re.match(r"    (\w+): ", line)
-        if field:
+        if field and field.group(1) in names and field.group(1) not in sections:
             sections[field.group(1)] = current
     return sections
 
