@@ -25,7 +25,7 @@ from impala.errors import ConfigError
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _REFERENCE = re.compile(rf"^({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)$")
 
-MOVE_IT = "define it at the top level of a module that can be imported (e.g. mypkg/nets.py)"
+MOVE_IT = "define it at the top level of a module that can be imported (e.g. mypkg/tools.py)"
 
 
 def split(text: str) -> tuple[str, str] | None:
@@ -150,10 +150,11 @@ def _main_module_name(qualname: str, what: str) -> str:
     name = getattr(spec, "name", None)
     if name and name != "__main__":
         return name
+    example = "mynets.py" if "net" in what else "myenvs.py"
     raise ConfigError(
         f"{what}: '{qualname}' is defined in the script being run (__main__), which explorer "
         f"processes, Ray nodes and a checkpoint's reader cannot import; move it into a module "
-        "next to the script (e.g. mynets.py) and import it from there"
+        f"next to the script (e.g. {example}) and import it from there"
     )
 
 

@@ -6,8 +6,9 @@ Observations arrive as the contract says (`impala.nets.contract`): a `dict[str, 
 the Dict's part names, each `[N, *part_shape]` of the part's dtype. The parts are read from the
 observation space `build` is given:
 
-- images (a Box of rank 3, uint8 frames in `[H, W, C]`, Gymnasium's pixel layout, or `[C, H,
-  W]`: the smaller end axis is taken as the channels) -> two small convolutions;
+- images (a Box of rank 3, uint8 frames; they arrive channels-first, `[C, H, W]`, as the
+  contract says, but the encoder also takes `[H, W, C]` for use outside impala: the smaller end
+  axis is taken as the channels) -> two small convolutions;
 - vectors (a Box of rank 1, or MultiBinary) -> a dense layer;
 - `Discrete(n)` parts -> one-hot, then a dense layer.
 """

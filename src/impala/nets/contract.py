@@ -19,9 +19,12 @@ feed-forward network, True for one with a recurrent state (below).
 
 **Observations.** A tensor `[N, *shape]` for an array (Box) space, of the space's dtype (image
 frames arrive as uint8: convert them, e.g. `obs.float() / 255`); for `Dict` and `Tuple` spaces a
-`dict[str, Tensor]` keyed by part name (a `Tuple`'s parts by their index, "0", "1", ...), each
-`[N, *part_shape]`. N is the batch: an explorer's environments when acting, `T x B` flattened
-time steps when learning.
+`dict[str, Tensor]` keyed by part name (a `Tuple`'s parts by their index, "0", "1", ...; nested
+names joined with "."), each `[N, *part_shape]`. Images always arrive channels-first,
+`[C, H, W]` (Gymnasium's `[H, W, C]` pixels are transposed, see `impala.envs.spaces`), and
+`observation_space` describes exactly what arrives: images `[C, H, W]`, and for a `Dict` or
+`Tuple` a flat `Dict` keyed by part name. N is the batch: an explorer's environments when
+acting, `T x B` flattened time steps when learning.
 
 **Outputs of a feed-forward network.** `forward(obs) -> (policy_params [N, P], values)`, where P
 is `action_spec.params_size` (logits for Discrete and MultiDiscrete actions, a Gaussian's means
