@@ -280,7 +280,10 @@ TARGET = 475.0  # mean return of the last 100 episodes (CartPole's 500 is the mo
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("runtime", ["serial", "local"])
+@pytest.mark.parametrize(
+    "runtime",
+    [pytest.param("serial", marks=pytest.mark.slow), "local"],  # local: the review's case
+)
 def test_a_custom_network_learns_cartpole_on_every_single_machine_runtime(runtime, tmp_path):
     """`impala train --env CartPole-v1 --net impala.examples.custom_net:build` as users run it:
     the serial runtime (one process) and the local one (spawned explorers, the default; the
