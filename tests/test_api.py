@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -238,6 +239,26 @@ def test_an_error_in_a_callback_is_raised_after_the_run_is_saved(tmp_path):
     assert recorder.checkpoints == recorder.ends == []
     with pytest.raises(ConfigError, match="has none of the methods on_record"):
         impala.train(cfg, callbacks=[object()])
+
+
+def test_settings_the_run_will_not_read_are_warned_about_as_the_command_does(tmp_path):
+    """`impala train --appo-clip 0.3` warns that it has no effect with the IMPALA loss; so does
+    impala.train, as a UserWarning from the caller's line, however the Config was made."""
+    cfg = impala.Config(**SERIAL, total_steps=640, run_dir=str(tmp_path / "a"), appo_clip=0.3)
+    with pytest.warns(UserWarning, match=r"^--appo-clip has no effect with --loss impala$") as seen:
+        impala.train(cfg, out=io.StringIO())
+    assert len(seen) == 1 and seen[0].filename == __file__
+    replaced = dataclasses.replace(
+        impala.Config(**SERIAL, total_steps=640), run_dir=str(tmp_path / "b"), wandb_project="x"
+    )
+    with pytest.warns(UserWarning, match=r"^--wandb-project has no effect with --wandb False$"):
+        impala.train(replaced, out=io.StringIO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settings that all apply: no warning
+        impala.train(
+            impala.Config(**SERIAL, total_steps=640, run_dir=str(tmp_path / "c"), seed=3),
+            out=io.StringIO(),
+        )
 
 
 def test_resume_goes_on_with_the_run(tmp_path):

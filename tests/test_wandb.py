@@ -120,6 +120,31 @@ def test_wandb_offline_logs_the_tensorboard_scalars(offline, capsys):
     assert rows[-1] == expected_rows(run_dir)[-1] and rows[-1]["env_steps"] >= 4000
 
 
+def test_a_resumed_run_sends_wandb_each_env_step_once(offline):
+    """A run killed after its last checkpoint relearns, once resumed, the env steps it had logged
+    since; W&B keeps all it was sent, so the tracker sends only what is past its last record."""
+    from impala.config import Config
+    from impala.wandb_tracker import WandbTracker
+
+    cfg, run_dir = Config(env="CartPole-v1", wandb=True), offline / "run"
+    first = WandbTracker(cfg, run_dir, resumed=False)
+    for steps in (100, 200, 300):
+        first.log({"return": steps / 100}, steps)
+    first.close()  # as the kill left it: the checkpoint was at 100 steps
+    again = WandbTracker(cfg, run_dir, resumed=True)
+    for steps in (200, 300, 400):
+        again.log({"return": -steps / 100}, steps)
+    again.close()
+    runs, rows = logged(run_dir)
+    assert len({r.run_id for r in runs}) == 1 and len(runs) == 2
+    assert [(r["env_steps"], r["return"]) for r in rows] == [
+        (100, 1.0),
+        (200, 2.0),
+        (300, 3.0),
+        (400, -4.0),
+    ]
+
+
 def test_without_the_package_wandb_is_one_line_with_the_install_command(
     tmp_path, capsys, monkeypatch
 ):

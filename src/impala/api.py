@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -116,6 +117,8 @@ def train(
             "resume='auto' needs config.run_dir: the folder to resume from (or to start in)"
         )
     given: set[str] = set()
+    if config is not None and resume_arg is None:
+        _warn_inapplicable(config)
     if config is None:
         config = Config()  # stands for the checkpoint's settings: none of its own is given
     elif resume_arg is not None:
@@ -139,6 +142,23 @@ def train(
     )
     hooks.end(outcome)
     return outcome
+
+
+def _warn_inapplicable(config: Config) -> None:
+    """`impala train`'s warnings for settings the run will not read (`--appo-clip` without
+    `--loss appo`, ...), as Python warnings (UserWarning) from the caller's line. The settings
+    the user chose are those that differ from what the env's preset alone makes: a Config does
+    not remember how it was built (`dataclasses.replace` passes every field)."""
+    from impala import config as config_mod
+
+    preset = Config(env=config.env, env_kwargs=config.env_kwargs)
+    chosen = {
+        f.name
+        for f in dataclasses.fields(Config)
+        if getattr(config, f.name) != getattr(preset, f.name)
+    }
+    for message in config_mod.inapplicable(config, chosen):
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)

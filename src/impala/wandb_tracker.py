@@ -4,9 +4,11 @@ same tags and against env steps, in a W&B run named after the run folder.
 The package is an extra (`pip install 'impala-rl[wandb]'`) imported only when `--wandb` is on.
 Everything W&B writes locally goes in RUN_DIR/wandb/; `WANDB_MODE=offline` keeps it there (upload
 it later with `wandb sync`). A resumed run goes on in the same W&B run (its id is kept in
-RUN_DIR/wandb/impala-run-id), against the same env-step axis; what the run logged between its
-last checkpoint and its stop is learned and logged again, so W&B shows those env steps twice
-(TensorBoard's writer purges its first copy; W&B keeps everything it was sent).
+RUN_DIR/wandb/impala-run-id), against the same env-step axis. What the run logged between its
+last checkpoint and its stop is learned again after the resume; W&B keeps everything it was sent
+(TensorBoard's writer purges its first copy instead), so the tracker sends only records past the
+last env step it sent before (kept in RUN_DIR/wandb/impala-last-step): each env step once, the
+curve never going back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from impala.errors import ConfigError
 
 INSTALL = "pip install 'impala-rl[wandb]'"
 RUN_ID_FILE = "impala-run-id"
+LAST_STEP_FILE = "impala-last-step"
 STEP_METRIC = "env_steps"
 
 
@@ -46,6 +49,8 @@ class WandbTracker:
         if run_id is None:
             run_id = secrets.token_hex(4)  # 8 characters, as W&B's own ids
             id_file.write_text(run_id + "\n")
+        self._last_step_file = folder / LAST_STEP_FILE
+        self._last_step = _read_step(self._last_step_file) if resumed else None
         tags = [t.strip() for t in (cfg.wandb_tags or "").split(",") if t.strip()]
         # Whether W&B is set up in this process already (a run of the caller's own): then its
         # service process is theirs to stop, else it is ours (see `close`).
@@ -66,8 +71,13 @@ class WandbTracker:
         self._run.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, scalars: dict[str, float], steps: int) -> None:
-        """Sends `scalars` (TensorBoard's tags -> values) at `steps` env steps."""
+        """Sends `scalars` (TensorBoard's tags -> values) at `steps` env steps, unless the W&B
+        run has a record at or past `steps` already (a resumed run relearning them)."""
+        if self._last_step is not None and steps <= self._last_step:
+            return
         self._run.log({STEP_METRIC: steps, **scalars})
+        self._last_step = steps
+        self._last_step_file.write_text(f"{steps}\n")
 
     def close(self) -> None:
         """Finishes the W&B run (its files are complete in RUN_DIR/wandb/ afterwards) and stops
@@ -83,6 +93,15 @@ class WandbTracker:
                 wandb.teardown()
         except Exception as exc:  # noqa: BLE001 - the run's own files are saved already
             print(f"impala: warning: W&B did not finish cleanly: {exc}", file=sys.stderr)
+
+
+def _read_step(path: Path) -> int | None:
+    """The env step kept in `path`, or None when there is none (a run from before it was kept,
+    or a file cut short by a kill: then nothing is skipped, as before)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _wandb_set_up() -> bool | None:
