@@ -196,3 +196,61 @@ def test_atari_register_silences_the_banner():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == proc.stderr == "", proc.stderr
     assert atari.register()
+
+
+def test_the_frame_cap_truncates_and_the_explorer_bootstraps():
+    """108,000 frames (here 400, 100 agent steps) cut a game: truncated, not terminated, in the
+    training vector env and in the single env; the explorer reports the 100-step episode, ends
+    it for learning and bootstraps it from the value of its last observation."""
+    protocol = AtariProtocol(noop_max=0, max_frames_per_episode=400)
+    explorer, out = _explorer("PongNoFrameskip-v4", 2, 60, protocol=protocol)
+    first = explorer.fill(out)
+    assert first.episode_lengths == [] and (out["truncation_value"] == 0).all()
+    second = explorer.fill(out)
+    assert second.episode_lengths == [100, 100]  # a random Pong game lasts far longer
+    cut = 100 - 60 - 1  # the 100th step is index 39 of the second unroll
+    assert (out["discount"][cut] == 0).all() and (out["truncation_value"][cut] != 0).all()
+    others = np.delete(np.arange(60), cut)
+    assert (out["truncation_value"][others] == 0).all() and (out["discount"][others] > 0).all()
+
+    env = atari.make_atari_env("PongNoFrameskip-v4", protocol)
+    env.reset(seed=0)
+    for step in range(1, 101):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert not terminated and truncated == (step == 100)
+    env.close()
+
+
+def test_sticky_actions_and_the_full_action_set_are_as_asked():
+    """The paper's protocol whatever the id says (ALE/*-v5 ids have 0.25 sticky actions of
+    their own): no sticky actions and the minimal action set unless asked for; sticky actions
+    with probability 1 repeat the first action (no-op) forever, whatever the agent picks."""
+    assert atari.register()  # ale-py's ids, as probe_env registers them
+    single = atari.make_atari_env("ALE/Breakout-v5", AtariProtocol())
+    assert single.unwrapped.ale.getFloat("repeat_action_probability") == 0.0
+    assert single.action_space.n == 4
+    single.close()
+    asked = AtariProtocol(sticky_actions=0.25, full_action_space=True)
+    single = atari.make_atari_env("ALE/Breakout-v5", asked)
+    assert single.unwrapped.ale.getFloat("repeat_action_probability") == 0.25
+    assert single.action_space.n == 18
+    single.close()
+    assert probe_env("ALE/Breakout-v5", atari_protocol=asked).action.num_actions == 18
+    vec = make_vector_env("ALE/Breakout-v5", 2, atari_protocol=asked)
+    assert vec.single_action_space.n == 18
+    vec.close()
+
+    def frames(sticky: float, actions: np.ndarray) -> np.ndarray:
+        protocol = AtariProtocol(noop_max=0, sticky_actions=sticky)
+        vec = make_vector_env("PongNoFrameskip-v4", 2, atari_protocol=protocol)
+        obs, _ = vec.reset(seed=3)
+        seen = [obs]
+        for a in actions:
+            seen.append(vec.step(a)[0])
+        vec.close()
+        return np.stack(seen)
+
+    moves = np.random.default_rng(0).integers(2, 4, size=(60, 2))  # Pong's up and down
+    noops = np.zeros_like(moves)
+    assert np.array_equal(frames(1.0, moves), frames(1.0, noops))
+    assert not np.array_equal(frames(0.0, moves), frames(0.0, noops))
