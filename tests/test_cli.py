@@ -398,6 +398,7 @@ def test_print_config_shows_what_auto_resolves_to(tmp_path, capsys):
             "obs_norm": obs_norm,
             "device": "cpu",
             "precision": "bf16" if fast_bf16 else "fp32",
+            "explorer_precision": "fp32",  # the default; see test_fast_paths for 'auto'
         }, env_id
     printed = json.loads(_main_output(capsys, "train", "--device", "auto", "--print-config"))
     assert printed["device"] == "auto" and printed["resolved"]["device"] == device

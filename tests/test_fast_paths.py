@@ -1,11 +1,13 @@
 """The CPU fast paths against the computations they replace: the sigmoid-form tanh against
-float64 tanh, the explorers' numpy policy against the torch network, the learner's flat gradients
+float64 tanh, the explorers' numpy policy against the torch network, bf16 explorers against
+fp32 ones, the learner's flat gradients
 against zero_grad + clip_grad_norm_; the learner process's malloc settings against the page
 faults they avoid."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -16,7 +18,8 @@ import torch
 
 from impala.agent import Explorer, ParameterStore, rollout_spec
 from impala.agent.buffer import allocate, numpy_views, slots_to_batch
-from impala.agent.learner import FlatGradients
+from impala.agent.factory import build_model, explorer_bf16
+from impala.agent.learner import FlatGradients, bf16_is_fast
 from impala.config import resolve
 from impala.distributions import ActionSpec
 from impala.envs import make_vector_env, probe_env
@@ -191,3 +194,45 @@ def test_the_learner_process_keeps_freed_memory_instead_of_faulting_it_back_in()
         return float(run.stdout)
 
     assert faults("keep") < 5_000  # where 75 MiB of fresh 4-KiB pages would be 19,200
+
+
+def _minatar_unroll(bf16: bool, core: str = "ff"):
+    """One 8-step unroll of 4 MinAtar Breakout games by an explorer with a fixed network."""
+    cfg = resolve({"env": "MinAtar/Breakout-v1", "core": core, "envs_per_explorer": 4})
+    env = probe_env(cfg.env)
+    torch.manual_seed(0)
+    model = build_model(cfg, env)
+    model.requires_grad_(False)
+    store = ParameterStore(*ParameterStore.allocate(model))
+    store.publish(model)
+    vec = make_vector_env(cfg.env, 4)
+    explorer = Explorer(0, vec, model, store, unroll_length=8, gamma=0.99, seed=3, bf16=bf16)
+    out = numpy_views(allocate(rollout_spec(env, 8, 4, cfg.recurrent_state_size), 1), 0)
+    explorer.fill(out)
+    vec.close()
+    return out
+
+
+@pytest.mark.parametrize("core", ["ff", "lstm"])
+def test_bf16_explorers_record_the_bf16_networks_policy(core):
+    """`--explorer-precision bf16`: the recorded behaviour policy is the bf16 network's, float32
+    and close to fp32's (the same games and samples here: MinAtar is deterministic under a seed,
+    and logits this close pick the same actions), but not equal, so autocast was on."""
+    fp32, bf16 = _minatar_unroll(False, core), _minatar_unroll(True, core)
+    assert bf16["behaviour_logits"].dtype == np.float32
+    np.testing.assert_array_equal(bf16["obs"][0], fp32["obs"][0])
+    np.testing.assert_allclose(bf16["behaviour_logits"], fp32["behaviour_logits"], atol=0.05)
+    assert not np.array_equal(bf16["behaviour_logits"], fp32["behaviour_logits"])
+
+
+def test_explorer_precision_resolves_per_network_and_cpu():
+    """'auto' takes bf16 for conv nets where the CPU has native bf16, never for the MLPs that act
+    in numpy (whatever is asked); fp32 is the default."""
+    conv = resolve({"env": "MinAtar/Breakout-v1"})
+    conv_model = build_model(conv, probe_env(conv.env))
+    mlp = resolve({"env": "CartPole-v1", "explorer_precision": "bf16"})
+    assert conv.explorer_precision == "fp32" and not explorer_bf16(conv, conv_model)
+    auto = dataclasses.replace(conv, explorer_precision="auto")
+    assert explorer_bf16(auto, conv_model) == bf16_is_fast(torch.device("cpu"))
+    assert explorer_bf16(dataclasses.replace(conv, explorer_precision="bf16"), conv_model)
+    assert not explorer_bf16(mlp, build_model(mlp, probe_env(mlp.env)))

@@ -51,18 +51,20 @@ def resolved_settings(cfg: Config) -> dict[str, str]:
     the network and observation normalisation (as the run's config.json will record them), and
     the learner's device and arithmetic. ConfigError, one line, where the run would fail on them
     (an environment that cannot be made, a network that does not fit it, CUDA without a GPU)."""
-    from impala.agent.factory import build_model, settle
+    from impala.agent.factory import build_model, explorer_bf16, settle
     from impala.agent.learner import resolve_device, uses_bf16
 
     env = probe_env(cfg.env, **cfg.env_options)
     settled = settle(cfg, env)
     device = resolve_device(cfg.device)
-    bf16 = uses_bf16(cfg.precision, build_model(settled, env), device)
+    model = build_model(settled, env)
+    bf16 = uses_bf16(cfg.precision, model, device)
     return {
         "net": settled.net,
         "obs_norm": settled.obs_norm,
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
+        "explorer_precision": "bf16" if explorer_bf16(settled, model) else "fp32",
     }
 
 

@@ -85,6 +85,7 @@ class Explorer:
         greedy: bool = False,
         record_actions: bool = False,
         task: int | None = None,
+        bf16: bool = False,
     ) -> None:
         self.index = index
         self.task = task  # its task in a multi-task run (the network has a value per task)
@@ -134,6 +135,9 @@ class Explorer:
             self.first = np.ones(self.num_envs, dtype=bool)
         # Feed-forward networks that can act in numpy do (see impala.nets.mlp.NumpyMLP).
         self._numpy = None if self.recurrent else _numpy_net(model)
+        # Torch networks act under bf16 autocast with `bf16` (`--explorer-precision`); the
+        # behaviour policy mu is then the bf16 network's, which is what the unroll records.
+        self.bf16 = bf16 and self._numpy is None
         self.refresh()
 
     def refresh(self) -> None:
@@ -163,17 +167,21 @@ class Explorer:
         dtype = np.float32 if spec.kind == "box" else np.int64
         return np.zeros((*shape, *spec.action_shape), dtype=dtype)
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
     def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
         """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
-        state."""
-        logits, values, state = self.model.unroll(
-            spaces.map_obs(lambda part: part[None], spaces.as_tensors(obs)),
-            torch.from_numpy(prev_action)[None],
-            torch.from_numpy(prev_reward)[None],
-            torch.from_numpy(first)[None],
-            state,
-        )
-        return logits[0], values[0], state
+        state (float32, also under bf16)."""
+        with self._autocast():
+            logits, values, (h, c) = self.model.unroll(
+                spaces.map_obs(lambda part: part[None], spaces.as_tensors(obs)),
+                torch.from_numpy(prev_action)[None],
+                torch.from_numpy(prev_reward)[None],
+                torch.from_numpy(first)[None],
+                state,
+            )
+        return logits[0].float(), values[0].float(), (h.float(), c.float())
 
     def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples an action per environment from mu (in numpy, see `impala.distributions`):
@@ -186,7 +194,8 @@ class Explorer:
         elif self._numpy is not None:
             logits = self._numpy.policy_logits(obs)
         else:
-            logits = self.model.policy_logits(spaces.as_tensors(obs)).numpy()
+            with self._autocast():
+                logits = self.model.policy_logits(spaces.as_tensors(obs)).float().numpy()
         if self.greedy:
             return distributions.mode(self.action_spec, logits), logits
         return distributions.sample(self.action_spec, logits, self.rng), logits
@@ -196,7 +205,8 @@ class Explorer:
         if self._numpy is not None:
             values = self._numpy.values(obs)
         elif not self.recurrent:
-            values = self.model(spaces.as_tensors(obs))[1].numpy()
+            with self._autocast():
+                values = self.model(spaces.as_tensors(obs))[1].float().numpy()
         else:
             h, c = self.core_state  # after the step that led to `obs`
             first = np.zeros(len(envs), dtype=bool)

@@ -6,10 +6,11 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from impala.agent.explorer import Explorer
-from impala.agent.learner import resolve_device
+from impala.agent.learner import resolve_device, uses_bf16
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, make_vector_env
@@ -117,4 +118,17 @@ def build_explorer(
         episodic_life=cfg.episodic_life,
         record_actions=record_actions,
         task=index % env.num_tasks if env.tasks else None,
+        bf16=explorer_bf16(cfg, model),
     )
+
+
+def explorer_bf16(cfg: Config, model: nn.Module) -> bool:
+    """Whether explorers act under bf16 autocast (`--explorer-precision`): 'bf16', or 'auto'
+    where the learner's 'auto' would take bf16 on this CPU (conv nets, native bf16). Never for
+    a feed-forward network that acts in numpy (`numpy_net`: the MLPs)."""
+    make_numpy = getattr(model, "numpy_net", None)
+    if not getattr(model, "is_recurrent", False) and make_numpy is not None and make_numpy():
+        return False
+    if cfg.explorer_precision == "auto":
+        return uses_bf16("auto", model, torch.device("cpu"))
+    return cfg.explorer_precision == "bf16"
