@@ -1,0 +1,63 @@
+"""Where the learner's tensors live and how they get there.
+
+`resolve_device` turns `--device` into a torch device (ConfigError, one line, for CUDA where there
+is none). `to_device` moves a batch there once: a host tensor bound for a GPU is first copied
+into pinned (page-locked) memory, from which the copy to the GPU is asynchronous
+(`non_blocking`), so the host returns to its work while the transfer runs; a tensor already on
+the device is left as it is (no second copy, and never `pin_memory()` of a device tensor, which
+CUDA refuses). On the CPU nothing moves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from impala.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The learner's device for `--device` 'cpu', 'cuda' or 'auto' (CUDA where torch sees a
+    GPU, else the CPU); ConfigError, one line, for 'cuda' without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = (
+            "this torch is built without CUDA"
+            if torch.version.cuda is None
+            else "no GPU is visible"
+        )
+        raise ConfigError(f"--device cuda: no CUDA device here ({why}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Whether host tensors bound for `device` go through pinned memory (a CUDA device on a
+    machine where torch can pin: it needs the CUDA driver)."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ('cuda' without an index: any GPU; the learner has one)."""
+    where = tensor.device
+    return where.type == device.type and (device.index is None or where.index == device.index)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """`batch` with every tensor on `device`: host tensors copied once (through pinned memory,
+    asynchronously, to a GPU), tensors already there as they are. The CPU: `batch` itself."""
+    if device.type == "cpu" and all(v.device.type == "cpu" for v in batch.values()):
+        return batch
+    pinned = pins_memory(device)
+    return {k: _moved(v, device, pinned) for k, v in batch.items()}
+
+
+def _moved(tensor: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    if is_on(tensor, device):
+        return tensor
+    if pinned and tensor.device.type == "cpu":
+        # is_pinned: a runtime may hand over tensors that are pinned already (no second copy)
+        source = tensor if tensor.is_pinned() else tensor.pin_memory()
+        return source.to(device, non_blocking=True)
+    return tensor.to(device)
