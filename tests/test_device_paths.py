@@ -24,6 +24,7 @@ devices; `impala train --device cuda`, its checkpoints and model.pt read back on
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -33,12 +34,14 @@ from conftest import metrics, run_main
 from device_standin import StandInCuda, on_device
 
 import impala
+from impala import bench as bench_mod
 from impala import checkpoint
 from impala.agent.buffer import allocate, rollout_spec, stacked_to_batch
 from impala.agent.factory import build_explorer, build_model, settle
 from impala.agent.learner import Learner
 from impala.agent.params import ParameterStore
 from impala.config import resolve
+from impala.devices import gpu_utilization
 from impala.envs import probe_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -270,3 +273,48 @@ def test_the_stand_in_refuses_what_cuda_refuses(gpu, tmp_path):
     assert on_device(layer.weight.grad)
     with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
         layer(host)
+
+
+# --- impala bench: the learner's updates and its GPU -------------------------------------------
+
+
+def test_bench_reports_the_learners_updates_and_gpu_utilisation(gpu, monkeypatch, capsys, tmp_path):
+    """`impala bench --device cuda` prints and records the learner's updates per second beside
+    the ratio, and the GPU's utilisation (here NVML's reading stood in by a constant)."""
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: 40.0)
+    monkeypatch.setattr(bench_mod, "MEMORY_SAMPLE_SECONDS", 0.25)
+    code, out, err = run_main(
+        capsys, "bench", "--env", "CartPole-v1", "--device", "cuda", "--runtime", "serial",
+        "--num-explorers", "1", "--seconds", "2", "--warmup", "1", "--ceiling-seconds", "1",
+        "--run-dir", str(tmp_path / "bench"),
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    figures = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert figures["learner_device"] == "cuda" and figures["learner_updates_per_s"] > 0
+    assert figures["gpu_utilization_percent"] == 40.0
+    assert "learner updates" in out and "/s on cuda" in out and "40% (mean of" in out
+    assert gpu.pinned_copies > 0
+
+
+def test_gpu_utilisation_is_not_applicable_without_a_gpu(monkeypatch):
+    """On the CPU, or where NVML cannot be read, no figure and no error: the line says why."""
+    assert gpu_utilization(torch.device("cpu")) is None
+    assert "n/a (the learner is on the CPU)" in bench_mod._gpu_line(torch.device("cpu"), [])
+    with StandInCuda():
+
+        def no_nvml(device=None):
+            raise ModuleNotFoundError("No module named 'pynvml'")
+
+        monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+        assert gpu_utilization(torch.device("cuda")) is None
+    assert "nvidia-ml-py" in bench_mod._gpu_line(torch.device("cuda"), [])
+
+
+def test_window_rates_are_steps_and_updates_per_second_after_the_warmup():
+    records = [
+        {"time": 0.5, "steps": 100, "updates": 1},
+        {"time": 1.0, "steps": 400, "updates": 4},
+        {"time": 3.0, "steps": 1400, "updates": 14},
+    ]
+    assert bench_mod.window_rates(records, warmup=1.0) == (500.0, 5.0)
+    assert bench_mod.window_rates(records, warmup=2.0) is None

@@ -61,3 +61,15 @@ def _moved(tensor: torch.Tensor, device: torch.device, pinned: bool) -> torch.Te
         source = tensor if tensor.is_pinned() else tensor.pin_memory()
         return source.to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """The percentage of the last sample period (NVML's, about 1/6 to 1 s) in which a kernel ran
+    on `device`'s GPU; None where that does not apply or cannot be read: a CPU device, no CUDA,
+    or no NVML bindings (`pip install nvidia-ml-py`, which `torch.cuda.utilization` needs)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - ModuleNotFoundError (pynvml), NVML's own errors, ...
+        return None
