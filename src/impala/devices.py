@@ -1,4 +1,5 @@
-"""Where the learner's tensors live and how they get there.
+"""What the machine has for a run (its GPU, its cores), where the learner's tensors live and
+how they get there.
 
 `resolve_device` turns `--device` into a torch device (ConfigError, one line, for CUDA where there
 is none). `to_device` moves a batch there once: a host tensor bound for a GPU is first copied
@@ -6,9 +7,14 @@ into pinned (page-locked) memory, from which the copy to the GPU is asynchronous
 (`non_blocking`), so the host returns to its work while the transfer runs; a tensor already on
 the device is left as it is (no second copy, and never `pin_memory()` of a device tensor, which
 CUDA refuses). On the CPU nothing moves.
+
+`auto_explorers` is what `--num-explorers auto` stands for: an explorer per core this process may
+run on, but one (the learner's), and at least 2 (the presets' count, measured on 2 cores).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -73,3 +79,18 @@ def gpu_utilization(device: torch.device) -> float | None:
         return float(torch.cuda.utilization(device))
     except Exception:  # noqa: BLE001 - ModuleNotFoundError (pynvml), NVML's own errors, ...
         return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s cpuset,
+    not the machine's count when that is larger)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_explorers(cores: int | None = None) -> int:
+    """Explorers for `--num-explorers auto` on `cores` cores (default: `usable_cores()`): one per
+    core but the learner's, at least 2."""
+    return max(2, (usable_cores() if cores is None else cores) - 1)
