@@ -13,6 +13,7 @@ import torch
 from conftest import run_main
 from device_standin import StandInCuda
 
+from impala.agent.learner import bf16_is_fast
 from impala.config import Config, load_config_file, resolve
 from impala.devices import auto_explorers, resolve_device, usable_cores
 
@@ -65,3 +66,15 @@ def test_device_check_without_cuda_says_so_in_one_line_and_exits_2():
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("device-check: no CUDA device here ("), lines
+
+
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """A GPU older than compute capability 8 runs bf16 only emulated: torch's
+    `is_bf16_supported()` says yes for it unless asked without emulation, and 'auto' precision
+    must not take bf16 there."""
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert not bf16_is_fast(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert bf16_is_fast(torch.device("cuda"))

@@ -58,8 +58,8 @@ def uses_bf16(precision: str, model: nn.Module, device: torch.device | None = No
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether `device` has native bf16 arithmetic for convolutions and matrix products."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8 and up; torch's default also counts
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulation (slow)
     try:  # oneDNN's own check of the CPU (AVX-512 BW/VL/DQ, AVX-512 BF16 or AMX)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
