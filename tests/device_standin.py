@@ -29,13 +29,19 @@ Why this and not PyTorch's `meta` device or its FakeTensor: both carry no values
 learner reads values on every update (the loss's finiteness check, `.item()` of the metrics,
 PopArt's statistics), so neither could run an update to its end; a subclass that only tagged
 tensors at the Python level would miss what autograd and the optimizers compute in C++. A
-wrapper subclass dispatched below autograd sees every operation. It cannot claim the `cuda`
-device type itself (autograd asks a CUDA build for a device guard, and aborts), so the wrapper's
-real device is `meta` (which has one, and which fails loudly if a tensor escapes the wrapping)
-and the Python-visible `.device` is rewritten to `cuda:0` by a `TorchFunctionMode`, which also
-turns the host-to-device moves and factory calls into wrappers before torch would initialise
-CUDA. What it does not emulate: asynchrony (every copy is done when it returns), streams,
-autocast on the device, memory limits, several GPUs.
+`TorchDispatchMode` below autograd sees every ATen operation (backward passes and fused
+optimizer kernels included) and runs those on device tensors on their inner CPU tensors. The
+wrapper cannot claim the `cuda` device type itself (autograd asks a CPU-only build for a CUDA
+device guard, and aborts the process), so its real device is `meta` (which has a guard, and
+fails loudly if a tensor escapes the wrapping; the dispatch mode also turns the `meta` scalars
+autograd makes into device tensors), and the Python-visible `.device` is rewritten to `cuda:0`
+by a `TorchFunctionMode`, which also turns host-to-device moves and factory calls into
+wrappers before torch would try to initialise CUDA.
+
+Limits: no asynchrony (every copy is done when it returns), streams, autocast on the device,
+memory limits or several GPUs; and the body of a torch function implemented in Python (some of
+`torch.nn.functional`) runs with the function mode paused, so a `.device` read inside one sees
+`meta`: such a read would show up as a refused mix, never as a silent pass.
 """
 
 from __future__ import annotations
