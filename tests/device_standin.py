@@ -41,7 +41,9 @@ wrappers before torch would try to initialise CUDA.
 Limits: no asynchrony (every copy is done when it returns), streams, autocast on the device,
 memory limits or several GPUs; and the body of a torch function implemented in Python (some of
 `torch.nn.functional`) runs with the function mode paused, so a `.device` read inside one sees
-`meta`: such a read would show up as a refused mix, never as a silent pass.
+`meta`, the wrappers' real device, which the dispatch mode takes for the stand-in GPU (tensors
+made or copied there become device tensors), and a `pin_memory()` or `.numpy()` inside one is
+not refused.
 """
 
 from __future__ import annotations
