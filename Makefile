@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-slow docs bench chaos suite lint clean
+.PHONY: setup train test test-slow docs bench chaos suite device-check lint clean
 
 $(BIN)/impala: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ chaos: setup
 
 suite: setup
 	$(BIN)/python benchmarks/suite.py --stop-at-budget $(ARGS)
+
+# The GPU learner on a 1-GPU machine (docs/guides/gpu.md): the CUDA tests, a Pong bench and a
+# Pong run to 18, one table; exit 2 where there is no CUDA device.
+device-check: setup
+	$(BIN)/python benchmarks/device_check.py $(ARGS)
 
 lint: setup
 	$(BIN)/pip install -q ruff

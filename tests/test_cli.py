@@ -27,7 +27,7 @@ BAD_INPUT = [
     (["train", "--num-explorers", "0"], "--num-explorers must be a positive integer, got 0"),
     (["train", "--unroll-length", "-3"], "--unroll-length must be a positive integer, got -3"),
     (["train", "-s", "-5"], "--steps-per-explorer must be a positive integer, got -5"),
-    (["train", "--num-explorers", "two"], "invalid int value: 'two'"),
+    (["train", "--num-explorers", "two"], "must be an integer or 'auto', got 'two'"),
     (["train", "--learning-rate", "fast"], "invalid float value: 'fast'"),
     (["train", "--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
     (["train", "--vtrace-lambda", "2"], "--vtrace-lambda must be in [0, 1], got 2.0"),
@@ -392,11 +392,11 @@ def test_print_config_shows_what_auto_resolves_to(tmp_path, capsys):
         printed = json.loads(_main_output(capsys, "train", "--env", env_id, "--print-config"))
         if env_id == "Acrobot-v1":  # the fallback preset leaves both to 'auto'
             assert (printed["net"], printed["obs_norm"]) == ("auto", "auto")
-        fast_bf16 = net == "minatar" and bf16_is_fast(torch.device("cpu"))  # conv nets only
+        fast_bf16 = net == "minatar" and bf16_is_fast(torch.device(device))  # conv nets only
         assert printed["resolved"] == {
             "net": net,
             "obs_norm": obs_norm,
-            "device": "cpu",
+            "device": device,
             "precision": "bf16" if fast_bf16 else "fp32",
             "explorer_precision": "fp32",  # the default; see test_fast_paths for 'auto'
         }, env_id

@@ -183,6 +183,7 @@ def test_bad_input(trained, tmp_path):
         impala.load_policy(tmp_path / "nowhere")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_policy_on_cuda_acts_as_on_the_cpu(tmp_path):
     ckpt, *_ = _untrained("CartPole-v1", tmp_path / "run", scale=4.0, core="lstm")

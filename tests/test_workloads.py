@@ -83,6 +83,7 @@ def test_lstm_agent_trains_on_the_memory_task_and_evaluates(tmp_path, runtime, r
     assert 8 <= mean <= 500, line
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("core", ["ff", "lstm"])
 def test_learner_on_cuda_matches_the_cpu_update(core):

@@ -6,6 +6,9 @@ copying). Training throughput is env steps consumed per second by a real trainin
 after a warm-up. Memory is the proportional set size (shared pages counted once) of the learner
 and its explorer processes, sampled every 2 s during the measured part of training (reading a
 process's PSS walks its page tables: sampled every second it took 5% of the learner's CPU).
+Beside them: the learner's updates per second over the same window, its device, and with the
+learner on a GPU that GPU's utilisation (NVML's busy percentage, sampled with the memory; not
+applicable on the CPU, not readable without the `nvidia-ml-py` bindings).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import IO
 import gymnasium as gym
 import numpy as np
 import psutil
+import torch
 import torch.multiprocessing as mp
 
 from impala.agent.factory import settle
 from impala.config import Config
+from impala.devices import gpu_utilization, resolve_device
 from impala.envs import make_vector_env, probe_env
 from impala.envs.factory import task_ids
 from impala.errors import RunFailed
@@ -124,11 +129,15 @@ MEMORY_SAMPLE_SECONDS = 2.0
 
 
 class _MemorySampler(threading.Thread):
-    """Samples the memory of this process and its children every `MEMORY_SAMPLE_SECONDS`."""
+    """Samples the memory of this process and its children every `MEMORY_SAMPLE_SECONDS`, and
+    the utilisation of the learner's GPU (`gpu_samples`; none for a CPU learner or without
+    NVML)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         super().__init__(daemon=True, name="impala-memory-sampler")
         self.samples: list[tuple[float, float]] = []
+        self.gpu_samples: list[tuple[float, float]] = []
+        self.device = device
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -136,10 +145,25 @@ class _MemorySampler(threading.Thread):
         start = time.monotonic()
         while not self._stop_event.wait(MEMORY_SAMPLE_SECONDS):
             self.samples.append((time.monotonic() - start, tree_rss_mib(me)))
+            busy = gpu_utilization(self.device) if self.device is not None else None
+            if busy is not None:
+                self.gpu_samples.append((time.monotonic() - start, busy))
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+
+def window_rates(records: list[dict], warmup: float) -> tuple[float, float] | None:
+    """Env steps and learner updates per second over the metrics `records` taken after
+    `warmup` seconds (from the first such record to the last); None with fewer than two."""
+    measured = [r for r in records if r["time"] >= warmup]
+    if len(measured) < 2 or measured[-1]["time"] <= measured[0]["time"]:
+        return None
+    first, last = measured[0], measured[-1]
+    seconds = last["time"] - first["time"]
+    updates = last.get("updates", 0) - first.get("updates", 0)
+    return (last["steps"] - first["steps"]) / seconds, updates / seconds
 
 
 def bench(
@@ -179,7 +203,8 @@ def bench(
         lr_schedule="constant",
         log_interval=min(cfg.log_interval, 1.0),
     )
-    sampler = _MemorySampler()
+    device = resolve_device(cfg.device)
+    sampler = _MemorySampler(device)
     sampler.start()
     try:
         result = train(train_cfg, out=out, signals=signals)
@@ -190,13 +215,14 @@ def bench(
         ceiling_after = random_ceiling(cfg, ceiling_seconds / 2)
     ceiling = (ceiling_before + ceiling_after) / 2
     records = [json.loads(line) for line in open(f"{result.run_dir}/metrics.jsonl")]
-    measured = [r for r in records if r["time"] >= warmup]
-    if len(measured) >= 2:
-        first, last = measured[0], measured[-1]
-        throughput = (last["steps"] - first["steps"]) / (last["time"] - first["time"])
+    rates = window_rates(records, warmup)
+    if rates is not None:
+        throughput, updates_per_second = rates
     else:
         throughput = result.steps_per_second
+        updates_per_second = result.updates / result.seconds if result.seconds else 0.0
     mem = [m for t, m in sampler.samples if warmup <= t <= warmup + seconds]
+    busy = [b for t, b in sampler.gpu_samples if warmup <= t <= warmup + seconds]
     figures = {
         "env": cfg.env,
         "explorers": cfg.num_explorers,
@@ -205,6 +231,9 @@ def bench(
         "random_ceiling_before_after": [round(ceiling_before, 1), round(ceiling_after, 1)],
         "training_steps_per_s": round(throughput, 1),
         "ratio": round(throughput / ceiling, 4) if ceiling else None,
+        "learner_device": device.type,
+        "learner_updates_per_s": round(updates_per_second, 2),
+        "gpu_utilization_percent": round(float(np.mean(busy)), 1) if busy else None,
         "memory_mib_after_warmup": round(mem[0], 1) if mem else None,
         "memory_mib_end": round(mem[-1], 1) if mem else None,
         "memory_mib_max": round(max(mem), 1) if mem else None,
@@ -218,6 +247,8 @@ def bench(
     )
     print(f"training throughput    {throughput:>12,.0f} env steps/s", file=out)
     print(f"ratio                  {throughput / ceiling:>12.1%}", file=out)
+    print(f"learner updates        {updates_per_second:>12,.2f} /s on {device.type}", file=out)
+    print(f"GPU utilisation        {_gpu_line(device, busy)}", file=out)
     if mem:
         print(
             f"memory (PSS, all processes) {mem[0]:,.0f} MiB after warm-up, {mem[-1]:,.0f} MiB "
@@ -228,3 +259,12 @@ def bench(
     (Path(result.run_dir) / "bench.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures), file=out, flush=True)
     return figures
+
+
+def _gpu_line(device: torch.device, busy: list[float]) -> str:
+    """The GPU utilisation line's value: the mean of the samples, or why there is none."""
+    if device.type != "cuda":
+        return "         n/a (the learner is on the CPU)"
+    if not busy:
+        return "         n/a (not readable: install nvidia-ml-py for NVML)"
+    return f"{np.mean(busy):>11.0f}% (mean of {len(busy)} samples, learner's GPU)"

@@ -136,6 +136,16 @@ def _optional_int(text: str) -> int | None:
     return int(text)
 
 
+def _int_or_auto(text: str) -> int | str:
+    """A count or 'auto' (`config.AUTO_COUNTS`: the machine's, when the config is made)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """`--env-kwargs '{"size": 5}'`: a JSON object (argparse reports a ValueError in one line)."""
     from impala.refs import parse_kwargs
@@ -179,6 +189,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name in config_mod.CHOICES:
             kwargs["choices"] = config_mod.CHOICES[name]
+        elif name in config_mod.AUTO_COUNTS:
+            kwargs["type"] = _int_or_auto
         elif field.type in ("int", int):
             kwargs["type"] = int
         elif field.type in ("float", float):

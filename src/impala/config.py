@@ -118,7 +118,8 @@ class Config:
     (imports, building its environments) may take 120 s or this, the longer. none: no check.
     The job form's explorer tasks apply it to themselves (they exit, to be started again)."""
     num_explorers: int = 2
-    """Explorer processes (each owns its environments and a copy mu of the policy)."""
+    """Explorer processes (each owns its environments and a copy mu of the policy); 'auto': one
+    per core but one, at least 2 (the presets' 2 were measured on 2 cores)."""
     envs_per_explorer: int = 16
     """Environments each explorer steps together, with one batched policy call per step."""
     unroll_length: int = 20
@@ -153,9 +154,9 @@ class Config:
     """Niceness (0 to 19) the local runtime's explorer processes add to their own: the learner,
     which sets the pace, gets the CPU when it has a batch, and the explorers take what is left
     (CartPole's throughput on 2 cores, alternating 0 and 5 within one run: 3-5% more)."""
-    device: Device = "cpu"
-    """Where the learner updates: 'cpu', 'cuda' or 'auto' (cuda where there is one). Explorers
-    act on CPU."""
+    device: Device = "auto"
+    """Where the learner updates: 'cpu', 'cuda' or 'auto' (cuda where torch sees a GPU, else the
+    cpu). Explorers act on CPU."""
     precision: Precision = "auto"
     """The learner's arithmetic: 'fp32', 'bf16' (autocast) or 'auto' (bf16 for conv nets on a GPU
     or a CPU with native bf16, AVX-512 and up, where it measured 1.8-4x faster; fp32 elsewhere:
@@ -351,6 +352,10 @@ class Config:
         after them; `Config(**json.loads(text))` reads it back when `extra` is empty."""
         return json.dumps({**dataclasses.asdict(self), **(extra or {})}, indent=2)
 
+
+AUTO_COUNTS = ("num_explorers",)
+"""Integer settings that also take 'auto', a count from this machine (`impala.devices`), which
+replaces it when the config is made."""
 
 POSITIVE_INTS = (
     "num_hidden",
@@ -840,7 +845,12 @@ def with_preset(explicit: dict[str, Any]) -> dict[str, Any]:
         preset.pop("value_norm", None)
     if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
         preset.pop("loss", None)
-    return {**preset, **explicit}
+    merged = {**preset, **explicit}
+    if merged.get("num_explorers") == "auto":
+        from impala.devices import auto_explorers
+
+        merged["num_explorers"] = auto_explorers()
+    return merged
 
 
 def _field_types() -> dict[str, Any]:
@@ -986,6 +996,8 @@ def _file_value(key: str, value: Any, hint: Any, where: str, *, strict: bool = T
     elif hint is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
+        if value == "auto" and key.replace("-", "_") in AUTO_COUNTS:
+            return value
         wanted = "an integer"
     elif hint is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):

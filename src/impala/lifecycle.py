@@ -95,9 +95,11 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
-    """Written to a temporary name and renamed: a run killed mid-write leaves no torn file."""
+    """Written to a temporary name and renamed: a run killed mid-write leaves no torn file. The
+    weights are saved from host memory, so that the file loads where there is no GPU (a plain
+    `torch.load` of CUDA tensors fails there without `map_location`)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
 
 

@@ -29,6 +29,7 @@ from impala.agent.pipeline import (
     ReplayMixing,
 )
 from impala.config import Config
+from impala.devices import resolve_device, to_device
 from impala.envs import spaces
 from impala.errors import ConfigError, RunFailed
 from impala.nets.conv import ImageTorso
@@ -37,20 +38,6 @@ from impala.nets.heads import check_value_outputs, constrain_parameters, task_va
 from impala.nets.obsnorm import ObsNorm
 from impala.nets.popart import PopArt
 from impala.optim import FlatGradients, make_optimizer
-
-
-def resolve_device(name: str) -> torch.device:
-    """The learner's device for `--device` (ConfigError, one line, for cuda without CUDA)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        why = (
-            "this torch is built without CUDA"
-            if torch.version.cuda is None
-            else "no GPU is visible"
-        )
-        raise ConfigError(f"--device cuda: no CUDA device here ({why}); use --device cpu or auto")
-    return torch.device(name)
 
 
 def uses_bf16(precision: str, model: nn.Module, device: torch.device | None = None) -> bool:
@@ -71,8 +58,8 @@ def uses_bf16(precision: str, model: nn.Module, device: torch.device | None = No
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether `device` has native bf16 arithmetic for convolutions and matrix products."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8 and up; torch's default also counts
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulation (slow)
     try:  # oneDNN's own check of the CPU (AVX-512 BW/VL/DQ, AVX-512 BF16 or AMX)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -108,8 +95,9 @@ class Learner:
     steps so far (for the learning-rate and entropy schedules, `impala.agent.schedules`, which end
     at `total_steps`, default the config's budget) and returns the metrics of each update made.
 
-    The model lives on `cfg.device`; a batch is moved there once per update (from pinned memory
-    to a GPU), and its uint8 frames become floats only there, inside the network.
+    The model lives on `cfg.device`; a batch is moved there once (from pinned memory to a GPU:
+    by APPO's passes, which keep it there for the later passes, else by `update`), and its uint8
+    frames become floats only there, inside the network.
     """
 
     def __init__(
@@ -238,9 +226,9 @@ class Learner:
         self.store.assign(int(state["policy_version"]), flat.to(self.store.flat.device))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device.type == "cpu":
-            return batch
-        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        """`batch` on the learner's device: copied there once (see `impala.devices.to_device`);
+        a batch already there, as APPO's passes hand it over, is left as it is."""
+        return to_device(batch, self.device)
 
     # --- learning --------------------------------------------------------------------------------
     def learn(self, batch: dict[str, torch.Tensor], steps: int = 0) -> list[dict[str, float]]:
