@@ -21,7 +21,7 @@ def available() -> str | None:
     """None if namespaces can be made here, else the reason they cannot."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    had_run_netns = os.path.ismount("/run/netns")
+    had_run_netns = run_netns_mounted()
     try:
         probe = f"impala-probe-{os.getpid()}"
         _ip("netns", "add", probe)
@@ -41,7 +41,7 @@ class Hosts:
         self.bridge = f"{tag}-br"
         self.names = [f"{tag}-{chr(ord('a') + i)}" for i in range(count)]
         self.addresses = [f"10.77.0.{i + 1}" for i in range(count)]
-        self._had_run_netns = os.path.ismount("/run/netns")
+        self._had_run_netns = run_netns_mounted()
 
     def __enter__(self) -> Hosts:
         try:
@@ -93,11 +93,18 @@ class Hosts:
         _unmount_if_unused(self._had_run_netns)
 
 
+def run_netns_mounted() -> bool:
+    """Whether /run/netns is a mount point. (`os.path.ismount` misses it where /run is no file
+    system of its own: `ip netns add` bind-mounts the folder onto itself, same device.)"""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == "/run/netns" for line in f)
+
+
 def _unmount_if_unused(had_run_netns: bool) -> None:
     """`ip netns add` bind-mounts /run/netns onto itself; undo that if it was not there before
     and no namespace is left."""
     if had_run_netns or _ip("netns", "list", check=False).stdout.strip():
         return
-    if os.path.ismount("/run/netns"):
+    if run_netns_mounted():
         subprocess.run(["umount", "/run/netns"], capture_output=True)
         subprocess.run(["rmdir", "/run/netns"], capture_output=True)

@@ -105,7 +105,8 @@ class Config:
     """'local' (explorer processes, shared memory), 'serial' (one process, deterministic) or
     'ray' (explorers as Ray actors, on a fresh local Ray or the cluster at --ray-address)."""
     ray_address: str | None = None
-    """With --runtime ray: the address of an existing cluster (host:port); default a fresh one."""
+    """With --runtime ray: the address of an existing cluster (host:port, or 'auto': the one in
+    RAY_ADDRESS, which Ray sets for a Ray job's entrypoint); default a fresh one."""
     max_restarts: int = 10
     """Explorer restarts allowed within any --restart-window seconds; one more ends the run with
     the explorer's error (a crash loop), while occasional deaths in a long run are survived."""

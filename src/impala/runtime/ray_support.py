@@ -318,7 +318,8 @@ def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[
     other local users cannot run code in it either). For an existing cluster the user's own Ray
     settings (its auth mode and token) are kept. The process's environment is restored after.
     """
-    if address:
+    if address is not None:
+        address = cluster_address(address)
         loopback = _is_loopback_address(address.rsplit(":", 1)[0])
         env = ray_environment(loopback=loopback, token_file=None)
         env.pop("RAY_AUTH_MODE")  # whatever the user's cluster needs
@@ -342,6 +343,28 @@ def local_session(address: str | None, num_cpus: int | None = None) -> Iterator[
             ray.shutdown()
             if head is not None:
                 head.stop()
+
+
+def cluster_address(address: str) -> str:
+    """The cluster address --ray-address names: HOST:PORT (the head's GCS port) as given, or for
+    'auto' the one in RAY_ADDRESS, which Ray sets for the entrypoint of a Ray job (a KubeRay
+    RayJob's included). ConfigError, one line, for anything else: an empty or malformed address
+    must not fall back to a fresh local Ray, which would run every explorer on this machine."""
+    text, source = address.strip(), ""
+    if text == "auto":
+        text, source = os.environ.get("RAY_ADDRESS", "").strip(), " (from RAY_ADDRESS)"
+        if not text:
+            raise ConfigError(
+                "--ray-address auto reads RAY_ADDRESS, which is not set (Ray sets it for a Ray "
+                "job's entrypoint); give the cluster's HOST:PORT"
+            )
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--ray-address '{text}'{source} is not HOST:PORT, the address of a Ray cluster's "
+            "head (say 10.0.0.5:6379), nor 'auto'"
+        )
+    return text
 
 
 @functools.cache
