@@ -142,7 +142,10 @@ class Job:
                 proc.send_signal(signum)
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=60)
+                # A hang guard, not a speed check: a task ends in seconds; under a heavy load
+                # (a 64-game Pong run beside the suite) learner 0 once took over 60 s, its last
+                # weight publication allowed up to 60 s (job_learner's forced publish).
+                proc.wait(timeout=150)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
