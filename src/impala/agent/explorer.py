@@ -19,6 +19,7 @@ learner replays the unroll exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Callable
@@ -167,8 +168,11 @@ class Explorer:
         dtype = np.float32 if spec.kind == "box" else np.int64
         return np.zeros((*shape, *spec.action_shape), dtype=dtype)
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast with `bf16`; otherwise nothing to enter on the per-step path."""
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
         """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
