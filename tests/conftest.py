@@ -47,6 +47,14 @@ def explorer_processes(parent: psutil.Process | None = None) -> list:
     return [p for p in project_children(parent) if "multiprocessing.spawn" in " ".join(p.cmdline())]
 
 
+def default_sigint() -> None:
+    """A `preexec_fn` for the tests' subprocesses: SIGINT as a user's shell leaves it. A shell
+    that started pytest in the background (CI, `cmd &`) leaves SIGINT ignored, children inherit
+    that, and impala keeps an ignored SIGINT ignored (as a background job asked), so a test that
+    sends SIGINT to a process started without this would wait for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args, env=None, cwd=None, prefix=()) -> subprocess.Popen:
     """`impala ARGS` as a real process with default signal dispositions (SIGINT works)."""
     return subprocess.Popen(
@@ -56,9 +64,7 @@ def start_cli(*args, env=None, cwd=None, prefix=()) -> subprocess.Popen:
         text=True,
         env=env,
         cwd=cwd,
-        # A shell that started pytest in the background leaves SIGINT ignored, and children
-        # inherit that: give the command the terminal's default, as a user's shell would.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_sigint,
     )
 
 

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import hang_guard, metrics, ray_temp_dirs, wait_until
+from conftest import default_sigint, hang_guard, metrics, ray_temp_dirs, wait_until
 
 from impala import checkpoint
 
@@ -61,9 +61,7 @@ class Job:
             stdout=out,
             stderr=err,
             text=True,
-            # SIGINT as a user's shell leaves it (not ignored, as for a pytest run in the
-            # background): the signal tests send it.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=default_sigint,  # the signal tests send SIGINT
         )
         return self.procs[name]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import PROGRAM, wait_until
+from conftest import PROGRAM, default_sigint, wait_until
 from torch import nn
 
 from impala.errors import ConfigError, RunFailed
@@ -101,6 +101,7 @@ class Job:
             [*self.prefix, *command, *extra, *args],
             stdout=open(self.tmp / f"{name}.out", "w"),
             stderr=open(self.tmp / f"{name}.err", "w"),
+            preexec_fn=default_sigint,  # SIGINT stops a job (see its docstring)
         )
         return self.procs[name]
 
@@ -208,11 +209,6 @@ def test_a_two_learner_job_on_loopback_listens_on_loopback_only(jobs, tmp_path):
     # Learner 0 listens for its Ray driver, the rendezvous store and gloo: all were looked at.
     assert len(_listening([psutil.Process(job.procs["learner0"].pid)])) >= 3, listening
     job.stop(signal.SIGINT, only="learner0")  # one learner stopped stops the job
-    if job.procs["learner0"].returncode == -signal.SIGKILL:
-        # Seen twice on 2026-12-04, only within full-suite runs (never alone): learner 0 did
-        # not end within 150 s of its SIGINT and was killed. The loopback checks above passed;
-        # the hang is an open defect (issue 25's note), reported here rather than hidden.
-        pytest.xfail("learner 0 did not end on SIGINT within 150 s (known intermittent hang)")
     assert job.procs["learner0"].returncode == 130, job.err("learner0")[-2000:]
     for name in ("learner1", "explorer0"):
         assert job.procs[name].returncode == 0, job.err(name)[-2000:]
