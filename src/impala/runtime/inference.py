@@ -79,6 +79,7 @@ ANSWER = struct.Struct("<iqi")  # serial, version of the weights, rows
 LOGITS, FORWARD, CORE = 1, 2, 3  # request kinds: policy only, policy and values, an LSTM step
 KINDS = (LOGITS, FORWARD, CORE)
 MAX_MESSAGE = 64  # bytes: anything longer is not ours
+BEAT, BATCHES, ROWS = 0, 1, 2  # the server's shared words (InferenceServer.stats)
 
 POLL = 0.05  # seconds between an explorer's looks at its stop word while it waits
 SERVER_POLL = 0.1  # seconds the server waits for requests before it beats again
@@ -456,7 +457,7 @@ def _server_main(
     address: str,
     authkey: bytes,
     params: tuple,
-    beat: torch.Tensor,
+    stats: torch.Tensor,
     report: multiprocessing.connection.Connection,
     parent: int,
 ) -> None:
@@ -466,7 +467,7 @@ def _server_main(
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when the server stops
 
-    beats = beat.numpy()
+    words = stats.numpy()  # written by this process only (see InferenceServer.stats)
     listener = None
     closing = threading.Event()
     try:
@@ -484,7 +485,7 @@ def _server_main(
             target=_accept, args=(listener, arrivals, len(buffers), closing), daemon=True
         ).start()
         while os.getppid() == parent:
-            beats[0] = time.monotonic_ns()
+            words[BEAT] = time.monotonic_ns()
             while not arrivals.empty():
                 server.connect(*arrivals.get())
             if not server.conns:
@@ -494,6 +495,8 @@ def _server_main(
             if requests:
                 faults.point("inference")  # tests: killed with requests read, not answered
                 server.serve(requests)
+                words[BATCHES] += 1
+                words[ROWS] += sum(rows for _, _, rows, _ in requests)
     except BaseException as exc:  # noqa: BLE001 - reported to the learner, which decides
         try:
             report.send(common.ExplorerFailure(one_line(exc), traceback.format_exc()))
@@ -527,7 +530,9 @@ class InferenceServer:
         self.restarts, self.ctx, self.write_trace = restarts, ctx, write_trace
         self.layout = make_layout(cfg, env)
         self.buffers = [self.layout.allocate() for _ in range(cfg.num_explorers)]
-        self.beat = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # The server's words: its last beat (CLOCK_MONOTONIC ns, 0 before it started), forward
+        # passes made and rows answered by all servers of the run.
+        self.stats = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.authkey = os.urandom(32)
         self.folder = tempfile.mkdtemp(prefix="impala-inference-")  # mode 0700: ours only
         self.address = os.path.join(self.folder, "server.sock")
@@ -547,7 +552,7 @@ class InferenceServer:
 
     def start(self) -> None:
         reader, writer = self.ctx.Pipe(duplex=False)
-        self.beat[0] = 0
+        self.stats[BEAT] = 0
         self._started_at = time.monotonic_ns()
         self.failure = None
         proc = self.ctx.Process(
@@ -560,7 +565,7 @@ class InferenceServer:
                 self.address,
                 self.authkey,
                 self.params,
-                self.beat,
+                self.stats,
                 writer,
                 os.getpid(),
             ),
@@ -572,6 +577,15 @@ class InferenceServer:
             proc.start()
         finally:
             writer.close()
+
+    def counters(self) -> dict[str, int]:
+        """What the run's metrics report of the server: its restarts, the forward passes it
+        made and the rows it answered (rows / batches: the batch dynamic batching reached)."""
+        return {
+            "inference_restarts": self.restarted,
+            "inference_batches": int(self.stats[BATCHES]),
+            "inference_rows": int(self.stats[ROWS]),
+        }
 
     def _read_failure(self) -> None:
         try:
@@ -590,7 +604,7 @@ class InferenceServer:
             return
         if proc.exitcode is None:
             timeout = self.cfg.explorer_timeout
-            beat = int(self.beat[0])
+            beat = int(self.stats[BEAT])
             allowed = timeout if beat else max(timeout or 0.0, START_GRACE)
             silent = (time.monotonic_ns() - (beat or self._started_at)) / 1e9
             if timeout is None or silent <= allowed:

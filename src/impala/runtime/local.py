@@ -248,6 +248,7 @@ class LocalSource:
                 self._keep_trace,
             )
             self.server.start()
+            self.counters.update(self.server.counters())
         for i in range(cfg.num_explorers):
             self._start(i)
 
@@ -361,6 +362,7 @@ class LocalSource:
         self._next_check = now + CHECK_INTERVAL
         if self.server is not None:
             self.server.check()  # first: explorers wait (beating) while it is away
+            self.counters.update(self.server.counters())
         for i, proc in enumerate(self.procs):
             if proc is None:
                 continue
@@ -430,6 +432,7 @@ class LocalSource:
                 conn.close()
                 self.conns[i] = None
         if self.server is not None:  # after the explorers: they may wait for an answer
+            self.counters.update(self.server.counters())
             self.server.close()
 
 
