@@ -113,7 +113,7 @@ def test_cartpole_learns_with_the_inference_server(tmp_path):
     server (its forward passes served more rows than one explorer's environments on average:
     requests of both explorers were batched together), and nothing left behind."""
     before = shm_entries()
-    out, err, run_dir, records = train_cli(
+    out, _, _, records = train_cli(
         tmp_path,
         "--env",
         "CartPole-v1",

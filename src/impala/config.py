@@ -124,6 +124,14 @@ class Config:
     per core but one, at least 2 (the presets' 2 were measured on 2 cores)."""
     envs_per_explorer: int = 16
     """Environments each explorer steps together, with one batched policy call per step."""
+    inference: Inference = "explorers"
+    """Who runs the explorers' policy with the local runtime: 'explorers' (each explorer process
+    its own copy, batched over its --envs-per-explorer environments) or 'server' (dynamic
+    batching: one inference process holds the policy on the learner's --device, the GPU where
+    there is one, and answers all waiting explorers with one forward pass; for many explorers
+    and an expensive network with a GPU: on a 2-core CPU it measured slower, see the GPU
+    guide). Not with --runtime serial or ray, the job form, --algo reinforce or --sync
+    episode."""
     unroll_length: int = 20
     """Time steps T in one unroll (trajectory) sent by an explorer."""
     sync: Sync = "unroll"
@@ -163,14 +171,6 @@ class Config:
     """The learner's arithmetic: 'fp32', 'bf16' (autocast) or 'auto' (bf16 for conv nets on a GPU
     or a CPU with native bf16, AVX-512 and up, where it measured 1.8-4x faster; fp32 elsewhere:
     an AVX2-only CPU emulates bf16, 6x slower)."""
-    inference: Inference = "explorers"
-    """Who runs the explorers' policy with the local runtime: 'explorers' (each explorer process
-    its own copy, batched over its --envs-per-explorer environments) or 'server' (dynamic
-    batching: one inference process holds the policy on the learner's --device, the GPU where
-    there is one, and answers all waiting explorers with one forward pass; for many explorers
-    and an expensive network with a GPU: on a 2-core CPU it measured slower, see the GPU
-    guide). Not with --runtime serial or ray, the job form, --algo reinforce or --sync
-    episode."""
     explorer_precision: Precision = "fp32"
     """The explorers' arithmetic when they act with a torch network: 'fp32', 'bf16' (autocast;
     the recorded behaviour policy is the bf16 network's, so V-trace corrects for the difference)
