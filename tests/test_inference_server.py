@@ -2,6 +2,7 @@
 answers are the explorer's own network's, a run with it learns, survives an explorer and the
 server SIGKILLed mid-run and stops cleanly, and what it cannot do is refused in one line."""
 
+import contextlib
 import copy
 import os
 import shutil
@@ -131,6 +132,9 @@ def test_cartpole_learns_with_the_inference_server(tmp_path):
     last = records[-1]
     assert last["return_mean"] >= 200
     assert last["inference_restarts"] == 0
+    # The versions recorded are those the server acted with: the slots bound the lag to a few
+    # updates (a wrong version, e.g. the first, would grow with every update).
+    assert last["policy_lag"] < 10
     assert last["inference_rows"] >= last["steps"]  # every step acted by the server
     assert last["inference_rows"] / last["inference_batches"] > 16  # --envs-per-explorer
     assert shm_entries() == before
@@ -202,6 +206,56 @@ def test_an_explorer_and_the_server_sigkilled_mid_run(tmp_path, private_tmp):
     assert project_children(psutil.Process()) == []
     assert shm_entries() == before
     assert _listening_folders(folder) == []  # the server's socket folder was removed
+
+
+def _server_process(learner: psutil.Process) -> psutil.Process:
+    """The inference server among the learner's children: the one listening on the socket."""
+    for child in project_children(learner):
+        with contextlib.suppress(psutil.Error):
+            if any(str(c.laddr).endswith("server.sock") for c in child.net_connections("unix")):
+                return child
+    return None
+
+
+def test_a_hung_server_is_killed_and_restarted(tmp_path, private_tmp):
+    """A server that stops making progress (SIGSTOPped here, as a wedged GPU driver call would
+    leave it) is killed after --explorer-timeout and started again with a line naming it;
+    explorers waiting on it meanwhile are not taken for hung (they beat while they wait)."""
+    _, env = private_tmp
+    run_dir = tmp_path / "r"
+    proc = start_cli(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--inference",
+        "server",
+        "--explorer-timeout",
+        "4",
+        "--total-steps",
+        "200000",
+        "--run-dir",
+        str(run_dir),
+        "--log-interval",
+        "0.3",
+        env=env,
+    )
+    try:
+        wait_for_learning(run_dir)
+        learner = psutil.Process(proc.pid)
+        server = wait_until(lambda: _server_process(learner), 30, "the server's socket")
+        server.suspend()
+        wait_until(lambda: metrics(run_dir)[-1]["inference_restarts"] == 1, 60, "a restart")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "inference server failed: no sign of progress for" in out, out
+    assert "hung (see --explorer-timeout); restarting it" in out
+    last = metrics(run_dir)[-1]
+    assert last["explorer_restarts"] == 0 and last["inference_restarts"] == 1, out
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
 
 
 def test_sigint_stops_the_server_and_the_explorers(tmp_path, private_tmp):
