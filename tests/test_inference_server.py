@@ -230,7 +230,7 @@ def test_a_hung_server_is_killed_and_restarted(tmp_path, private_tmp):
         "--inference",
         "server",
         "--explorer-timeout",
-        "4",
+        "8",  # short, but not so short that a loaded machine's explorer would seem hung
         "--total-steps",
         "200000",
         "--run-dir",
