@@ -73,7 +73,7 @@ from impala.errors import one_line
 from impala.runtime import common
 from impala.runtime.restarts import RestartBudget
 
-HELLO = struct.Struct("<ii")  # explorer index, its pid
+HELLO = struct.Struct("<i")  # explorer index
 REQUEST = struct.Struct("<iii")  # kind, rows, serial
 ANSWER = struct.Struct("<iqi")  # serial, version of the weights, rows
 LOGITS, FORWARD, CORE = 1, 2, 3  # request kinds: policy only, policy and values, an LSTM step
@@ -126,7 +126,8 @@ class Layout:
 
 def make_layout(cfg: Config, env: EnvInfo) -> Layout:
     """The buffers' layout for `cfg`'s network on `env`: the value's shape and an LSTM's start
-    state are read from one forward pass of the network on zeros (your own network's too)."""
+    state are read from one forward pass of the network on a sample observation (your own
+    network's too)."""
     rows = cfg.envs_per_explorer
     request: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
         part.key: (part.stored_shape, torch.from_numpy(np.zeros(0, part.dtype)).dtype)
@@ -289,7 +290,7 @@ class ServerPolicy:
                 time.sleep(POLL)  # not listening (yet): a server is being (re)started
                 continue
             try:
-                conn.send_bytes(HELLO.pack(self.index, os.getpid()))
+                conn.send_bytes(HELLO.pack(self.index))
             except OSError:
                 conn.close()
                 continue
