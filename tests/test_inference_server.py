@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import envs_for_tests  # noqa: F401  (registers DictCues-v0)
 import numpy as np
 import psutil
 import pytest
@@ -48,13 +49,20 @@ def _observations(env_id: str, n: int, seed: int):
 
 
 @pytest.mark.parametrize(
-    "env_id, core", [("MinAtar/Breakout-v1", "ff"), ("CartPole-v1", "ff"), ("CartPole-v1", "lstm")]
+    "env_id, core",
+    [
+        ("MinAtar/Breakout-v1", "ff"),
+        ("CartPole-v1", "ff"),
+        ("CartPole-v1", "lstm"),
+        ("envs_for_tests:DictCues-v0", "lstm"),
+    ],
 )
 def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id, core):
     """Two explorers' requests (4 and 3 rows) served by one forward pass: each gets the policy
     parameters (and values, and the next LSTM state) its own copy of the network computes for
     its rows, and the version of the weights used. MinAtar's frames are images (stored
-    frames-last, the server turns them back); CartPole's MLP acts in numpy in an explorer."""
+    frames-last, the server turns them back); CartPole's MLP acts in numpy in an explorer;
+    DictCues' observations are a picture, a vector and a Discrete part."""
     cfg = config.resolve({"env": env_id, "core": core, "envs_per_explorer": 4})
     env = probe_env(env_id)
     torch.manual_seed(0)
