@@ -11,6 +11,10 @@ or the error that killed it); a replacement gets a new pipe, and a pipe whose wr
 as closed. Explorers die with the learner even when it is SIGKILLed (a parent-death signal, and a
 parent check in every wait). Shared tensors reach the spawned processes as file descriptors, so
 no named segment exists that could outlive the run.
+
+With `--inference server` one more process, the inference server, runs the policy for all
+explorers (dynamic batching, see `impala.runtime.inference`); it is watched and restarted like
+an explorer, within the same restart budget.
 """
 
 from __future__ import annotations
@@ -141,7 +145,6 @@ def _explorer_main(
         return not board.stopping and os.getppid() == parent
 
     try:
-        policy = None
         if shared["inference"] is not None:  # --inference server: it acts for us
             from impala.runtime.inference import ServerPolicy
 
