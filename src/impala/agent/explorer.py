@@ -4,7 +4,9 @@ An explorer owns `E` environments stepped together (one batched policy call per 
 of the policy network (mu, the behaviour policy). It refreshes mu from the parameter store at the
 start of every unroll (the paper) or whenever an episode starts (the seed prototype), and writes
 trajectories into the arrays it is given (a shared-memory slot or a local buffer), with the
-behaviour logits and the version of the weights that produced each action.
+behaviour logits and the version of the weights that produced each action. Who runs mu is an
+`ActingPolicy`: the explorer's own copy (`ModelPolicy`) or, with `--inference server`, one
+process that acts for all explorers (`impala.runtime.inference`), which refreshes mu itself.
 
 What is learned and what is reported can differ (the Atari protocol): rewards are clipped to
 `[-reward_clip, reward_clip]` for learning, and with `episodic_life` a lost life ends the episode
