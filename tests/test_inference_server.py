@@ -28,6 +28,7 @@ from conftest import (
     wait_for_learning,
     wait_until,
 )
+from device_standin import StandInCuda
 
 from impala import config
 from impala.agent.explorer import ModelPolicy
@@ -48,21 +49,36 @@ def _observations(env_id: str, n: int, seed: int):
     return spec.to_network(obs)
 
 
+REAL_CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
 @pytest.mark.parametrize(
-    "env_id, core",
+    "env_id, core, device",
     [
-        ("MinAtar/Breakout-v1", "ff"),
-        ("CartPole-v1", "ff"),
-        ("CartPole-v1", "lstm"),
-        ("envs_for_tests:DictCues-v0", "lstm"),
+        ("MinAtar/Breakout-v1", "ff", "cpu"),
+        ("CartPole-v1", "ff", "cpu"),
+        ("CartPole-v1", "lstm", "cpu"),
+        ("envs_for_tests:DictCues-v0", "lstm", "cpu"),
+        ("MinAtar/Breakout-v1", "lstm", "stand-in"),
+        pytest.param("MinAtar/Breakout-v1", "lstm", "cuda", marks=REAL_CUDA),
     ],
 )
-def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id, core):
+def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id, core, device):
     """Two explorers' requests (4 and 3 rows) served by one forward pass: each gets the policy
     parameters (and values, and the next LSTM state) its own copy of the network computes for
     its rows, and the version of the weights used. MinAtar's frames are images (stored
     frames-last, the server turns them back); CartPole's MLP acts in numpy in an explorer;
-    DictCues' observations are a picture, a vector and a Discrete part."""
+    DictCues' observations are a picture, a vector and a Discrete part. On a GPU (the stand-in
+    of `tests/device_standin.py`, which refuses what CUDA refuses, and a real one where there
+    is one) the server's inputs move to the device and its answers back to the host buffers."""
+    if device == "cpu":
+        context, where = contextlib.nullcontext(), torch.device("cpu")
+    else:
+        context = StandInCuda() if device == "stand-in" else contextlib.nullcontext()
+        where = torch.device("cuda")
     cfg = config.resolve({"env": env_id, "core": core, "envs_per_explorer": 4})
     env = probe_env(env_id)
     torch.manual_seed(0)
@@ -71,7 +87,9 @@ def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id,
     store.publish(model)  # version 1
     layout = make_layout(cfg, env)
     buffers = [layout.allocate() for _ in range(2)]
-    server = Server(cfg, env, layout, buffers, store, torch.device("cpu"))
+    with context:
+        server = Server(cfg, env, layout, buffers, store, where)
+        assert all(p.device.type == where.type for p in server.model.parameters())
     rows = (4, 3)
     obs = [_observations(env_id, n, seed) for n, seed in zip(rows, (1, 2), strict=True)]
     kinds = (CORE, CORE) if core == "lstm" else (LOGITS, FORWARD)
@@ -96,7 +114,10 @@ def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id,
             ):
                 buffer[key][:n] = torch.from_numpy(value)
             buffer["h"][:n], buffer["c"][:n] = state
-    server.serve([(i, kind, n, 7 + i) for i, (kind, n) in enumerate(zip(kinds, rows, strict=True))])
+    with context:
+        server.serve(
+            [(i, kind, n, 7 + i) for i, (kind, n) in enumerate(zip(kinds, rows, strict=True))]
+        )
     assert server.version == 1
     own = ModelPolicy(copy.deepcopy(model).requires_grad_(False), store)
     own.refresh()

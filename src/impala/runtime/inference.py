@@ -62,7 +62,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.utils import vector_to_parameters
 
 from impala import distributions, faults
 from impala.agent.buffer import frames_first
@@ -362,7 +361,12 @@ class Server:
         if self.store.version == self.version:
             return
         version, flat = self.store.snapshot()
-        vector_to_parameters(flat.to(self.device), self.model.parameters())
+        flat = flat.to(self.device)
+        offset = 0
+        with torch.no_grad():  # in place: the parameters keep their storage (cuDNN's LSTM too)
+            for param in self.model.parameters():
+                param.copy_(flat[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
         self.version = version
 
     def connect(self, index: int, conn: multiprocessing.connection.Connection) -> None:
