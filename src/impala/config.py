@@ -32,6 +32,7 @@ Optimizer = Literal["rmsprop", "rmsprop-tf", "adam", "adagrad", "sgd"]
 Core = Literal["ff", "lstm"]
 Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "fp32", "bf16"]
+Inference = Literal["explorers", "server"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,6 +124,14 @@ class Config:
     per core but one, at least 2 (the presets' 2 were measured on 2 cores)."""
     envs_per_explorer: int = 16
     """Environments each explorer steps together, with one batched policy call per step."""
+    inference: Inference = "explorers"
+    """Who runs the explorers' policy with the local runtime: 'explorers' (each explorer process
+    its own copy, batched over its --envs-per-explorer environments) or 'server' (dynamic
+    batching: one inference process holds the policy on the learner's --device, the GPU where
+    there is one, and answers all waiting explorers with one forward pass; for many explorers
+    and an expensive network with a GPU: on a 2-core CPU it measured slower, see the GPU
+    guide). Not with --runtime serial or ray, the job form, --algo reinforce or --sync
+    episode."""
     unroll_length: int = 20
     """Time steps T in one unroll (trajectory) sent by an explorer."""
     sync: Sync = "unroll"
@@ -397,6 +406,7 @@ CHOICES = {
     "device": ("cpu", "cuda", "auto"),
     "precision": ("auto", "fp32", "bf16"),
     "explorer_precision": ("auto", "fp32", "bf16"),
+    "inference": ("explorers", "server"),
     "progress": ("auto", "bar", "lines"),
     "value_norm": ("none", "popart"),
     "obs_norm": ("off", "on", "auto"),
@@ -513,6 +523,8 @@ def _validate(cfg: Config) -> None:
             )
         if cfg.algo != "vtrace":
             raise ConfigError("a multi-task run needs --algo vtrace (a value output per task)")
+    if cfg.inference == "server":
+        _check_inference_server(cfg)
     if cfg.core == "lstm" and cfg.net == "seed":
         raise ConfigError("--core lstm needs a network with a torso; the seed network has none")
     if cfg.core == "lstm" and cfg.algo == "reinforce":
@@ -529,6 +541,26 @@ def _validate(cfg: Config) -> None:
                 f"--envs-per-explorer ({cfg.envs_per_explorer}): a batch is made of whole "
                 "explorer unrolls, or an unroll is split into equal minibatches"
             )
+
+
+def _check_inference_server(cfg: Config) -> None:
+    """What --inference server cannot do: ConfigError, one line."""
+    if cfg.runtime != "local":
+        raise ConfigError(
+            f"--inference server needs --runtime local (its explorer processes send their "
+            f"observations to one inference process); --runtime {cfg.runtime} runs the policy in "
+            "its explorers: use --inference explorers"
+        )
+    if cfg.algo != "vtrace":
+        raise ConfigError(
+            "--inference server needs --algo vtrace: the server acts with the newest weights at "
+            "every step, and only V-trace corrects for a policy that changes within an episode"
+        )
+    if cfg.sync != "unroll":
+        raise ConfigError(
+            "--inference server refreshes the weights before every batch it serves, so --sync "
+            "episode cannot hold; use --sync unroll"
+        )
 
 
 def _flag(field_name: str) -> str:

@@ -20,10 +20,13 @@ point again.
 Points: `replay-upload` (ReplayBuffer.upload, after the first field is copied), `slot-write`
 (the local runtime, an unroll written into its slot but not yet handed on), `slot-torn` (the
 same moment, but the slot is first marked full as a broken writer would: the learner must see
-the unroll is torn and not learn from it), `hang` (an explorer, before each unroll).
+the unroll is torn and not learn from it), `hang` (an explorer, before each unroll), and with
+`--inference server` `inference` (the server, a batch's requests read and not yet answered) and
+`inference-wait` (an explorer, its request sent and not yet answered; once per step).
 
 Reading the variable costs one dictionary lookup per call once parsed; points sit on per-unroll
-paths, never per environment step.
+paths, never per environment step, but for `inference-wait` (one lookup beside a round trip to
+another process).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ An explorer owns `E` environments stepped together (one batched policy call per 
 of the policy network (mu, the behaviour policy). It refreshes mu from the parameter store at the
 start of every unroll (the paper) or whenever an episode starts (the seed prototype), and writes
 trajectories into the arrays it is given (a shared-memory slot or a local buffer), with the
-behaviour logits and the version of the weights that produced each action.
+behaviour logits and the version of the weights that produced each action. Who runs mu is an
+`ActingPolicy`: the explorer's own copy (`ModelPolicy`) or, with `--inference server`, one
+process that acts for all explorers (`impala.runtime.inference`), which refreshes mu itself.
 
 What is learned and what is reported can differ (the Atari protocol): rewards are clipped to
 `[-reward_clip, reward_clip]` for learning, and with `episodic_life` a lost life ends the episode
@@ -23,7 +25,7 @@ import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import threadpoolctl
@@ -59,6 +61,98 @@ class _Step:
     version: int
 
 
+class ActingPolicy(Protocol):
+    """Who runs mu for an explorer: `ModelPolicy` (its own copy of the network, in its process)
+    or a client of an inference server (`impala.runtime.inference.ServerPolicy`, one process
+    acting for all explorers). Observations are as the explorer keeps them
+    (`ObsSpec.to_network`); N rows, N at most the explorer's environments."""
+
+    action_spec: distributions.ActionSpec
+    recurrent: bool
+    version: int
+    """The version of the weights of the last answer (after `refresh`: of the weights held)."""
+
+    def refresh(self) -> None:
+        """Takes the newest weights (the explorer calls it where mu is to be refreshed)."""
+        ...
+
+    def initial_state(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recurrent network's start state `(h, c)`, each `[n, core_size]` float32."""
+        ...
+
+    def logits(self, obs: spaces.NetObs) -> np.ndarray:
+        """A feed-forward network's policy parameters `[N, P]` (float32)."""
+        ...
+
+    def values(self, obs: spaces.NetObs) -> np.ndarray:
+        """A feed-forward network's values `[N]` (`[N, K]` with K tasks), float32."""
+        ...
+
+    def core_step(
+        self,
+        obs: spaces.NetObs,
+        prev_action: np.ndarray,
+        prev_reward: np.ndarray,
+        first: np.ndarray,
+        state: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+        """One step of a recurrent network: policy parameters `[N, P]`, values `[N]` (`[N, K]`;
+        numpy float32) and the next state (float32 tensors `[N, core_size]`)."""
+        ...
+
+
+class ModelPolicy:
+    """mu in the explorer's process: a copy of the network refreshed from the parameter store.
+    Feed-forward networks that can act in numpy do (`impala.nets.mlp.NumpyMLP`); torch networks
+    act under bf16 autocast with `bf16` (`--explorer-precision`): the behaviour policy mu is then
+    the bf16 network's, which is what the unroll records."""
+
+    def __init__(self, model: nn.Module, store: ParameterStore, bf16: bool = False) -> None:
+        self.model, self.store = model, store
+        self.action_spec: distributions.ActionSpec = model.action_spec
+        self.recurrent = bool(getattr(model, "is_recurrent", False))
+        self.version = -1
+        self.numpy = None if self.recurrent else _numpy_net(model)
+        self.bf16 = bf16 and self.numpy is None
+
+    def refresh(self) -> None:
+        version = self.store.load_into(self.model, self.version)
+        if version is not None:
+            self.version = version
+
+    def initial_state(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.initial_state(n)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast with `bf16`; otherwise nothing to enter on the per-step path."""
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def logits(self, obs: spaces.NetObs) -> np.ndarray:
+        if self.numpy is not None:
+            return self.numpy.policy_logits(obs)
+        with self._autocast():
+            return self.model.policy_logits(spaces.as_tensors(obs)).float().numpy()
+
+    def values(self, obs: spaces.NetObs) -> np.ndarray:
+        if self.numpy is not None:
+            return self.numpy.values(obs)
+        with self._autocast():
+            return self.model(spaces.as_tensors(obs))[1].float().numpy()
+
+    def core_step(self, obs, prev_action, prev_reward, first, state):
+        with self._autocast():
+            logits, values, (h, c) = self.model.unroll(
+                spaces.map_obs(lambda part: part[None], spaces.as_tensors(obs)),
+                torch.from_numpy(prev_action)[None],
+                torch.from_numpy(prev_reward)[None],
+                torch.from_numpy(first)[None],
+                state,
+            )
+        return logits[0].float().numpy(), values[0].float().numpy(), (h.float(), c.float())
+
+
 class Explorer:
     """Steps `vec_env` with mu and fills unrolls.
 
@@ -87,6 +181,7 @@ class Explorer:
         record_actions: bool = False,
         task: int | None = None,
         bf16: bool = False,
+        policy: ActingPolicy | None = None,
     ) -> None:
         self.index = index
         self.task = task  # its task in a multi-task run (the network has a value per task)
@@ -101,8 +196,11 @@ class Explorer:
         self.episodic_life = episodic_life
         self.greedy = greedy  # evaluation: the most probable action instead of a sample
         self.num_envs = vec_env.num_envs
+        # Who runs mu: this process (`ModelPolicy`, the default) or an inference server
+        # (`impala.runtime.inference`); the explorer's logic is the same with either.
+        self.policy: ActingPolicy = policy or ModelPolicy(model, store, bf16)
         # What the policy's output means and how actions are sampled (impala.distributions).
-        self.action_spec: distributions.ActionSpec = model.action_spec
+        self.action_spec: distributions.ActionSpec = self.policy.action_spec
         self.rng = np.random.default_rng(seed)
         self.version = -1
         # Every action since the reset below, if asked (the serial runtime's exact resume: the
@@ -126,26 +224,26 @@ class Explorer:
         self._finished_steps: deque[tuple[_Step, float]] = deque()
         self._finished_episodes: deque[tuple[float, int, int]] = deque()  # return, length, env
         self._lives = infos.get("lives")
-        self.recurrent = bool(getattr(model, "is_recurrent", False))
+        self.recurrent = self.policy.recurrent
         if self.recurrent:
             # The inputs of the next step: the state, the last action and (learning) reward, and
             # whether the next observation starts an episode (the state is reset before it).
-            self.core_state = model.initial_state(self.num_envs)
+            self.core_state = self.policy.initial_state(self.num_envs)
             self.prev_action = self._no_actions(self.num_envs)
             self.prev_reward = np.zeros(self.num_envs, dtype=np.float32)
             self.first = np.ones(self.num_envs, dtype=bool)
-        # Feed-forward networks that can act in numpy do (see impala.nets.mlp.NumpyMLP).
-        self._numpy = None if self.recurrent else _numpy_net(model)
-        # Torch networks act under bf16 autocast with `bf16` (`--explorer-precision`); the
-        # behaviour policy mu is then the bf16 network's, which is what the unroll records.
-        self.bf16 = bf16 and self._numpy is None
         self.refresh()
 
+    @property
+    def _numpy(self) -> Any:
+        """The numpy forward pass mu acts with in this process, if any (`ModelPolicy`)."""
+        return getattr(self.policy, "numpy", None)
+
     def refresh(self) -> None:
-        """Copies pi into mu if the store holds a newer version."""
-        version = self.store.load_into(self.model, self.version)
-        if version is not None:
-            self.version = version
+        """Copies pi into mu if the store holds a newer version (an inference server refreshes
+        its own: then this only reads the version it last acted with)."""
+        self.policy.refresh()
+        self.version = self.policy.version
 
     def _laid_out(self, obs: Any) -> spaces.NetObs:
         """Observations from the environments as this explorer keeps them: as the network takes
@@ -168,24 +266,12 @@ class Explorer:
         dtype = np.float32 if spec.kind == "box" else np.int64
         return np.zeros((*shape, *spec.action_shape), dtype=dtype)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast with `bf16`; otherwise nothing to enter on the per-step path."""
-        if self.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _core_step(self, obs: np.ndarray, prev_action, prev_reward, first, state):
-        """One step of the recurrent network: policy parameters `[N, P]`, values `[N]`, the next
-        state (float32, also under bf16)."""
-        with self._autocast():
-            logits, values, (h, c) = self.model.unroll(
-                spaces.map_obs(lambda part: part[None], spaces.as_tensors(obs)),
-                torch.from_numpy(prev_action)[None],
-                torch.from_numpy(prev_reward)[None],
-                torch.from_numpy(first)[None],
-                state,
-            )
-        return logits[0].float(), values[0].float(), (h.float(), c.float())
+        """One step of the recurrent network: policy parameters `[N, P]`, values `[N]` (numpy,
+        float32), the next state (float32 tensors)."""
+        logits, values, state = self.policy.core_step(obs, prev_action, prev_reward, first, state)
+        self.version = self.policy.version
+        return logits, values, state
 
     def _act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples an action per environment from mu (in numpy, see `impala.distributions`):
@@ -194,30 +280,24 @@ class Explorer:
             logits, _, self.core_state = self._core_step(
                 obs, self.prev_action, self.prev_reward, self.first, self.core_state
             )
-            logits = logits.numpy()
-        elif self._numpy is not None:
-            logits = self._numpy.policy_logits(obs)
         else:
-            with self._autocast():
-                logits = self.model.policy_logits(spaces.as_tensors(obs)).float().numpy()
+            logits = self.policy.logits(obs)
+            self.version = self.policy.version  # the weights these logits came from
         if self.greedy:
             return distributions.mode(self.action_spec, logits), logits
         return distributions.sample(self.action_spec, logits, self.rng), logits
 
     def _values(self, obs: np.ndarray, envs: np.ndarray, actions, rewards) -> np.ndarray:
         """V_mu of the last observations `obs` of the episodes in environments `envs`."""
-        if self._numpy is not None:
-            values = self._numpy.values(obs)
-        elif not self.recurrent:
-            with self._autocast():
-                values = self.model(spaces.as_tensors(obs))[1].float().numpy()
+        if not self.recurrent:
+            values = self.policy.values(obs)
         else:
             h, c = self.core_state  # after the step that led to `obs`
             first = np.zeros(len(envs), dtype=bool)
-            _, values, _ = self._core_step(
+            policy = self.policy
+            _, values, _ = policy.core_step(
                 obs, actions[envs], rewards[envs], first, (h[envs], c[envs])
             )
-            values = values.numpy()
         if self.task is not None:  # a multi-task network: the value of this explorer's task
             values = values[:, self.task]
         return values.astype(np.float64)
@@ -324,6 +404,7 @@ class Explorer:
         checkpoint.set_numpy_rng_state(self.rng, state["rng"])
         self.model.load_state_dict(state["mu"])
         self.version = int(state["version"])
+        self.policy.version = self.version  # the policy's copy is `self.model`, just loaded
         self.steps_made = int(state["steps_made"])
         if self.recurrent:
             self.core_state = (state["core_h"].clone(), state["core_c"].clone())

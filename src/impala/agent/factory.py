@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from impala.agent.explorer import Explorer
+from impala.agent.explorer import ActingPolicy, Explorer
 from impala.agent.learner import resolve_device, uses_bf16
 from impala.agent.params import ParameterStore
 from impala.config import Config
@@ -89,12 +89,16 @@ def build_explorer(
     *,
     record_actions: bool = False,
     start: tuple[int, int] = (0, 0),
+    policy: ActingPolicy | None = None,
 ) -> Explorer:
     """Explorer `index` with its own environments and a fresh copy of the network
     (`record_actions`: keeps what its state for a checkpoint needs, see `Explorer.state`;
-    `start`: which start of the explorer this is, see `explorer_seed`)."""
-    model = build_model(cfg, env)
-    model.requires_grad_(False)
+    `start`: which start of the explorer this is, see `explorer_seed`), or with `policy`
+    acting for it (an inference server's client: no network in this process)."""
+    model = None
+    if policy is None:
+        model = build_model(cfg, env)
+        model.requires_grad_(False)
     # A multi-task run: explorer `index` plays task index % K, its frames padded to the shape
     # the network takes.
     vec_env = make_vector_env(
@@ -118,7 +122,8 @@ def build_explorer(
         episodic_life=cfg.episodic_life,
         record_actions=record_actions,
         task=index % env.num_tasks if env.tasks else None,
-        bf16=explorer_bf16(cfg, model),
+        bf16=model is not None and explorer_bf16(cfg, model),
+        policy=policy,
     )
 
 

@@ -53,6 +53,11 @@ def run_from_args(args: dict[str, Any], signals: StopSignals, out: IO[str] | Non
     token_file = args.pop("auth_token_file", None)
     resume, override = args.pop("resume", None), args.pop("override", False)
     args["num_explorers"] = len(spec.explorers)  # the host list says how many there are
+    if args.get("inference") not in (None, "explorers"):  # before checks it would fail
+        raise ConfigError(
+            "--inference server is for the local runtime (impala train); the job form's "
+            "explorer tasks run the policy themselves: use --inference explorers"
+        )
     cfg = config_mod.resolve(args)
     if cfg.value_norm == "popart" and len(spec.learners) > 1:
         raise ConfigError(

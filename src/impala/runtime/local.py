@@ -11,6 +11,10 @@ or the error that killed it); a replacement gets a new pipe, and a pipe whose wr
 as closed. Explorers die with the learner even when it is SIGKILLed (a parent-death signal, and a
 parent check in every wait). Shared tensors reach the spawned processes as file descriptors, so
 no named segment exists that could outlive the run.
+
+With `--inference server` one more process, the inference server, runs the policy for all
+explorers (dynamic batching, see `impala.runtime.inference`); it is watched and restarted like
+an explorer, within the same restart budget.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from impala.envs import EnvInfo
 from impala.errors import ConfigError, one_line
 from impala.loop import Batch
 from impala.runtime import common
+from impala.runtime.inference import StopExploring
 from impala.runtime.restarts import RestartBudget
 from impala.runtime.slots import SlotBoard, SlotQueue
 
@@ -134,14 +139,20 @@ def _explorer_main(
     torch.set_num_threads(1)
     os.nice(cfg.explorer_nice)  # the learner first: it sets the pace (see Config.explorer_nice)
     board: SlotBoard = shared["board"]
-    explorer = None
+    explorer = policy = None
 
     def go_on() -> bool:
         return not board.stopping and os.getppid() == parent
 
     try:
+        if shared["inference"] is not None:  # --inference server: it acts for us
+            from impala.runtime.inference import ServerPolicy
+
+            layout, buffers, address, authkey = shared["inference"]
+            beat = functools.partial(board.beat, index)
+            policy = ServerPolicy(index, env, layout, buffers, address, authkey, go_on, beat)
         explorer = common.build_explorer(
-            cfg, env, index, ParameterStore(*shared["params"]), start=start
+            cfg, env, index, ParameterStore(*shared["params"]), start=start, policy=policy
         )
         explorer.heartbeat = functools.partial(board.beat, index)
         board.beat(index)
@@ -165,6 +176,8 @@ def _explorer_main(
             info = explorer.fill(out)
             sink.commit(info)
             conn.send(info)
+    except StopExploring:
+        pass  # the run stops while the inference server was to answer
     except BaseException as exc:  # noqa: BLE001 - reported to the learner, which decides
         try:
             conn.send(common.ExplorerFailure(one_line(exc), traceback.format_exc()))
@@ -174,6 +187,8 @@ def _explorer_main(
     finally:
         if explorer is not None:
             explorer.vec_env.close()
+        if policy is not None:
+            policy.close()
         conn.close()
 
 
@@ -208,6 +223,7 @@ class LocalSource:
         self.replay: ReplayBuffer | None = None
         self.queue: SlotQueue | None = None
         self.experience: Experience | None = None
+        self.server: Any = None  # --inference server: its InferenceServer
 
     # --- starting ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,6 +238,20 @@ class LocalSource:
             if "shared memory" not in str(exc):
                 raise
             raise ConfigError(shm_message(shared_bytes(cfg, self.env), None)) from None
+        if cfg.inference == "server":
+            from impala.runtime.inference import InferenceServer
+
+            self.server = InferenceServer(
+                cfg,
+                self.env,
+                self.learner.store.tensors,
+                self.out,
+                self.restarts,
+                self._ctx,
+                self._keep_trace,
+            )
+            self.server.start()
+            self.counters.update(self.server.counters())
         for i in range(cfg.num_explorers):
             self._start(i)
 
@@ -245,6 +275,7 @@ class LocalSource:
             "storage": self.storage,
             "replay": self.replay,
             "params": self.learner.store.tensors,
+            "inference": self.server.client(index) if self.server is not None else None,
         }
         start = (self.steps_before, self._starts[index])
         self.board.reset_beat(index)
@@ -332,6 +363,9 @@ class LocalSource:
         if now < self._next_check:
             return
         self._next_check = now + CHECK_INTERVAL
+        if self.server is not None:
+            self.server.check()  # first: explorers wait (beating) while it is away
+            self.counters.update(self.server.counters())
         for i, proc in enumerate(self.procs):
             if proc is None:
                 continue
@@ -347,7 +381,7 @@ class LocalSource:
             failure, self.failures[i] = self.failures[i], None
             why = failure.line if failure else common.describe_exit(proc.exitcode)
             if failure is not None and failure.trace:
-                self._keep_trace(i, failure)
+                self._keep_trace(f"explorer {i}", failure)
             line = self.restarts.take(f"explorer {i}", why)
             self.counters["explorer_restarts"] += 1
             print(line, file=self.out, flush=True)
@@ -371,11 +405,11 @@ class LocalSource:
         )
         proc.kill()
 
-    def _keep_trace(self, index: int, failure: common.ExplorerFailure) -> None:
+    def _keep_trace(self, who: str, failure: common.ExplorerFailure) -> None:
         if self.run_dir is None:
             return
         with open(self.run_dir / "explorer-errors.log", "a") as log:
-            log.write(f"--- explorer {index} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            log.write(f"--- {who} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             log.write(failure.trace)
 
     # --- stopping ------------------------------------------------------------------------------
@@ -400,6 +434,9 @@ class LocalSource:
             if conn is not None:
                 conn.close()
                 self.conns[i] = None
+        if self.server is not None:  # after the explorers: they may wait for an answer
+            self.counters.update(self.server.counters())
+            self.server.close()
 
 
 def slots_per_explorer(cfg: Config) -> int:
@@ -466,4 +503,9 @@ def shared_bytes(cfg: Config, env: EnvInfo) -> int:
     )
     slots = cfg.num_explorers * slots_per_explorer(cfg)
     weights = 4 * sum(p.numel() for p in common.build_model(cfg, env).parameters())
-    return slots * per_unroll + weights + 64 * slots + 2**16
+    inference = 0
+    if cfg.inference == "server":  # each explorer's request and answer buffers
+        from impala.runtime.inference import make_layout
+
+        inference = cfg.num_explorers * make_layout(cfg, env).nbytes()
+    return slots * per_unroll + weights + inference + 64 * slots + 2**16
