@@ -7,6 +7,7 @@ import dataclasses
 import math
 import signal
 import sys
+import traceback
 
 import torch
 
@@ -14,6 +15,7 @@ from impala.agent import Learner, ParameterStore
 from impala.agent.factory import build_explorer, build_model
 from impala.config import Config
 from impala.envs import EnvInfo
+from impala.errors import one_line
 
 __all__ = [
     "ExplorerFailure",
@@ -84,6 +86,21 @@ class ExplorerFailure:
 
     line: str
     trace: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ExplorerFailure:
+        """The failure `exc` makes (called where it was caught: the traceback is the current)."""
+        return cls(one_line(exc), traceback.format_exc())
+
+
+def report_and_exit(conn, exc: BaseException) -> None:
+    """A child process's end on an error: `exc` sent to the learner through `conn` (if it still
+    listens), then exit code 1, quietly: the learner prints the error in one line."""
+    try:
+        conn.send(ExplorerFailure.of(exc))
+    except OSError:
+        pass
+    sys.exit(1)
 
 
 def describe_exit(code: int | None) -> str:

@@ -52,11 +52,9 @@ import queue
 import shutil
 import signal
 import struct
-import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +66,6 @@ from impala.agent.buffer import frames_first
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, spaces
-from impala.errors import one_line
 from impala.runtime import common
 from impala.runtime.restarts import RestartBudget
 
@@ -503,11 +500,7 @@ def _server_main(
                 words[BATCHES] += 1
                 words[ROWS] += sum(rows for _, _, rows, _ in requests)
     except BaseException as exc:  # noqa: BLE001 - reported to the learner, which decides
-        try:
-            report.send(common.ExplorerFailure(one_line(exc), traceback.format_exc()))
-        except OSError:
-            pass
-        sys.exit(1)  # quietly: the learner prints the error in one line
+        common.report_and_exit(report, exc)
     finally:
         closing.set()
         if listener is not None:

@@ -28,7 +28,6 @@ import platform
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from impala.agent.buffer import allocate, numpy_views, rollout_spec
 from impala.agent.experience import Experience
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.errors import ConfigError, one_line
+from impala.errors import ConfigError
 from impala.loop import Batch
 from impala.runtime import common
 from impala.runtime.inference import StopExploring
@@ -179,11 +178,7 @@ def _explorer_main(
     except StopExploring:
         pass  # the run stops while the inference server was to answer
     except BaseException as exc:  # noqa: BLE001 - reported to the learner, which decides
-        try:
-            conn.send(common.ExplorerFailure(one_line(exc), traceback.format_exc()))
-        except OSError:
-            pass
-        sys.exit(1)  # quietly: the learner prints the error in one line
+        common.report_and_exit(conn, exc)
     finally:
         if explorer is not None:
             explorer.vec_env.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from typing import Any
 
 import torch
@@ -28,7 +27,6 @@ from impala.agent.experience import Experience, ListQueue
 from impala.agent.worker import ExplorerWorker
 from impala.config import Config
 from impala.envs import EnvInfo
-from impala.errors import one_line
 from impala.loop import Batch
 from impala.runtime import common, ray_support
 from impala.runtime.restarts import RestartBudget
@@ -48,7 +46,7 @@ class _ExplorerActor:
         try:
             self.worker = ExplorerWorker(cfg, env, index, start=start)
         except Exception as exc:  # noqa: BLE001 - reported to the learner, which decides
-            self.failure = common.ExplorerFailure(one_line(exc), traceback.format_exc())
+            self.failure = common.ExplorerFailure.of(exc)
 
     def unroll(self, weights: tuple[int, Any]) -> Any:
         faults.point("hang")  # tests and the chaos check: an explorer that hangs
@@ -56,7 +54,7 @@ class _ExplorerActor:
             try:
                 return self.worker.unroll(weights)
             except Exception as exc:  # noqa: BLE001
-                self.failure = common.ExplorerFailure(one_line(exc), traceback.format_exc())
+                self.failure = common.ExplorerFailure.of(exc)
         return self.failure
 
 
