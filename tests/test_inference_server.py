@@ -309,6 +309,26 @@ def test_sigint_stops_the_server_and_the_explorers(tmp_path, private_tmp):
     assert _listening_folders(folder) == []
 
 
+def test_a_sigkilled_learner_leaves_no_server_and_no_listening_folder(tmp_path, private_tmp):
+    """The learner killed outright runs no clean-up: the server, told by Linux that its parent
+    died (SIGTERM), removes its listening folder and ends; the explorers end too."""
+    folder, env = private_tmp
+    run_dir = tmp_path / "r"
+    proc = start_cli(
+        "train", "--env", "CartPole-v1", "--inference", "server", "--run-dir", str(run_dir), env=env
+    )
+    try:
+        wait_for_learning(run_dir)
+        children = project_children(psutil.Process(proc.pid))
+        assert len(children) == 3
+        assert len(_listening_folders(folder)) == 1
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert_gone(children, timeout=30)
+    assert _listening_folders(folder) == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

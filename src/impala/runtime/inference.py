@@ -45,6 +45,7 @@ answered) and `inference-wait` (an explorer, its request sent and not yet answer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import multiprocessing.connection
 import os
@@ -451,6 +452,15 @@ class Server:
                 self.drop(index)
 
 
+def _terminated(parent: int, folder: str, signum: int, _frame: object) -> None:
+    """The server's SIGTERM: from the runtime (its parent alive), the default end; after its
+    parent died, its listening folder removed first."""
+    if os.getppid() != parent:
+        shutil.rmtree(folder, ignore_errors=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _server_main(
     cfg: Config,
     env: EnvInfo,
@@ -466,7 +476,10 @@ def _server_main(
     from impala.devices import resolve_device
     from impala.runtime.local import _die_with_parent
 
-    _die_with_parent(parent)
+    # SIGTERM, not SIGKILL as for explorers, when the learner dies (SIGKILLed): the server then
+    # removes its listening folder, which the dead learner cannot.
+    _die_with_parent(parent, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, functools.partial(_terminated, parent, os.path.dirname(address)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when the server stops
 
     words = stats.numpy()  # written by this process only (see InferenceServer.stats)

@@ -59,12 +59,13 @@ STOP_GRACE = 2.0  # seconds explorers get to finish their unroll and exit before
 START_GRACE = 120.0  # seconds an explorer's start-up may take at least (see --explorer-timeout)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Asks Linux to SIGKILL this process when its parent dies (checked: works here); the parent
-    check in every wait covers other systems and the instant before this call."""
+def _die_with_parent(parent: int, signum: int = signal.SIGKILL) -> None:
+    """Asks Linux to send `signum` (SIGKILL, unless the process has clean-up of its own to do)
+    to this process when its parent dies (checked: works here); the parent check in every wait
+    covers other systems and the instant before this call."""
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:
