@@ -4,6 +4,7 @@ server SIGKILLed mid-run and stops cleanly, and what it cannot do is refused in 
 
 import contextlib
 import copy
+import functools
 import os
 import shutil
 import signal
@@ -285,6 +286,79 @@ def test_a_hung_server_is_killed_and_restarted(tmp_path, private_tmp):
     last = metrics(run_dir)[-1]
     assert last["explorer_restarts"] == 0 and last["inference_restarts"] == 1, out
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_server_sigtermed_alone_is_started_again_in_a_new_folder(tmp_path, private_tmp):
+    """SIGTERM to the server alone (a user's `kill`, with the learner alive): the server removes
+    its listening folder on the way out (it cannot know the learner still runs: see
+    `_terminated`), the runtime makes the folder anew and starts it again, and the run ends
+    on its step budget with nothing left behind."""
+    folder, env = private_tmp
+    run_dir = tmp_path / "r"
+    proc = start_cli(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--inference",
+        "server",
+        "--total-steps",
+        "200000",
+        "--run-dir",
+        str(run_dir),
+        "--log-interval",
+        "0.3",
+        env=env,
+    )
+    try:
+        wait_for_learning(run_dir)
+        learner = psutil.Process(proc.pid)
+        server = wait_until(lambda: _server_process(learner), 30, "the server's socket")
+        server.terminate()
+        wait_until(lambda: metrics(run_dir)[-1]["inference_restarts"] == 1, 60, "a restart")
+        wait_until(lambda: _server_process(learner), 30, "the new server's socket")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err.strip() == "", err
+    assert "inference server failed: killed by SIGTERM; restarting it" in out, out
+    assert "done (step budget)" in out
+    assert metrics(run_dir)[-1]["steps"] >= 200_000
+    assert _listening_folders(folder) == []
+
+
+def test_the_servers_sigterm_removes_its_folder_while_its_parent_lives(tmp_path):
+    """The handler removes the folder whoever sent SIGTERM: a learner SIGKILLed while it has
+    several threads hands its children to one of its dying threads first, so the signal can
+    arrive while getppid() still names it (a test on getppid() left the folder behind)."""
+    import multiprocessing
+
+    from impala.runtime.inference import _terminated
+
+    folder = tmp_path / "impala-inference-x"
+    folder.mkdir()
+    (folder / "server.sock").touch()
+    ready = multiprocessing.get_context("fork").Event()
+
+    def server() -> None:
+        signal.signal(signal.SIGTERM, functools.partial(_terminated, str(folder)))
+        ready.set()
+        time.sleep(60)
+
+    child = multiprocessing.get_context("fork").Process(target=server)
+    child.start()
+    try:
+        assert ready.wait(30)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == -signal.SIGTERM
+    assert not folder.exists()
 
 
 def test_sigint_stops_the_server_and_the_explorers(tmp_path, private_tmp):

@@ -52,6 +52,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import struct
 import tempfile
 import threading
@@ -67,6 +68,7 @@ from impala.agent.buffer import frames_first
 from impala.agent.params import ParameterStore
 from impala.config import Config
 from impala.envs import EnvInfo, spaces
+from impala.errors import RunFailed
 from impala.runtime import common
 from impala.runtime.restarts import RestartBudget
 
@@ -452,11 +454,14 @@ class Server:
                 self.drop(index)
 
 
-def _terminated(parent: int, folder: str, signum: int, _frame: object) -> None:
-    """The server's SIGTERM: from the runtime (its parent alive), the default end; after its
-    parent died, its listening folder removed first."""
-    if os.getppid() != parent:
-        shutil.rmtree(folder, ignore_errors=True)
+def _terminated(folder: str, signum: int, _frame: object) -> None:
+    """The server's SIGTERM: its listening folder removed, then the default end. Whoever sent
+    it: the runtime's close() (which removes the folder as well), Linux at the learner's death
+    (which no getppid() test can tell apart reliably: a SIGKILLed multi-threaded learner's
+    children are first handed to one of its other, dying threads, so the signal can arrive
+    while getppid() still names the learner), or a user (the runtime then starts the server
+    again, and `InferenceServer.start` makes the folder anew)."""
+    shutil.rmtree(folder, ignore_errors=True)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -479,7 +484,8 @@ def _server_main(
     # SIGTERM, not SIGKILL as for explorers, when the learner dies (SIGKILLed): the server then
     # removes its listening folder, which the dead learner cannot.
     _die_with_parent(parent, signal.SIGTERM)
-    signal.signal(signal.SIGTERM, functools.partial(_terminated, parent, os.path.dirname(address)))
+    folder = os.path.dirname(address)
+    signal.signal(signal.SIGTERM, functools.partial(_terminated, folder))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when the server stops
 
     words = stats.numpy()  # written by this process only (see InferenceServer.stats)
@@ -518,6 +524,8 @@ def _server_main(
         closing.set()
         if listener is not None:
             listener.close()
+        if os.getppid() != parent:  # the learner died: nobody else removes the folder
+            shutil.rmtree(folder, ignore_errors=True)
         report.close()
 
 
@@ -561,7 +569,20 @@ class InferenceServer:
         """What explorer `index` needs to build its `ServerPolicy` (picklable for spawn)."""
         return self.layout, self.buffers[index], self.address, self.authkey
 
+    def _make_folder(self) -> None:
+        """The listening folder made again where a SIGTERMed server removed it; RunFailed if
+        something else took its name meanwhile (it must be this user's, and private)."""
+        try:
+            os.mkdir(self.folder, 0o700)
+        except FileExistsError:
+            st = os.lstat(self.folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise RunFailed(
+                    f"inference server: {self.folder} is not a private folder of this user"
+                ) from None
+
     def start(self) -> None:
+        self._make_folder()
         reader, writer = self.ctx.Pipe(duplex=False)
         self.stats[BEAT] = 0
         self._started_at = time.monotonic_ns()
