@@ -183,6 +183,23 @@ def _listening_folders(tmp: Path) -> list[Path]:
     return [p for p in tmp.iterdir() if p.name.startswith("impala-inference-")]
 
 
+def _server_run(run_dir: Path, env: dict, *extra: str):
+    """`impala train` on CartPole with the server, `extra` flags, metrics every 0.3 s."""
+    return start_cli(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--inference",
+        "server",
+        *extra,
+        "--run-dir",
+        str(run_dir),
+        "--log-interval",
+        "0.3",
+        env=env,
+    )
+
+
 def test_an_explorer_and_the_server_sigkilled_mid_run(tmp_path, private_tmp):
     """The server SIGKILLed with requests read and not answered, then an explorer SIGKILLed
     with its request outstanding (fault points, at the instant a test cannot hit from
@@ -194,20 +211,7 @@ def test_an_explorer_and_the_server_sigkilled_mid_run(tmp_path, private_tmp):
     env["IMPALA_FAULTS"] = f"inference!{kill_server},inference-wait!{kill_explorer}"
     before = shm_entries()
     run_dir = tmp_path / "r"
-    proc = start_cli(
-        "train",
-        "--env",
-        "CartPole-v1",
-        "--inference",
-        "server",
-        "--total-steps",
-        "300000",
-        "--run-dir",
-        str(run_dir),
-        "--log-interval",
-        "0.3",
-        env=env,
-    )
+    proc = _server_run(run_dir, env, "--total-steps", "300000")
     children = []
     try:
         wait_for_learning(run_dir)
@@ -247,40 +251,36 @@ def _server_process(learner: psutil.Process) -> psutil.Process:
     return None
 
 
-def test_a_hung_server_is_killed_and_restarted(tmp_path, private_tmp):
-    """A server that stops making progress (SIGSTOPped here, as a wedged GPU driver call would
-    leave it) is killed after --explorer-timeout and started again with a line naming it;
-    explorers waiting on it meanwhile are not taken for hung (they beat while they wait)."""
-    _, env = private_tmp
-    run_dir = tmp_path / "r"
-    proc = start_cli(
-        "train",
-        "--env",
-        "CartPole-v1",
-        "--inference",
-        "server",
-        "--explorer-timeout",
-        "8",  # short, but not so short that a loaded machine's explorer would seem hung
-        "--total-steps",
-        "200000",
-        "--run-dir",
-        str(run_dir),
-        "--log-interval",
-        "0.3",
-        env=env,
-    )
+def _server_restarted_after(act, run_dir: Path, env: dict, *extra: str):
+    """A 200k-step CartPole run with the server, `act(server process)` once it learns, waited
+    until the server was started again and the run ended: (proc, out, err, the old server)."""
+    proc = _server_run(run_dir, env, *extra, "--total-steps", "200000")
     try:
         wait_for_learning(run_dir)
         learner = psutil.Process(proc.pid)
         server = wait_until(lambda: _server_process(learner), 30, "the server's socket")
-        server.suspend()
+        act(server)
         wait_until(lambda: metrics(run_dir)[-1]["inference_restarts"] == 1, 60, "a restart")
+        wait_until(lambda: _server_process(learner), 30, "the new server's socket")
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
+    return proc, out, err, server
+
+
+def test_a_hung_server_is_killed_and_restarted(tmp_path, private_tmp):
+    """A server that stops making progress (SIGSTOPped here, as a wedged GPU driver call would
+    leave it) is killed after --explorer-timeout and started again with a line naming it;
+    explorers waiting on it meanwhile are not taken for hung (they beat while they wait)."""
+    _, env = private_tmp
+    run_dir = tmp_path / "r"
+    # --explorer-timeout: short, but not so short that a loaded machine's explorer seems hung
+    _, out, _, server = _server_restarted_after(
+        psutil.Process.suspend, run_dir, env, "--explorer-timeout", "8"
+    )
     assert "inference server failed: no sign of progress for" in out, out
     assert "hung (see --explorer-timeout); restarting it" in out
     last = metrics(run_dir)[-1]
@@ -295,33 +295,7 @@ def test_a_server_sigtermed_alone_is_started_again_in_a_new_folder(tmp_path, pri
     on its step budget with nothing left behind."""
     folder, env = private_tmp
     run_dir = tmp_path / "r"
-    proc = start_cli(
-        "train",
-        "--env",
-        "CartPole-v1",
-        "--inference",
-        "server",
-        "--total-steps",
-        "200000",
-        "--run-dir",
-        str(run_dir),
-        "--log-interval",
-        "0.3",
-        env=env,
-    )
-    try:
-        wait_for_learning(run_dir)
-        learner = psutil.Process(proc.pid)
-        server = wait_until(lambda: _server_process(learner), 30, "the server's socket")
-        server.terminate()
-        wait_until(lambda: metrics(run_dir)[-1]["inference_restarts"] == 1, 60, "a restart")
-        wait_until(lambda: _server_process(learner), 30, "the new server's socket")
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    _, out, err, _ = _server_restarted_after(psutil.Process.terminate, run_dir, env)
     assert err.strip() == "", err
     assert "inference server failed: killed by SIGTERM; restarting it" in out, out
     assert "done (step budget)" in out
@@ -361,45 +335,28 @@ def test_the_servers_sigterm_removes_its_folder_while_its_parent_lives(tmp_path)
     assert not folder.exists()
 
 
-def test_sigint_stops_the_server_and_the_explorers(tmp_path, private_tmp):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_stopped_learner_leaves_no_server_explorer_or_folder(tmp_path, private_tmp, signum):
+    """Ctrl-C stops the server and the explorers with the run. A learner SIGKILLed runs no
+    clean-up of its own: the server, told by Linux that its parent died (SIGTERM), removes
+    its listening folder and ends; the explorers end too."""
     folder, env = private_tmp
     before = shm_entries()
     run_dir = tmp_path / "r"
-    proc = start_cli(
-        "train", "--env", "CartPole-v1", "--inference", "server", "--run-dir", str(run_dir), env=env
-    )
+    proc = _server_run(run_dir, env)
     try:
         wait_for_learning(run_dir)
         children = project_children(psutil.Process(proc.pid))
         assert len(children) == 3
         assert len(_listening_folders(folder)) == 1
     finally:
-        _, out, err = stop_with(proc, signal.SIGINT, timeout=90)
-    assert proc.returncode == 130, err
-    assert out.strip().splitlines()[-1].startswith("stopped (SIGINT)"), out
-    assert err.strip() == "", err
+        _, out, err = stop_with(proc, signum, timeout=90)
+    if signum == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert out.strip().splitlines()[-1].startswith("stopped (SIGINT)"), out
+        assert err.strip() == "", err
     assert_gone(children, timeout=30)
     assert shm_entries() == before
-    assert _listening_folders(folder) == []
-
-
-def test_a_sigkilled_learner_leaves_no_server_and_no_listening_folder(tmp_path, private_tmp):
-    """The learner killed outright runs no clean-up: the server, told by Linux that its parent
-    died (SIGTERM), removes its listening folder and ends; the explorers end too."""
-    folder, env = private_tmp
-    run_dir = tmp_path / "r"
-    proc = start_cli(
-        "train", "--env", "CartPole-v1", "--inference", "server", "--run-dir", str(run_dir), env=env
-    )
-    try:
-        wait_for_learning(run_dir)
-        children = project_children(psutil.Process(proc.pid))
-        assert len(children) == 3
-        assert len(_listening_folders(folder)) == 1
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert_gone(children, timeout=30)
     assert _listening_folders(folder) == []
 
 
