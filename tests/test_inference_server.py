@@ -376,6 +376,16 @@ def test_what_the_server_cannot_do_is_one_line(args, message):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_the_corridors_episode_sync_yields_to_the_server():
+    """The corridor's preset (the seed's) syncs weights per episode, which the server cannot
+    hold: asked for the server, the preset's value yields; a user's own --sync episode is
+    still refused."""
+    assert config.Config().sync == "episode"
+    assert config.Config(inference="server").sync == "unroll"
+    with pytest.raises(config.ConfigError, match="--sync episode cannot hold"):
+        config.Config(inference="server", sync="episode")
+
+
 def test_the_job_form_refuses_the_server_in_one_line():
     start = time.monotonic()
     proc = run_cli("-l", "127.0.0.1:1", "-e", "127.0.0.1:2", "--inference", "server")

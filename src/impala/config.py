@@ -878,6 +878,8 @@ def with_preset(explicit: dict[str, Any]) -> dict[str, Any]:
         preset.pop("value_norm", None)
     if explicit.get("correction", "vtrace") != "vtrace":  # the paper's comparisons: its loss
         preset.pop("loss", None)
+    if explicit.get("inference") == "server":  # it refreshes weights at every batch it serves
+        preset.pop("sync", None)  # the corridor's (the seed's) per-episode sync yields to it
     merged = {**preset, **explicit}
     if merged.get("num_explorers") == "auto":
         from impala.devices import auto_explorers
