@@ -23,12 +23,15 @@ from impala.agent.learner import FlatGradients, bf16_is_fast
 from impala.config import resolve
 from impala.distributions import ActionSpec
 from impala.envs import make_vector_env, probe_env
-from impala.nets import MLPNet
+from impala.nets import MLPNet, mlp
 from impala.nets.mlp import Tanh
 from impala.runtime.common import build_learner
 
 
-def test_tanh_and_its_gradient_against_float64_tanh():
+@pytest.mark.parametrize("sigmoid_form", [True, False], ids=["sigmoid-form", "torch-tanh"])
+def test_tanh_and_its_gradient_against_float64_tanh(monkeypatch, sigmoid_form):
+    """Either form `Tanh` may take on a CPU (see `sigmoid_form_is_faster`)."""
+    monkeypatch.setattr(mlp, "_SIGMOID_FORM", sigmoid_form)
     x = torch.cat([torch.randn(20000) * 4, torch.linspace(-30, 30, 6001), torch.tensor([0.0])])
     exact = torch.tanh(x.double())
     x = x.requires_grad_()
@@ -42,6 +45,16 @@ def test_tanh_and_its_gradient_against_float64_tanh():
     with torch.no_grad():  # the inference path computes the same
         assert torch.equal(Tanh()(x), y.detach())
     assert torch.autograd.gradcheck(Tanh(), torch.randn(30, dtype=torch.float64).requires_grad_())
+
+
+def test_the_tanh_form_is_chosen_once_per_process(monkeypatch):
+    monkeypatch.setattr(mlp, "_SIGMOID_FORM", None)
+    threads = torch.get_num_threads()
+    choice = mlp.sigmoid_form_is_faster()
+    assert isinstance(choice, bool) and mlp._SIGMOID_FORM is choice
+    assert torch.get_num_threads() == threads  # measured on one thread, then as it was
+    monkeypatch.setattr(mlp, "_SIGMOID_FORM", not choice)
+    assert mlp.sigmoid_form_is_faster() is (not choice)  # not measured again
 
 
 @pytest.mark.parametrize(
