@@ -393,12 +393,14 @@ def test_print_config_shows_what_auto_resolves_to(tmp_path, capsys):
         if env_id == "Acrobot-v1":  # the fallback preset leaves both to 'auto'
             assert (printed["net"], printed["obs_norm"]) == ("auto", "auto")
         fast_bf16 = net == "minatar" and bf16_is_fast(torch.device(device))  # conv nets only
+        cpu_bf16 = bf16_is_fast(torch.device("cpu"))
         assert printed["resolved"] == {
             "net": net,
             "obs_norm": obs_norm,
             "device": device,
             "precision": "bf16" if fast_bf16 else "fp32",
-            "explorer_precision": "fp32",  # the default; see test_fast_paths for 'auto'
+            # 'auto', the default: explorers act on the CPU, bf16 for a conv net where it is fast
+            "explorer_precision": "bf16" if net == "minatar" and cpu_bf16 else "fp32",
         }, env_id
     printed = json.loads(_main_output(capsys, "train", "--device", "auto", "--print-config"))
     assert printed["device"] == "auto" and printed["resolved"]["device"] == device

@@ -240,12 +240,13 @@ def test_bf16_explorers_record_the_bf16_networks_policy(core):
 
 def test_explorer_precision_resolves_per_network_and_cpu():
     """'auto' takes bf16 for conv nets where the CPU has native bf16, never for the MLPs that act
-    in numpy (whatever is asked); fp32 is the default."""
+    in numpy (whatever is asked); 'auto' is the default."""
     conv = resolve({"env": "MinAtar/Breakout-v1"})
     conv_model = build_model(conv, probe_env(conv.env))
     mlp = resolve({"env": "CartPole-v1", "explorer_precision": "bf16"})
-    assert conv.explorer_precision == "fp32" and not explorer_bf16(conv, conv_model)
-    auto = dataclasses.replace(conv, explorer_precision="auto")
-    assert explorer_bf16(auto, conv_model) == bf16_is_fast(torch.device("cpu"))
+    assert conv.explorer_precision == "auto"
+    assert explorer_bf16(conv, conv_model) == bf16_is_fast(torch.device("cpu"))
+    fp32 = dataclasses.replace(conv, explorer_precision="fp32")
+    assert not explorer_bf16(fp32, conv_model)
     assert explorer_bf16(dataclasses.replace(conv, explorer_precision="bf16"), conv_model)
     assert not explorer_bf16(mlp, build_model(mlp, probe_env(mlp.env)))

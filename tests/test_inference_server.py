@@ -80,7 +80,10 @@ def test_one_batched_pass_answers_each_explorer_as_its_own_network_would(env_id,
     else:
         context = StandInCuda() if device == "stand-in" else contextlib.nullcontext()
         where = torch.device("cuda")
-    cfg = config.resolve({"env": env_id, "core": core, "envs_per_explorer": 4})
+    # fp32: the answers are compared with the float32 network's (the default `auto` takes bf16
+    # for a conv net on a CPU with native bf16)
+    settings = {"env": env_id, "core": core, "envs_per_explorer": 4, "explorer_precision": "fp32"}
+    cfg = config.resolve(settings)
     env = probe_env(env_id)
     torch.manual_seed(0)
     model = build_model(cfg, env)

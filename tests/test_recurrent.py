@@ -100,6 +100,7 @@ def _exact_config(env_id, core, **overrides):
             envs_per_explorer=3,
             batch_size=3,
             precision="fp32",
+            explorer_precision="fp32",  # the learner recomputes what the explorer computed
             **overrides,
         )
     )
