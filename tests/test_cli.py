@@ -388,12 +388,12 @@ def test_print_config_shows_what_auto_resolves_to(tmp_path, capsys):
         "Acrobot-v1": ("mlp", "on"),  # the fallback preset's obs_norm 'auto': on for an MLP
         "MinAtar/Breakout-v1": ("minatar", "off"),
     }
+    cpu_bf16 = bf16_is_fast(torch.device("cpu"))  # explorers act on the CPU
     for env_id, (net, obs_norm) in cases.items():
         printed = json.loads(_main_output(capsys, "train", "--env", env_id, "--print-config"))
         if env_id == "Acrobot-v1":  # the fallback preset leaves both to 'auto'
             assert (printed["net"], printed["obs_norm"]) == ("auto", "auto")
         fast_bf16 = net == "minatar" and bf16_is_fast(torch.device(device))  # conv nets only
-        cpu_bf16 = bf16_is_fast(torch.device("cpu"))
         assert printed["resolved"] == {
             "net": net,
             "obs_norm": obs_norm,
