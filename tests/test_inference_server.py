@@ -8,7 +8,9 @@ import functools
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +38,18 @@ from impala.agent.explorer import ModelPolicy
 from impala.agent.factory import build_model
 from impala.agent.params import ParameterStore
 from impala.envs import make_vector_env, probe_env
-from impala.runtime.inference import CORE, FORWARD, LOGITS, Server, make_layout
+from impala.runtime.inference import (
+    CORE,
+    DIAL_STEP,
+    FORWARD,
+    HELLO,
+    LOGITS,
+    Server,
+    ServerPolicy,
+    StopExploring,
+    _dial,
+    make_layout,
+)
 
 
 def _observations(env_id: str, n: int, seed: int):
@@ -336,6 +349,85 @@ def test_the_servers_sigterm_removes_its_folder_while_its_parent_lives(tmp_path)
             child.join()
     assert child.exitcode == -signal.SIGTERM
     assert not folder.exists()
+
+
+def test_an_explorer_dialling_a_server_that_never_answers_beats_and_stops_when_asked(tmp_path):
+    """A listener that queued the explorer's connection and never answers the handshake (a
+    server SIGSTOPped, or wedged, between its listen and its accept): the explorer beats while
+    it waits and stops when the run does. Before, it blocked in the handshake without a beat,
+    and the runtime killed it as hung beside the hung server (seen as a flaky
+    test_a_hung_server_is_killed_and_restarted)."""
+    cfg = config.resolve({"env": "CartPole-v1"})
+    env = probe_env("CartPole-v1")
+    layout = make_layout(cfg, env)
+    address = str(tmp_path / "server.sock")
+    beats = []
+    outcome = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(address)
+        listener.listen(1)  # queues connections; nobody accepts them
+
+        def dial() -> None:
+            policy = ServerPolicy(
+                0,
+                env,
+                layout,
+                layout.allocate(),
+                address,
+                os.urandom(32),
+                go_on=lambda: len(beats) < 4,
+                beat=lambda: beats.append(time.monotonic()),
+            )
+            try:
+                policy._connection()
+            except StopExploring:
+                outcome.append("stopped")
+
+        thread = threading.Thread(target=dial, daemon=True)
+        thread.start()
+        thread.join(60)
+        stuck = thread.is_alive()
+    assert not stuck, f"the explorer blocked in the handshake after {len(beats)} beats"
+    assert outcome == ["stopped"] and len(beats) == 4
+
+
+def test_a_dialled_connection_says_hello_and_then_waits_without_a_limit(tmp_path):
+    """`_dial` against the standard library's Listener: the handshake passes, HELLO arrives, and
+    the connect/handshake limits are lifted once connected (an answer slower than DIAL_STEP is
+    still received, not taken for a lost server)."""
+    import multiprocessing.connection
+
+    address = str(tmp_path / "server.sock")
+    authkey = os.urandom(32)
+    heard = []
+    with multiprocessing.connection.Listener(address, "AF_UNIX", authkey=authkey) as listener:
+
+        def serve() -> None:
+            with listener.accept() as conn:
+                heard.append(conn.recv_bytes())
+                time.sleep(3 * DIAL_STEP)
+                conn.send_bytes(b"answer")
+                with contextlib.suppress(EOFError):
+                    conn.recv_bytes()  # until the client closes
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        conn = _dial(address, authkey, HELLO.pack(7), DIAL_STEP)
+        try:
+            assert conn.recv_bytes() == b"answer"
+        finally:
+            conn.close()
+        thread.join(30)
+    assert heard == [HELLO.pack(7)]
+    with pytest.raises(multiprocessing.AuthenticationError):
+        with multiprocessing.connection.Listener(address, "AF_UNIX", authkey=authkey) as other:
+            threading.Thread(target=lambda: _accept_quietly(other), daemon=True).start()
+            _dial(address, os.urandom(32), HELLO.pack(0), DIAL_STEP).close()
+
+
+def _accept_quietly(listener) -> None:
+    with contextlib.suppress(Exception):
+        listener.accept().close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])

@@ -52,6 +52,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import stat
 import struct
 import tempfile
@@ -83,6 +84,7 @@ BEAT, BATCHES, ROWS = 0, 1, 2  # the server's shared words (InferenceServer.stat
 POLL = 0.05  # seconds between an explorer's looks at its stop word while it waits
 SERVER_POLL = 0.1  # seconds the server waits for requests before it beats again
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to say which explorer it is
+DIAL_STEP = 0.5  # seconds an explorer's connect or handshake step may block before it beats
 START_GRACE = 120.0  # seconds the server's start-up may take at least (see --explorer-timeout)
 STOP_GRACE = 2.0  # seconds the server gets to exit on SIGTERM before SIGKILL
 
@@ -276,24 +278,19 @@ class ServerPolicy:
             return
 
     def _connection(self) -> multiprocessing.connection.Connection:
-        """The connection to the server, made (again) once it listens."""
+        """The connection to the server, made (again) once it listens. Each try blocks for
+        DIAL_STEP seconds at most, with a beat before it: a server that took the connection
+        into its listener's backlog and then stopped (SIGSTOP, a wedged driver call) before it
+        answered the handshake is the server's hang, which its own watchdog ends, not this
+        explorer's."""
         while self.conn is None:
             self.beat()
             if not self.go_on():
                 raise StopExploring
             try:
-                conn = multiprocessing.connection.Client(
-                    self.address, family="AF_UNIX", authkey=self.authkey
-                )
+                self.conn = _dial(self.address, self.authkey, HELLO.pack(self.index), DIAL_STEP)
             except (OSError, EOFError, multiprocessing.AuthenticationError):
-                time.sleep(POLL)  # not listening (yet): a server is being (re)started
-                continue
-            try:
-                conn.send_bytes(HELLO.pack(self.index))
-            except OSError:
-                conn.close()
-                continue
-            self.conn = conn
+                time.sleep(POLL)  # not listening (yet), or slow: a server being (re)started
         return self.conn
 
     def _drop(self) -> None:
@@ -303,6 +300,40 @@ class ServerPolicy:
 
     def close(self) -> None:
         self._drop()
+
+
+def _dial(
+    address: str, authkey: bytes, hello: bytes, step: float
+) -> multiprocessing.connection.Connection:
+    """`multiprocessing.connection.Client(address, "AF_UNIX", authkey)` and the HELLO sent,
+    where the connect and each read of the handshake block for `step` seconds at most (the
+    kernel's SO_SNDTIMEO / SO_RCVTIMEO: they end in BlockingIOError, an OSError), lifted once
+    connected. `Client` itself has no limit: a listener that queued the connection and never
+    answered would hold the caller for good. The handshake is the standard library's own
+    (`answer_challenge`, `deliver_challenge`), as `Client` runs it."""
+    seconds = max(int(step), 0)
+    limit = struct.pack("ll", seconds, int((step - seconds) * 1e6))
+    unlimited = struct.pack("ll", 0, 0)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for option in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, option, limit)
+        sock.connect(address)
+        conn = multiprocessing.connection.Connection(sock.detach())
+    finally:
+        sock.close()  # detached: closes nothing once the connection owns the descriptor
+    try:
+        multiprocessing.connection.answer_challenge(conn, authkey)
+        multiprocessing.connection.deliver_challenge(conn, authkey)
+        conn.send_bytes(hello)
+        with socket.socket(fileno=conn.fileno()) as view:  # the same socket, to lift the limits
+            for option in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+                view.setsockopt(socket.SOL_SOCKET, option, unlimited)
+            view.detach()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 # --- the server ----------------------------------------------------------------------------------
